@@ -1,0 +1,101 @@
+"""Typed engine configuration, validated once. ``EngineArgs`` maps LLM(**kwargs) / CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV pool.
+
+    Args:
+        page_size: tokens per page (vLLM's ``block_size``).
+        gpu_memory_utilization: fraction of device memory for weights + KV pool.
+        num_pages: explicit pool size (overrides gpu_memory_utilization); page 0 is the null page.
+        kv_cache_dtype: "auto" (the model's dtype) or a jnp dtype name.
+        enable_prefix_caching: reuse full pages of identical prefixes across requests.
+    """
+
+    page_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_pages: int | None = None
+    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {self.num_pages}.")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    Args:
+        max_num_seqs: most requests in one step.
+        max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
+        max_model_len: longest sequence (prompt + output) a request may reach.
+        enable_chunked_prefill: split long prompts across steps under the token budget.
+        max_waiting_requests: cap on the waiting queue (RELIABILITY: bounded everything).
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    max_waiting_requests: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}.")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}.")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is off.")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how.
+
+    Args:
+        model: HF directory, ``.gguf`` file, or "default" (SmolLM2-135M-Instruct, fetched once).
+        dtype: "auto" (bfloat16 on accelerators, float32 on CPU), "float32", "bfloat16", "float16".
+        load_format: "auto" | "safetensors" | "gguf" | "dummy" (random weights from the config).
+        max_model_len: None takes the model's own limit.
+        seed: seed for dummy weights and for requests without their own seed.
+        attention_backend: "auto" | "reference" | "pallas".
+    """
+
+    model: str = "default"
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}.")
+        if self.attention_backend not in ("auto", "reference", "pallas"):
+            raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}.")
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    compilation_cache_dir: str | None = field(default=None)

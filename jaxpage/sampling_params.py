@@ -1,0 +1,188 @@
+"""Sampling parameters with vLLM's names and defaults, validated in one place.
+
+Every front end (offline ``LLM``, the HTTP server, the CLI) builds a :class:`SamplingParams`
+and the engine calls :meth:`SamplingParams.verify` against the model before anything is
+allocated, so a bad request fails fast with a clear ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+# Caps from shared/RELIABILITY.md: bounded everything.
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+MAX_LOGIT_BIAS = 1024
+
+
+class SamplingType(IntEnum):
+    GREEDY = 0
+    RANDOM = 1
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request; field names and defaults follow vLLM.
+
+    Args:
+        n: number of completions per prompt (they share the prompt's KV pages).
+        temperature: 0 means greedy; must lie in [0, 2].
+        top_p: nucleus mass in (0, 1].
+        top_k: keep the k most likely tokens; -1 (or 0) disables.
+        min_p: drop tokens whose probability is below ``min_p * p_max``; in [0, 1].
+        presence_penalty, frequency_penalty: OpenAI-style, in [-2, 2].
+        repetition_penalty: CTRL-style, > 0 (1 disables).
+        seed: per-request seed; the same seed gives the same tokens whatever else is batched.
+        stop: strings that end generation (not included unless ``include_stop_str_in_output``).
+        stop_token_ids: token ids that end generation (included in the output ids).
+        ignore_eos: keep generating past EOS.
+        max_tokens: cap on generated tokens (None: up to the model's context limit).
+        min_tokens: EOS and ``stop_token_ids`` are suppressed until this many tokens exist.
+        logprobs: return this many top logprobs per generated token (plus the sampled one).
+        prompt_logprobs: likewise for each prompt token.
+        skip_special_tokens, spaces_between_special_tokens: detokenizer options.
+        include_stop_str_in_output: keep the matched stop string in the text.
+        logit_bias: token id -> bias added to its logit before sampling.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    # Filled by the engine: the model's EOS ids, so the scheduler needs no tokenizer.
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self._validate()
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def bad(param: str, msg: str) -> ValueError:
+            err = ValueError(f"{param} {msg}")
+            err.param = param  # type: ignore[attr-defined]
+            return err
+
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}.")
+        if not _is_real(self.temperature) or not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", f"must be in [0, 2], got {self.temperature!r}.")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}.")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad("top_k", f"must be -1 (disabled) or a positive integer, got {self.top_k!r}.")
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", f"must be in [0, 1], got {self.min_p!r}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2.0 <= v <= 2.0:
+                raise bad(name, f"must be in [-2, 2], got {v!r}.")
+        if not _is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty!r}.")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise bad("seed", f"must be an integer, got {self.seed!r}.")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", f"must be at least 1, got {self.max_tokens!r}.")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens!r}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"must be in [0, {MAX_LOGPROBS}], got {v!r}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"allows at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+                raise bad("stop", f"strings must be non-empty and at most {MAX_STOP_STRING_LEN} characters.")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise bad("stop_token_ids", f"must be non-negative integers, got {t!r}.")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise bad("logit_bias", f"allows at most {MAX_LOGIT_BIAS} entries.")
+            for v in self.logit_bias.values():
+                if not math.isfinite(v) or not -100.0 <= v <= 100.0:
+                    raise bad("logit_bias", f"values must be in [-100, 100], got {v!r}.")
+
+    def verify(self, *, vocab_size: int, max_model_len: int, num_prompt_tokens: int) -> None:
+        """Checks what depends on the model; raises ``ValueError`` naming the bad field."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise _param_error("stop_token_ids", f"contains {t}, outside the vocabulary [0, {vocab_size}).")
+        if self.logit_bias:
+            for t in self.logit_bias:
+                if not 0 <= t < vocab_size:
+                    raise _param_error("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab_size}).")
+        if num_prompt_tokens >= max_model_len:
+            raise _param_error(
+                "prompt",
+                f"has {num_prompt_tokens} tokens; the model's context length is {max_model_len}, "
+                "leaving no room for output.", code="context_length_exceeded")
+        if self.max_tokens is not None and num_prompt_tokens + self.max_tokens > max_model_len:
+            raise _param_error(
+                "max_tokens",
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens + self.max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                f"{self.max_tokens} for the completion).", code="context_length_exceeded")
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def sampling_type(self) -> SamplingType:
+        return SamplingType.GREEDY if self.temperature < 1e-5 else SamplingType.RANDOM
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def clone(self) -> "SamplingParams":
+        import copy
+        return copy.deepcopy(self)
+
+
+def _param_error(param: str, msg: str, code: str | None = None) -> ValueError:
+    err = ValueError(f"{param} {msg}" if not msg[:1].isupper() else msg)
+    err.param = param  # type: ignore[attr-defined]
+    err.code = code  # type: ignore[attr-defined]
+    return err
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

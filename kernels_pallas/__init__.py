@@ -1,0 +1,50 @@
+"""Paged attention for jaxpage: one public op, several backends.
+
+``ragged_paged_attention`` and ``write_kv`` are what models call; ``kv_cache_shape`` is what
+the engine uses to allocate the pool, so nothing outside this package assumes a layout.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxpage.kernels_pallas import reference
+
+BACKENDS = ("auto", "reference", "pallas")
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+    """Maps ``auto`` to a concrete backend for the platform (``reference`` on CPU)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend != "auto":
+        return backend
+    platform = platform or jax.default_backend()
+    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "reference"
+
+
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                   backend: str = "reference") -> tuple[int, ...]:
+    """Shape of one layer's KV pool, ``(P, 2, K, S, H)`` for every backend today."""
+    del backend  # one layout for all backends so far
+    return reference.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
+
+
+def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
+             backend: str = "reference") -> jax.Array:
+    """Writes new K/V (T, K, H) into the pool at ``slot_mapping`` (T,)."""
+    del backend  # an XLA scatter for now; fusing into the kernel later if it pays
+    return reference.write_kv(kv_pages, k, v, slot_mapping)
+
+
+def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
+                           sm_scale: float, soft_cap: float | None = None,
+                           sliding_window: int | None = None, backend: str = "auto",
+                           interpret: bool = False):
+    """Mixed prefill + decode paged attention; see ``reference.py`` for the exact contract."""
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return reference.ragged_paged_attention(
+            q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs,
+            sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    raise NotImplementedError(f"attention backend {backend!r} is not available yet")

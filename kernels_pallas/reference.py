@@ -1,0 +1,127 @@
+"""Pure-jnp ragged paged attention: the oracle for every kernel and the CPU backend.
+
+KV pool layout (one array per layer), shared by every backend in this package:
+
+    kv_pages: (P, 2, K, S, H)   P pages, [0]=K / [1]=V, K kv heads, S tokens per page, H head dim
+
+A token at absolute position ``pos`` of request ``i`` lives in page ``block_tables[i, pos // S]``
+at offset ``pos % S``; ``slot = page * S + offset`` is what ``slot_mapping`` carries.
+
+Ragged batch (prefill chunks and decodes mixed)::
+
+    q rows:  |-- req 0: q_len 5 --|-- req 1: 1 --|-- req 2: 3 --|-- padding --|
+    query_start_loc = [0, 5, 6, 9]                        num_seqs = 3, T = 16
+    kv_lens[i] = tokens of context of request i *including* its new tokens, which are already
+    written to the pool; query j of request i sits at position kv_lens[i] - q_len_i + j and
+    attends causally to positions <= its own (and > pos - sliding_window, if set).
+
+Rows past ``query_start_loc[num_seqs]`` are padding and come back as zeros. Nothing past
+``kv_lens[i]`` is read into the result: freed pages hold other requests' stale KV (or NaN in
+tests), so masking uses ``where``, never a multiply.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+KV_AXES = "P2KSH"
+
+
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """Shape of one layer's KV pool for the reference (and GPU) layout."""
+    return (num_pages, 2, num_kv_heads, page_size, head_dim)
+
+
+def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Scatters new K/V rows into the pool.
+
+    Args:
+        kv_pages: (P, 2, K, S, H).
+        k, v: (T, K, H) new keys/values, one row per token.
+        slot_mapping: (T,) int32 ``page * S + offset``; padding tokens point into the null page 0.
+
+    Returns:
+        The updated pool (donate it to update in place).
+    """
+    num_pages, _, num_kv_heads, page_size, head_dim = kv_pages.shape
+    page = slot_mapping // page_size  # (T,)
+    offset = slot_mapping % page_size  # (T,)
+    kv = jnp.stack([k, v], axis=1).astype(kv_pages.dtype)  # (T, 2, K, H)
+    # Index (page, :, :, offset, :) per token; the mode="drop" guards stray out-of-range slots.
+    return kv_pages.at[page[:, None, None], jnp.arange(2)[None, :, None],
+                       jnp.arange(num_kv_heads)[None, None, :], offset[:, None, None]].set(
+                           kv, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window"))
+def ragged_paged_attention(
+    q: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Reference ragged paged attention; see the module docstring for the layout.
+
+    Args:
+        q: (T, N, H) queries of every scheduled token, requests packed back to back.
+        kv_pages: (P, 2, K, S, H) this layer's pool.
+        kv_lens: (R,) int32 context length per request, new tokens included.
+        block_tables: (R, Pmax) int32 page ids per request (unused entries: any valid page id).
+        query_start_loc: (R + 1,) int32 row offsets of each request's queries in ``q``.
+        num_seqs: () or (1,) int32, requests in use; rows of later requests are padding.
+        sm_scale: softmax scale, usually ``H ** -0.5``.
+        soft_cap: optional tanh logit cap (Gemma 2 style).
+        sliding_window: optional window; a query sees keys at positions in (pos - window, pos].
+
+    Returns:
+        (T, N, H) attention output in q's dtype; padding rows are zero.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, _, num_kv_heads, page_size, _ = kv_pages.shape
+    num_reqs, pages_per_seq = block_tables.shape
+    group = num_q_heads // num_kv_heads
+    num_seqs = jnp.reshape(num_seqs, ())
+    max_kv = pages_per_seq * page_size
+
+    # Which request each query row belongs to, and its absolute position.
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)  # (T,)
+    req = jnp.searchsorted(query_start_loc[1:], rows, side="right").astype(jnp.int32)  # (T,)
+    req_c = jnp.minimum(req, num_reqs - 1)
+    valid_row = (req < num_seqs) & (rows < query_start_loc[jnp.minimum(num_seqs, num_reqs)])
+    q_len = query_start_loc[req_c + 1] - query_start_loc[req_c]  # (T,)
+    pos = kv_lens[req_c] - q_len + (rows - query_start_loc[req_c])  # (T,)
+
+    # Gather each row's whole context: (T, 2, K, Pmax*S, H). Fine for an oracle, not for speed.
+    pages = block_tables[req_c]  # (T, Pmax)
+    kv = kv_pages[pages]  # (T, Pmax, 2, K, S, H)
+    kv = jnp.moveaxis(kv, 1, 3).reshape(num_tokens, 2, num_kv_heads, max_kv, head_dim)
+    k, v = kv[:, 0], kv[:, 1]  # (T, K, L, H) each
+
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)  # (T, K, G, H)
+    s = jnp.einsum("TKGH,TKLH->TKGL", qg, k.astype(jnp.float32)) * sm_scale  # (T, K, G, L)
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    key_pos = jnp.arange(max_kv, dtype=jnp.int32)  # (L,)
+    mask = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] < kv_lens[req_c][:, None])
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > pos[:, None] - sliding_window
+    mask &= valid_row[:, None]  # (T, L)
+    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask[:, None, None, :], jnp.exp(s - m), 0.0)  # (T, K, G, L)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    # where(), not multiply: v may hold NaN in unused slots and 0 * NaN is NaN.
+    v32 = jnp.where(mask[:, None, :, None], v.astype(jnp.float32), 0.0)  # (T, K, L, H)
+    o = jnp.einsum("TKGL,TKLH->TKGH", p, v32) / jnp.where(denom == 0, 1.0, denom)
+    o = jnp.where(valid_row[:, None, None, None], o, 0.0)
+    return o.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

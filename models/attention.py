@@ -1,0 +1,53 @@
+"""Per-step attention metadata and the paged-attention call every model layer makes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from jaxpage import kernels_pallas
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """What one jitted step needs to read and write the paged KV pool.
+
+    Arrays are padded to the step's bucket: T tokens, R request slots, Pmax pages per request.
+    Padding tokens write into the null page 0 (``slot_mapping`` = 0..S-1) and are never read.
+
+    Fields:
+        slot_mapping: (T,) int32 pool slot ``page * S + offset`` for each new token's K/V.
+        block_tables: (R, Pmax) int32 page ids of each request (padding: 0, the null page).
+        seq_lens: (R,) int32 context length after this step's tokens (0 for padding rows).
+        query_start_loc: (R + 1,) int32 row offset of each request's tokens in the batch.
+        num_seqs: (1,) int32 number of real requests.
+        attention_backend: static; "reference" | "pallas" (already resolved from "auto").
+    """
+
+    slot_mapping: jax.Array
+    block_tables: jax.Array
+    seq_lens: jax.Array
+    query_start_loc: jax.Array
+    num_seqs: jax.Array
+    attention_backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
+
+
+def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array,
+                    md: AttentionMetadata, *, sm_scale: float, soft_cap: float | None = None,
+                    sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Writes this step's K/V into the pool, then attends over each request's pages.
+
+    Args:
+        q: (T, N, H); k, v: (T, K, H); kv_pages: one layer's pool.
+
+    Returns:
+        ((T, N, H) attention output, updated kv_pages).
+    """
+    kv_pages = kernels_pallas.write_kv(kv_pages, k, v, md.slot_mapping, backend=md.attention_backend)
+    out = kernels_pallas.ragged_paged_attention(
+        q, kv_pages, md.seq_lens, md.block_tables, md.query_start_loc, md.num_seqs,
+        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        backend=md.attention_backend)
+    return out, kv_pages
