@@ -99,3 +99,51 @@ class EngineConfig:
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     compilation_cache_dir: str | None = field(default=None)
+
+
+@dataclass
+class EngineArgs:
+    """Every knob of ``LLM(**kwargs)`` and the CLI, with vLLM's names; ``None`` means "pick a
+    default for the platform" (accelerators get bfloat16 and larger batches than the CPU)."""
+
+    model: str = "default"
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    attention_backend: str = "auto"
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_pages: int | None = None
+    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    compilation_cache_dir: str | None = None  # None: ~/.cache/jaxpage/xla; "": off
+    compile_all_buckets: bool | None = None  # None: on for accelerators, lazy on CPU
+
+    def create_engine_config(self, *, platform: str, model_max_len: int) -> EngineConfig:
+        accel = platform != "cpu"
+        max_model_len = self.max_model_len or model_max_len
+        if max_model_len > model_max_len:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit {model_max_len}.")
+        max_num_seqs = self.max_num_seqs or (128 if accel else 16)
+        batched = self.max_num_batched_tokens or (4096 if accel else 512)
+        if not self.enable_chunked_prefill:
+            batched = max(batched, max_model_len)
+        return EngineConfig(
+            model_config=ModelConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
+                                     load_format=self.load_format, max_model_len=max_model_len,
+                                     seed=self.seed, attention_backend=self.attention_backend),
+            cache_config=CacheConfig(page_size=self.block_size,
+                                     gpu_memory_utilization=self.gpu_memory_utilization,
+                                     num_pages=self.num_pages, kv_cache_dtype=self.kv_cache_dtype,
+                                     enable_prefix_caching=self.enable_prefix_caching),
+            scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                             max_num_batched_tokens=batched,
+                                             max_model_len=max_model_len,
+                                             enable_chunked_prefill=self.enable_chunked_prefill),
+            compilation_cache_dir=self.compilation_cache_dir,
+        )

@@ -11,6 +11,7 @@ import jax
 from jaxpage.kernels_pallas import reference
 
 BACKENDS = ("auto", "reference", "pallas")
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
@@ -40,11 +41,23 @@ def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, backend: str = "auto",
-                           interpret: bool = False):
-    """Mixed prefill + decode paged attention; see ``reference.py`` for the exact contract."""
+                           interpret: bool = False, max_q_len: int | None = None):
+    """Mixed prefill + decode paged attention; see ``reference.py`` for the exact contract.
+
+    ``max_q_len`` is a static hint: 1 promises a decode-only batch (every live request has
+    exactly one query row, row b for request b), which selects the split-KV decode kernel.
+    """
     backend = resolve_backend(backend)
     if backend == "reference":
         return reference.ragged_paged_attention(
             q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs,
             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
-    raise NotImplementedError(f"attention backend {backend!r} is not available yet")
+    platform = jax.default_backend()
+    if backend == "pallas" and (platform in GPU_PLATFORMS or (interpret and platform == "cpu")):
+        from jaxpage.kernels_pallas import gpu  # imported lazily: Triton-specific Pallas APIs
+
+        return gpu.ragged_paged_attention(
+            q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
+            soft_cap=soft_cap, sliding_window=sliding_window, max_q_len=max_q_len,
+            interpret=interpret)
+    raise NotImplementedError(f"attention backend {backend!r} is not available on {platform}")

@@ -87,10 +87,9 @@ def ragged_paged_attention(
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, num_kv_heads, page_size, _ = kv_pages.shape
-    num_reqs, pages_per_seq = block_tables.shape
+    num_reqs, _ = block_tables.shape
     group = num_q_heads // num_kv_heads
     num_seqs = jnp.reshape(num_seqs, ())
-    max_kv = pages_per_seq * page_size
 
     # Which request each query row belongs to, and its absolute position.
     rows = jnp.arange(num_tokens, dtype=jnp.int32)  # (T,)
@@ -99,29 +98,38 @@ def ragged_paged_attention(
     valid_row = (req < num_seqs) & (rows < query_start_loc[jnp.minimum(num_seqs, num_reqs)])
     q_len = query_start_loc[req_c + 1] - query_start_loc[req_c]  # (T,)
     pos = kv_lens[req_c] - q_len + (rows - query_start_loc[req_c])  # (T,)
-
-    # Gather each row's whole context: (T, 2, K, Pmax*S, H). Fine for an oracle, not for speed.
+    kv_len = jnp.where(valid_row, kv_lens[req_c], 0)  # (T,)
     pages = block_tables[req_c]  # (T, Pmax)
-    kv = kv_pages[pages]  # (T, Pmax, 2, K, S, H)
-    kv = jnp.moveaxis(kv, 1, 3).reshape(num_tokens, 2, num_kv_heads, max_kv, head_dim)
-    k, v = kv[:, 0], kv[:, 1]  # (T, K, L, H) each
 
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)  # (T, K, G, H)
-    s = jnp.einsum("TKGH,TKLH->TKGL", qg, k.astype(jnp.float32)) * sm_scale  # (T, K, G, L)
-    if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s / soft_cap)
-    key_pos = jnp.arange(max_kv, dtype=jnp.int32)  # (L,)
-    mask = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] < kv_lens[req_c][:, None])
-    if sliding_window is not None:
-        mask &= key_pos[None, :] > pos[:, None] - sliding_window
-    mask &= valid_row[:, None]  # (T, L)
-    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask[:, None, None, :], jnp.exp(s - m), 0.0)  # (T, K, G, L)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    # where(), not multiply: v may hold NaN in unused slots and 0 * NaN is NaN.
-    v32 = jnp.where(mask[:, None, :, None], v.astype(jnp.float32), 0.0)  # (T, K, L, H)
-    o = jnp.einsum("TKGL,TKLH->TKGH", p, v32) / jnp.where(denom == 0, 1.0, denom)
+    # Online softmax over one page at a time, only as far as the longest context goes: memory
+    # stays O(T * S) whatever max_model_len is, and short batches cost little.
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
+
+    def body(j, carry):
+        m, l, acc = carry  # (T, K, G), (T, K, G), (T, K, G, H)
+        kv = kv_pages[pages[:, j]].astype(jnp.float32)  # (T, 2, K, S, H)
+        key_pos = j * page_size + jnp.arange(page_size, dtype=jnp.int32)  # (S,)
+        mask = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] < kv_len[:, None])  # (T, S)
+        if sliding_window is not None:
+            mask &= key_pos[None, :] > pos[:, None] - sliding_window
+        s = jnp.einsum("TKGH,TKSH->TKGS", qg, kv[:, 0])  # (T, K, G, S)
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])  # masked entries: exp(-inf) = 0
+        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+        # where(), not multiply: unused slots may hold NaN and 0 * NaN is NaN.
+        v = jnp.where(mask[:, None, :, None], kv[:, 1], 0.0)  # (T, K, S, H)
+        acc = acc * alpha[..., None] + jnp.einsum("TKGS,TKSH->TKGH", p, v)
+        return m_new, l * alpha + jnp.sum(p, axis=-1), acc
+
+    shape = (num_tokens, num_kv_heads, group)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    num_iters = (jnp.max(kv_len) + page_size - 1) // page_size
+    _, l, acc = jax.lax.fori_loop(0, num_iters, body, init)
+    o = acc / jnp.where(l == 0, 1.0, l)[..., None]
     o = jnp.where(valid_row[:, None, None, None], o, 0.0)
     return o.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -47,6 +47,8 @@ class CachedRequestData:
     new_token_ids: list[list[int]] = field(default_factory=list)
     # Pages appended to the request's block table this step.
     new_block_ids: list[list[int]] = field(default_factory=list)
+    # Tokens with KV in pages BEFORE this step; the step computes
+    # [num_computed_tokens, num_computed_tokens + num_scheduled_tokens[req_id]).
     num_computed_tokens: list[int] = field(default_factory=list)
 
 

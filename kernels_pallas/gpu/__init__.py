@@ -1,0 +1,37 @@
+"""Paged attention kernels for NVIDIA GPUs: Pallas with the Triton lowering.
+
+- ``ragged_attention.ragged_paged_attention``: the general mixed prefill + decode kernel.
+- ``decode_attention.decode_paged_attention``: the decode-only fast path (one query token per
+  request, split-KV), chosen by the static hint ``max_q_len=1``.
+
+Both read the pool in the package's ``(P, 2, K, S, H)`` layout and run on CPU with
+``interpret=True`` (the CI tests).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxpage.kernels_pallas.gpu.decode_attention import decode_paged_attention
+from jaxpage.kernels_pallas.gpu.ragged_attention import ragged_paged_attention as ragged_kernel
+
+__all__ = ["decode_paged_attention", "ragged_kernel", "ragged_paged_attention"]
+
+
+def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
+                           sm_scale: float, soft_cap: float | None = None,
+                           sliding_window: int | None = None, max_q_len: int | None = None,
+                           interpret: bool = False) -> jax.Array:
+    """Picks the decode fast path when the caller promises ``max_q_len == 1``.
+
+    ``max_q_len`` is a static hint (the batch shape is static under jit, the lengths are not):
+    1 means every live request has exactly one query row, row ``b`` for request ``b``.
+    Anything else (or None) runs the general ragged kernel.
+    """
+    if max_q_len == 1:
+        return decode_paged_attention(q, kv_pages, kv_lens, block_tables, num_seqs,
+                                      sm_scale=sm_scale, soft_cap=soft_cap,
+                                      sliding_window=sliding_window, interpret=interpret)
+    return ragged_kernel(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs,
+                         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                         interpret=interpret)

@@ -1,0 +1,362 @@
+"""The synchronous engine: validate, queue, and step (schedule -> execute -> update -> outputs)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+
+from jaxpage.config import CacheConfig, SchedulerConfig
+from jaxpage.engine.detokenizer import IncrementalDetokenizer, TokenizerInfo
+from jaxpage.engine.kv_cache_manager import KVCacheManager
+from jaxpage.engine.request import Request, RequestStatus
+from jaxpage.engine.scheduler import RequestUpdate, Scheduler
+from jaxpage.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
+from jaxpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxpage.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxpage")
+
+
+class ModelRunnerLike(Protocol):
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+def _error(param: str, msg: str, code: str | None = None) -> ValueError:
+    err = ValueError(msg)
+    err.param = param  # type: ignore[attr-defined]
+    err.code = code  # type: ignore[attr-defined]
+    return err
+
+
+class ParentRequest:
+    """An ``n > 1`` request fanned out into children ``f"{i}_{req_id}"`` (vLLM's naming).
+
+    Child 0 runs first; the others join once it has produced a token, by which time the prompt's
+    full pages are in the prefix cache, so the children share them instead of recomputing.
+    """
+
+    def __init__(self, req_id: str, n: int, arrival_time: float):
+        self.req_id = req_id
+        self.n = n
+        self.child_ids = [f"{i}_{req_id}" for i in range(n)]
+        self.outputs: dict[int, CompletionOutput] = {}
+        self.pending: list[Request] = []  # children waiting for child 0's prompt to be cached
+        self.head_state: _RequestState | None = None  # child 0: prompt, prompt_logprobs
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.num_finished = 0
+
+    @staticmethod
+    def child_params(params: SamplingParams, index: int) -> SamplingParams:
+        child = params.clone()
+        child.n = 1
+        if params.seed is not None:
+            child.seed = params.seed + index  # distinct but reproducible samples per child
+        return child
+
+    def record(self, index: int, completion: CompletionOutput, request: Request) -> None:
+        self.outputs[index] = completion
+        m, cm = self.metrics, request.metrics
+        for name in ("first_scheduled_time", "first_token_time"):
+            mine, theirs = getattr(m, name), getattr(cm, name)
+            if theirs is not None and (mine is None or theirs < mine):
+                setattr(m, name, theirs)
+        if completion.finished():
+            self.num_finished += 1
+            m.finished_time = max(m.finished_time or 0.0, cm.finished_time or time.time())
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == self.n
+
+
+class _RequestState:
+    """Output-side state of one scheduler request (a whole n = 1 request, or one child)."""
+
+    def __init__(self, request: Request, prompt: str | None, detokenizer: IncrementalDetokenizer,
+                 parent: ParentRequest | None, index: int):
+        self.request = request
+        self.prompt = prompt
+        self.detokenizer = detokenizer
+        self.parent = parent
+        self.index = index
+        sp = request.sampling_params
+        self.logprobs: list[Logprobs] | None = [] if sp.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if sp.logprobs is not None else None
+        self.prompt_logprobs: list[Logprobs | None] | None = (
+            [] if sp.prompt_logprobs is not None else None)
+        self.num_preemptions_seen = 0
+        self.error: str | None = None
+
+    def add_logprobs(self, update: RequestUpdate) -> None:
+        if self.logprobs is not None and update.new_logprobs:
+            self.logprobs.extend(update.new_logprobs)
+            self.cumulative_logprob += sum(lp.logprobs[0] for lp in update.new_logprobs)
+        plp, request = update.new_prompt_logprobs, self.request
+        if self.prompt_logprobs is None or not plp:
+            return
+        if len(self.prompt_logprobs) >= request.num_prompt_tokens:
+            return  # complete; a recompute after preemption sends them again
+        if request.num_preemptions != self.num_preemptions_seen:
+            self.prompt_logprobs.clear()  # recomputed from the start after preemption
+            self.num_preemptions_seen = request.num_preemptions
+        self.prompt_logprobs.extend(plp)
+
+    def completion(self) -> CompletionOutput:
+        r = self.request
+        return CompletionOutput(
+            index=self.index, text=self.detokenizer.get_output_text(r.is_finished),
+            token_ids=list(r.output_token_ids), cumulative_logprob=self.cumulative_logprob,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=r.finish_reason, stop_reason=r.stop_reason)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a model runner; host side only (no jax here).
+
+    Args:
+        model_runner: any object with ``execute_model(SchedulerOutput) -> ModelRunnerOutput``.
+        tokenizer: HF-like tokenizer for incremental text, or None (token ids only, no ``stop``).
+        scheduler_config: batching limits.
+        cache_config: ``page_size`` and ``enable_prefix_caching``.
+        num_pages: pages in the runner's KV pool (page 0 is the null page).
+        vocab_size: the model's vocabulary size (prompt ids must lie in ``[0, vocab_size)``).
+        eos_token_ids: EOS id(s); they stop a request unless ``ignore_eos``.
+        max_model_len: longest sequence (prompt + output).
+        seed: seeds the draw of per-request seeds for requests without one (None: random).
+    """
+
+    def __init__(self, model_runner: ModelRunnerLike, tokenizer: Any | None, *,
+                 scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_pages: int,
+                 vocab_size: int, eos_token_ids: int | Iterable[int] | None, max_model_len: int,
+                 seed: int | None = None):
+        page_size = cache_config.page_size
+        if -(-max_model_len // page_size) > num_pages - 1:
+            raise ValueError(
+                f"max_model_len {max_model_len} needs {-(-max_model_len // page_size)} pages of "
+                f"{page_size} tokens, but the KV pool has only {num_pages - 1} usable pages; "
+                "lower max_model_len or give the pool more memory.")
+        if not scheduler_config.enable_chunked_prefill and (
+                max_model_len > scheduler_config.max_num_batched_tokens):
+            raise ValueError(f"max_num_batched_tokens ({scheduler_config.max_num_batched_tokens}) "
+                             f"must be >= max_model_len ({max_model_len}) without chunked prefill.")
+        self.model_runner = model_runner
+        self.tokenizer = TokenizerInfo(tokenizer) if tokenizer is not None else None
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        if eos_token_ids is None:
+            eos_token_ids = ()
+        elif isinstance(eos_token_ids, int):
+            eos_token_ids = (eos_token_ids,)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.kv_cache_manager = KVCacheManager(
+            num_pages, page_size, enable_caching=cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager,
+                                   max_model_len=max_model_len)
+        self._states: dict[str, _RequestState] = {}  # scheduler req_id -> state, unfinished
+        self._parents: dict[str, ParentRequest] = {}
+        self._num_pending_children = 0
+        self._rng = random.Random(seed)
+
+    # -- requests -----------------------------------------------------------------------------
+    def validate_request(self, prompt_token_ids: Any, sampling_params: SamplingParams, *,
+                         req_id: str | None = None, cache_salt: str | None = None) -> list[int]:
+        """Checks a request without queueing it; raises ``ValueError`` (with ``param`` and
+        ``code`` attributes) naming the problem. Returns the prompt as a list of ints."""
+        if req_id is not None:
+            if not isinstance(req_id, str) or not req_id:
+                raise _error("request_id", "request_id must be a non-empty string.")
+            if req_id in self._parents or req_id in self._states:
+                raise _error("request_id", f"request id {req_id!r} is already in use.")
+        if not isinstance(sampling_params, SamplingParams):
+            raise _error("sampling_params", "sampling_params must be a SamplingParams, got "
+                         f"{type(sampling_params).__name__}.")
+        try:
+            ids = np.asarray(prompt_token_ids)
+        except (TypeError, ValueError):
+            raise _error("prompt", "prompt_token_ids must be a flat list of integers.") from None
+        if ids.ndim != 1 or ids.size == 0:
+            raise _error("prompt", "prompt must contain at least one token (a flat list of ids).")
+        if ids.dtype.kind not in "iu":
+            raise _error("prompt", "prompt_token_ids must be integers.")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise _error("prompt", f"prompt contains token id {int(bad[0])}, outside the "
+                         f"vocabulary [0, {self.vocab_size}).")
+        sampling_params.verify(vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                               num_prompt_tokens=int(ids.size))
+        if sampling_params.stop and self.tokenizer is None:
+            raise _error("stop", "stop strings need a tokenizer; this engine has none.")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise _error("cache_salt", "cache_salt must be a non-empty string.")
+        limit = self.scheduler.max_waiting_requests
+        if len(self.scheduler.waiting) + self._num_pending_children + sampling_params.n > limit:
+            raise _error("request", f"the request queue is full ({limit} waiting); retry later.",
+                         code="queue_full")
+        return ids.tolist()
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int],
+                    sampling_params: SamplingParams, *, prompt: str | None = None,
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+        """Validates (before allocating anything) and queues a request.
+
+        ``n > 1`` fans out into children that share the prompt's pages; their outputs come back
+        together under ``req_id``. Raises ``ValueError`` for a bad request.
+        """
+        ids = self.validate_request(prompt_token_ids, sampling_params, req_id=req_id,
+                                    cache_salt=cache_salt)
+        n = sampling_params.n
+        child_ids = [req_id] if n == 1 else [f"{i}_{req_id}" for i in range(n)]
+        if any(c in self._states or c in self._parents for c in child_ids):
+            raise _error("request_id", f"request id {req_id!r} collides with one in use.")
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        parent = ParentRequest(req_id, n, arrival_time) if n > 1 else None
+        requests, states = [], []
+        for index, child_id in enumerate(child_ids):
+            params = (ParentRequest.child_params(sampling_params, index) if parent
+                      else sampling_params.clone())
+            params.all_stop_token_ids = set(params.stop_token_ids) | (
+                set() if params.ignore_eos else set(self.eos_token_ids))
+            request = Request(
+                child_id, ids, params,
+                seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
+                max_tokens=params.max_tokens or self.max_model_len - len(ids),
+                arrival_time=arrival_time, cache_salt=cache_salt)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params)
+            states.append(_RequestState(request, prompt, detok, parent, index))
+            requests.append(request)
+        self.scheduler.add_request(requests[0])  # the last check that can fail
+        self._states.update(zip(child_ids, states))
+        if parent is not None:
+            parent.head_state = states[0]
+            parent.pending = requests[1:]
+            self._num_pending_children += len(parent.pending)
+            self._parents[req_id] = parent
+
+    def abort_request(self, req_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Aborts requests (unknown or finished ids are ignored) and frees their pages at once.
+
+        Returns their final outputs (``finish_reason="abort"``), for callers that want them.
+        """
+        if isinstance(req_ids, str):
+            req_ids = (req_ids,)
+        outputs = []
+        for req_id in req_ids:
+            parent = self._parents.get(req_id)
+            states = ([self._states[c] for c in parent.child_ids if c in self._states]
+                      if parent else [self._states[req_id]] if req_id in self._states else [])
+            if not states:
+                continue
+            if parent is not None:
+                self._num_pending_children -= len(parent.pending)
+                parent.pending = []
+            self.scheduler.finish_requests([s.request.req_id for s in states],
+                                           RequestStatus.FINISHED_ABORTED)
+            for state in states:  # children never queued are not the scheduler's to finish
+                if not state.request.is_finished:
+                    state.request.status = RequestStatus.FINISHED_ABORTED
+                    state.request.metrics.finished_time = time.time()
+            outputs.extend(self._make_outputs(states))
+        return outputs
+
+    # -- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns outputs of requests that progressed or finished."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        model_runner_output = self._execute_model(scheduler_output)
+        updates = self.scheduler.update_from_output(scheduler_output, model_runner_output)
+        return self._process_updates(updates)
+
+    def _execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        try:
+            return self.model_runner.execute_model(scheduler_output)
+        except Exception as e:  # fail this step's requests, keep the engine serving
+            logger.exception("model runner failed a step of %d requests",
+                             len(scheduler_output.num_scheduled_tokens))
+            msg = f"internal error in the model runner ({type(e).__name__})"
+            return ModelRunnerOutput(sampled_token_ids={}, errors=dict.fromkeys(
+                scheduler_output.num_scheduled_tokens, msg))
+
+    def _process_updates(self, updates: list[RequestUpdate]) -> list[RequestOutput]:
+        touched: list[_RequestState] = []
+        for update in updates:
+            request = update.request
+            state = self._states[request.req_id]
+            state.error = update.error or state.error
+            state.add_logprobs(update)
+            stop_str = state.detokenizer.update(
+                update.new_token_ids, request.status == RequestStatus.FINISHED_STOPPED)
+            if stop_str is not None:
+                request.stop_reason = stop_str
+                if request.is_finished:
+                    request.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish_requests(request.req_id, RequestStatus.FINISHED_STOPPED)
+            touched.append(state)
+            parent = state.parent
+            if parent and parent.pending and (request.num_output_tokens or request.is_finished):
+                for child in []:  # child 0's prompt pages are cached by now
+                    self.scheduler.add_request(child, reserved=True)
+                self._num_pending_children -= len(parent.pending)
+                parent.pending = []
+        return self._make_outputs(touched)
+
+    def _make_outputs(self, states: list[_RequestState]) -> list[RequestOutput]:
+        outputs, parents = [], {}
+        for state in states:
+            request = state.request
+            completion = state.completion()
+            if request.is_finished:
+                self._states.pop(request.req_id, None)
+            if state.parent is None:
+                outputs.append(self._request_output(state, request.req_id, [completion],
+                                                    request.is_finished, request.metrics))
+            else:
+                state.parent.record(state.index, completion, request)
+                parents.setdefault(state.parent.req_id, state.parent)
+        for parent in parents.values():
+            if parent.finished:
+                self._parents.pop(parent.req_id, None)
+            completions = [parent.outputs[i] for i in sorted(parent.outputs)]
+            outputs.append(self._request_output(parent.head_state, parent.req_id, completions,
+                                                parent.finished, parent.metrics))
+        return outputs
+
+    @staticmethod
+    def _request_output(state: _RequestState, req_id: str, completions: list[CompletionOutput],
+                        finished: bool, metrics: RequestMetrics) -> RequestOutput:
+        request = state.request
+        return RequestOutput(
+            request_id=req_id, prompt=state.prompt, prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=(list(state.prompt_logprobs) if state.prompt_logprobs is not None
+                             else None),
+            outputs=completions, finished=finished,
+            num_cached_tokens=max(request.num_cached_tokens, 0), metrics=metrics, error=state.error)
+
+    # -- introspection ------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    def get_num_unfinished_requests(self) -> int:
+        """Unfinished user requests (an ``n > 1`` request counts once)."""
+        return len(self._parents) + sum(1 for s in self._states.values() if s.parent is None)
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages not held by any request (cached-but-free pages count); for leak checks."""
+        return self.kv_cache_manager.num_free_pages
+
+    def get_stats(self) -> dict[str, float]:
+        s = self.scheduler
+        return {
+            "num_running": len(s.running), "num_waiting": len(s.waiting),
+            "kv_cache_usage": self.kv_cache_manager.usage, "num_preemptions": s.num_preemptions,
+            "prefix_cache_queries": s.num_prefix_query_tokens,
+            "prefix_cache_hits": s.num_prefix_hit_tokens,
+        }

@@ -1,0 +1,95 @@
+"""``jaxpage generate | chat`` on the default model or ``--model``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jaxpage.config import EngineArgs
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), an HF directory or a .gguf file")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-pages", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+
+
+def _engine_args(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(model=ns.model, dtype=ns.dtype, load_format=ns.load_format,
+                      max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+                      max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
+                      num_pages=ns.num_pages, gpu_memory_utilization=ns.gpu_memory_utilization,
+                      attention_backend=ns.attention_backend,
+                      enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed)
+
+
+def _run_generate(ns: argparse.Namespace, chat: bool) -> int:
+    from jaxpage import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                            top_k=ns.top_k)
+    args = _engine_args(ns)
+    llm = LLM(**vars(args))
+    if chat:
+        messages = []
+        if ns.system:
+            messages.append({"role": "system", "content": ns.system})
+        messages.append({"role": "user", "content": ns.message})
+        out = llm.chat(messages, params, use_tqdm=False)[0]
+    else:
+        out = llm.generate(ns.prompt, params, use_tqdm=False)[0]
+    print(out.outputs[0].text.strip() if chat else out.outputs[0].text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxpage", description="LLM inference on JAX with paged attention")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine start-up")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete a prompt")
+    gen.add_argument("prompt")
+    chat = sub.add_parser("chat", help="answer one chat message with the model's chat template")
+    chat.add_argument("message")
+    chat.add_argument("--system", default=None, help="optional system message")
+    for p in (gen, chat):
+        _add_engine_args(p)
+        _add_sampling_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="[jaxpage] %(message)s")
+    try:
+        if ns.command in ("generate", "chat"):
+            return _run_generate(ns, chat=ns.command == "chat")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # User-facing errors: one clear line, no traceback from deep inside JAX.
+        print(f"jaxpage: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Builds a ready engine (weights, KV pool, compiled steps) from ``EngineArgs``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxpage.config import EngineArgs
+from jaxpage.default_model import cache_dir, resolve_model
+from jaxpage.engine.llm_engine import LLMEngine
+from jaxpage.models.loader import LoadedModel, load_model
+from jaxpage.runner.model_runner import ModelRunner
+
+logger = logging.getLogger("jaxpage")
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """JAX's persistent compilation cache: warm starts skip XLA compilation. ``""`` turns it off."""
+    if path == "":
+        return
+    path = path or str(cache_dir() / "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
+    platform = jax.default_backend()
+    enable_compilation_cache(args.compilation_cache_dir)
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    loaded = load_model(resolve_model(args.model), dtype=dtype, load_format=args.load_format,
+                        seed=args.seed)
+    cfg = args.create_engine_config(platform=platform, model_max_len=loaded.max_model_len)
+    kv_dtype = dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    runner = ModelRunner(loaded.model, cache_config=cfg.cache_config,
+                         scheduler_config=cfg.scheduler_config,
+                         max_model_len=cfg.scheduler_config.max_model_len,
+                         kv_dtype=jnp.dtype(kv_dtype), attention_backend=args.attention_backend,
+                         compile_all_buckets=args.compile_all_buckets)
+    engine = LLMEngine(runner, loaded.tokenizer, scheduler_config=cfg.scheduler_config,
+                       cache_config=cfg.cache_config, num_pages=runner.num_pages,
+                       vocab_size=loaded.config.vocab_size, eos_token_ids=loaded.eos_token_ids,
+                       max_model_len=cfg.scheduler_config.max_model_len)
+    return engine, loaded

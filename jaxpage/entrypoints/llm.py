@@ -1,0 +1,177 @@
+"""Offline inference with vLLM's API: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from jaxpage.config import EngineArgs
+from jaxpage.outputs import RequestOutput
+from jaxpage.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxpage")
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """An offline engine over one model.
+
+    Args:
+        model: "default" (SmolLM2-135M-Instruct, fetched once into ~/.cache/jaxpage), an HF
+            model directory (config.json + *.safetensors + tokenizer), or a ``.gguf`` file.
+        **kwargs: any :class:`jaxpage.config.EngineArgs` field (``dtype``, ``max_model_len``,
+            ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``num_pages``,
+            ``gpu_memory_utilization``, ``enable_prefix_caching``, ``attention_backend``, ...).
+    """
+
+    def __init__(self, model: str = "default", **kwargs: Any):
+        from jaxpage.entrypoints.engine_builder import build_engine
+
+        unknown = set(kwargs) - set(EngineArgs.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments {sorted(unknown)}; "
+                            f"valid ones: {sorted(EngineArgs.__dataclass_fields__)}")
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.engine, self.loaded = build_engine(self.engine_args)
+        self.tokenizer = self.loaded.tokenizer
+        self._counter = itertools.count()
+
+    # -- generation ---------------------------------------------------------------------------
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's rule: the model's generation_config.json sampling defaults, else ours."""
+        gen = self.loaded.generation_config or {}
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return SamplingParams(**{k: gen[k] for k in keys if gen.get(k) is not None})
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates completions for every prompt; outputs come back in prompt order.
+
+        Args:
+            prompts: a string, a list of strings, a list of token ids, a list of token-id lists,
+                or dicts ``{"prompt": str}`` / ``{"prompt_token_ids": list[int]}``.
+            sampling_params: one for all prompts, or one per prompt (None: model defaults).
+            use_tqdm: show a progress bar.
+
+        Raises:
+            ValueError: a bad prompt or parameter; raised before any request is queued.
+        """
+        items = _normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"got {len(params)} sampling_params for {len(items)} prompts.")
+        requests = [(text, self._tokenize(text, ids), sp) for (text, ids), sp in zip(items, params)]
+        for _, ids, sp in requests:  # validate everything before queueing anything
+            self.engine.validate_request(ids, sp)
+        req_ids = []
+        try:
+            for text, ids, sp in requests:
+                req_id = str(next(self._counter))
+                self.engine.add_request(req_id, ids, sp, prompt=text)
+                req_ids.append(req_id)
+            return self._run(req_ids, use_tqdm)
+        except BaseException:
+            self.engine.abort_request(req_ids)
+            raise
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation (or a list) and generates."""
+        if not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts.")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            _validate_messages(conv)
+            text = self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template or self.loaded.chat_template)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _tokenize(self, text: str | None, ids: list[int] | None) -> list[int]:
+        if ids is not None:
+            return ids
+        if not text:
+            raise ValueError("prompt must be a non-empty string.")
+        return list(self.tokenizer(text)["input_ids"])
+
+    def _run(self, req_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(req_ids)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and not os.environ.get("JAXPAGE_NO_TQDM"):
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(req_ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[r] for r in req_ids]
+
+
+def _normalize_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:
+    """-> [(text or None, token ids or None)], one per prompt."""
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    elif isinstance(prompts, Sequence) and prompts and all(_is_token(t) for t in prompts):
+        prompts = [list(prompts)]  # a single prompt given as token ids
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty string, list of strings or list of token-id lists.")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append((p, None))
+        elif isinstance(p, dict):
+            ids = p.get("prompt_token_ids")
+            if ids is None and not isinstance(p.get("prompt"), str):
+                raise ValueError("a prompt dict needs 'prompt' (str) or 'prompt_token_ids' (list[int]).")
+            out.append((p.get("prompt"), _check_ids(ids) if ids is not None else None))
+        elif isinstance(p, Sequence):
+            out.append((None, _check_ids(p)))
+        else:
+            raise ValueError(f"unsupported prompt type {type(p).__name__}.")
+    return out
+
+
+def _is_token(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _check_ids(ids) -> list[int]:
+    ids = list(ids)
+    if not ids:
+        raise ValueError("prompt must contain at least one token.")
+    if not all(_is_token(t) for t in ids):
+        raise ValueError("prompt_token_ids must be a list of integers.")
+    return ids
+
+
+def _validate_messages(conv) -> None:
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("a conversation must be a non-empty list of messages.")
+    for m in conv:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str):
+            raise ValueError("each message must be a dict with string 'role' and 'content'.")

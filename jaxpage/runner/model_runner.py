@@ -1,0 +1,143 @@
+"""Device side of a step: staging → one packed transfer → precompiled jitted forward → sampler.
+
+One executable per (T, R) bucket, AOT-compiled (``lower().compile()``) at start-up or on first
+use; the KV pool is donated so every layer's page writes happen in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpage import kernels_pallas
+from jaxpage.config import CacheConfig, SchedulerConfig
+from jaxpage.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from jaxpage.models.attention import AttentionMetadata
+from jaxpage.runner import kv_cache
+from jaxpage.runner.buckets import Buckets
+from jaxpage.runner.input_batch import InputBatch, PackedLayout
+from jaxpage.runner.sampling import StepSampler
+
+logger = logging.getLogger("jaxpage")
+
+
+def _forward(state, kv_pages, packed, *, graphdef, layout: PackedLayout, backend: str,
+             all_logits: bool):
+    a = layout.unpack(packed)
+    md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
+                           seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
+                           num_seqs=a["num_seqs"], attention_backend=backend)
+    model = nnx.merge(graphdef, state)
+    hidden, kv_pages = model(a["input_ids"], a["positions"], kv_pages, md)  # (T, D)
+    if all_logits:  # prompt_logprobs: logits of every token, (T, V)
+        logits_all = model.compute_logits(hidden)
+        return logits_all[a["logits_indices"]], kv_pages, logits_all
+    logits = model.compute_logits(hidden[a["logits_indices"]])  # (R, V) float32
+    return logits, kv_pages, None
+
+
+class ModelRunner:
+    """Owns the weights, the KV pool and the compiled steps; executes ``SchedulerOutput``s.
+
+    Args:
+        model: a jaxpage.models model (``__call__`` / ``compute_logits`` / ``.config``).
+        kv_dtype: dtype of the KV pool.
+        attention_backend: "auto" | "reference" | "pallas".
+        compile_all_buckets: AOT-compile every bucket now (default on accelerators) instead of
+            on first use.
+    """
+
+    def __init__(self, model, *, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                 max_model_len: int, kv_dtype, attention_backend: str = "auto",
+                 compile_all_buckets: bool | None = None):
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.max_model_len = max_model_len
+        self.page_size = cache_config.page_size
+        self.backend = kernels_pallas.resolve_backend(attention_backend)
+        self.graphdef, self.state = nnx.split(model)
+        self.spec = kv_cache.KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                         cache_config.page_size, jnp.dtype(kv_dtype))
+        device = jax.devices()[0]
+        self.num_pages = kv_cache.determine_num_pages(
+            self.spec, num_pages=cache_config.num_pages,
+            gpu_memory_utilization=cache_config.gpu_memory_utilization, max_model_len=max_model_len,
+            max_num_seqs=scheduler_config.max_num_seqs, device=device,
+            reserve_bytes=self._activation_reserve(cfg, scheduler_config))
+        logger.info(kv_cache.describe_pool(self.spec, self.num_pages, max_model_len))
+        self.kv_pages = kv_cache.allocate_kv_pool(self.spec, self.num_pages, self.backend)
+        self.pages_per_req = math.ceil(max_model_len / self.page_size)
+        self.buckets = Buckets.create(scheduler_config.max_num_batched_tokens,
+                                      scheduler_config.max_num_seqs)
+        self.input_batch = InputBatch(scheduler_config.max_num_seqs, max_model_len,
+                                      self.pages_per_req, self.page_size)
+        self.sampler = StepSampler(self.vocab_size, self.input_batch)
+        self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
+        self.compile_seconds: dict[tuple[int, int, bool], float] = {}
+        if compile_all_buckets is None:
+            compile_all_buckets = jax.default_backend() != "cpu"
+        if compile_all_buckets:
+            self.precompile()
+
+    @staticmethod
+    def _activation_reserve(cfg, sc: SchedulerConfig) -> int:
+        # Largest step: a few (T, max(D, F)) f32 intermediates plus (R, V) logits, with slack.
+        hidden = getattr(cfg, "intermediate_size", 4 * getattr(cfg, "hidden_size", 1024))
+        return int(4 * (8 * sc.max_num_batched_tokens * hidden + 4 * sc.max_num_seqs * cfg.vocab_size))
+
+    # -- compilation --------------------------------------------------------------------------
+    def _layout(self, bucket: tuple[int, int]) -> PackedLayout:
+        return PackedLayout(bucket[0], bucket[1], self.pages_per_req)
+
+    def _executable(self, bucket: tuple[int, int], all_logits: bool = False):
+        key = (*bucket, all_logits)
+        exe = self._compiled.get(key)
+        if exe is None:
+            start = time.perf_counter()
+            layout = self._layout(bucket)
+            fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
+                                           backend=self.backend, all_logits=all_logits),
+                         donate_argnums=(1,))
+            packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32)
+            exe = fn.lower(self.state, self.kv_pages, packed).compile()
+            self._compiled[key] = exe
+            self.compile_seconds[key] = time.perf_counter() - start
+        return exe
+
+    def precompile(self) -> None:
+        """AOT-compiles every (T, R) bucket and the common sampler variants."""
+        start = time.perf_counter()
+        pairs = self.buckets.pairs()
+        for bucket in pairs:
+            self._executable(bucket)
+        self.sampler.precompile(self.buckets.req_buckets)
+        logger.info("compiled %d step buckets in %.1f s", len(pairs), time.perf_counter() - start)
+
+    # -- one step -----------------------------------------------------------------------------
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.input_batch.update(so)
+        if so.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput(sampled_token_ids={})
+        req_ids = list(so.num_scheduled_tokens)
+        bucket = self.buckets.pick(so.total_num_scheduled_tokens, len(req_ids))
+        layout = self._layout(bucket)
+        packed = self.input_batch.prepare(so, req_ids, layout)
+        states = [self.input_batch.requests[r] for r in req_ids]
+        counts = [so.num_scheduled_tokens[r] for r in req_ids]
+        want_prompt_lp = any(s.sampling_params.prompt_logprobs is not None
+                             and s.num_computed_tokens < s.num_prompt_tokens for s in states)
+        exe = self._executable(bucket, want_prompt_lp)
+        logits, self.kv_pages, all_logits = exe(self.state, self.kv_pages, jax.device_put(packed))
+        # Only requests whose scheduled range reaches their last known token sample.
+        samples = [s.num_computed_tokens + c >= s.num_tokens for s, c in zip(states, counts)]
+        result = self.sampler.sample(logits, states, samples, bucket[1])
+        if want_prompt_lp:
+            self.sampler.prompt_logprobs(all_logits, states, counts, result)
+        return result

@@ -1,0 +1,128 @@
+"""Pieces shared by the GPU (Pallas, Triton lowering) paged-attention kernels.
+
+Every ref access here uses *only* integer-array / scalar indexers (no slices): that form lowers to
+one Triton gather-load (pointers = base + Σ index·stride, contiguous along H, so 16-byte vector
+loads) and is also the form that Pallas' interpret mode can discharge on CPU.
+
+Softmax runs in the log2 domain (``exp2``) with ``sm_scale·log2(e)`` folded into the scores, and
+masked scores are a large *finite* negative number rather than -inf: a row whose keys are all
+masked in one block then never computes ``-inf - -inf`` (NaN); its bogus partial sums are wiped
+by the rescale factor ``exp2(NEG - m) = 0`` as soon as a real score arrives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
+
+NEG = -1e30  # masked-score value (finite on purpose, see the module docstring)
+LOG2E = math.log2(math.e)
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def cols_and_mask(head_dim_padded: int, head_dim: int):
+    """Column iota (Hp,) and a column mask (None when H is already a power of two)."""
+    cols = jnp.arange(head_dim_padded, dtype=jnp.int32)  # (Hp,)
+    return cols, (None if head_dim_padded == head_dim else cols < head_dim)
+
+
+def and_cols(row_mask, col_mask):
+    """(M,) row mask & optional (Hp,) column mask -> (M, 1) or (M, Hp)."""
+    if col_mask is None:
+        return row_mask[:, None]
+    return row_mask[:, None] & col_mask[None, :]
+
+
+def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, kind, tok, tok_mask, cols,
+                  col_mask):
+    """Gathers K (kind=0) or V (kind=1) of tokens ``tok`` of request ``req`` from the pool.
+
+    Args:
+        kv_pages_ref: (P, 2, K, S, H) the pool.
+        block_tables_ref: (R, Pmax) int32 page ids.
+        req, kv_head: int32 scalars.
+        tok: (BK,) int32 absolute token positions; tok_mask: (BK,) which of them to read.
+        cols: (Hp,) int32 column iota; col_mask: None or (Hp,) bool.
+
+    Returns:
+        (BK, Hp) block; rows outside ``tok_mask`` are 0 and their memory is never touched, so
+        stale or NaN KV past kv_len cannot leak in.
+    """
+    page_size = kv_pages_ref.shape[3]
+    max_pages = block_tables_ref.shape[1]
+    page_idx = jnp.minimum(tok // page_size, max_pages - 1)  # (BK,) index into the block table
+    pages = plgpu.load(block_tables_ref.at[req, page_idx], mask=tok_mask, other=0)  # (BK,)
+    offset = tok % page_size  # (BK,)
+    return plgpu.load(
+        kv_pages_ref.at[pages[:, None], kind, kv_head, offset[:, None], cols[None, :]],
+        mask=and_cols(tok_mask, col_mask), other=0)  # (BK, Hp)
+
+
+def _precision(dtype):
+    # float32 KV gets true fp32 products (IEEE); Triton's default for f32 would be tf32.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def scores_log2(q, k, *, sm_scale: float, soft_cap: float | None):
+    """(M, H) x (BK, H) -> (M, BK) f32 logits already multiplied by log2(e)."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=_precision(q.dtype))  # (M, BK)
+    if soft_cap is None:
+        return s * (sm_scale * LOG2E)
+    return jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
+
+
+def online_softmax_step(carry, s, v):
+    """One flash-attention update.
+
+    Args:
+        carry: (m (M,), l (M,), acc (M, Hp)) f32 running max (log2 domain), sum and output.
+        s: (M, BK) masked log2-domain scores; v: (BK, Hp) values (zeros where masked).
+    """
+    m_prev, l_prev, acc = carry
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))  # (M,)
+    alpha = jnp.exp2(m_prev - m_next)  # (M,)
+    p = jnp.exp2(s - m_next[:, None])  # (M, BK)
+    l_next = l_prev * alpha + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+    return m_next, l_next, acc * alpha[:, None] + pv
+
+
+def init_carry(rows: int, head_dim_padded: int):
+    return (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, head_dim_padded), jnp.float32))
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def check_common(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array, block_tables: jax.Array):
+    """Shape checks shared by both wrappers; returns (T, N, H, K, S, R, Pmax)."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be (T, N, H), got shape {q.shape}")
+    if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
+        raise ValueError(f"kv_pages must be (P, 2, K, S, H), got shape {kv_pages.shape}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, _, num_kv_heads, page_size, kv_head_dim = kv_pages.shape
+    if kv_head_dim != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and kv_pages ({kv_head_dim}) differ")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be (R, Pmax), got shape {block_tables.shape}")
+    num_reqs, max_pages = block_tables.shape
+    if kv_lens.shape != (num_reqs,):
+        raise ValueError(f"kv_lens must be ({num_reqs},), got shape {kv_lens.shape}")
+    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables)):
+        if not jnp.issubdtype(a.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer, got {a.dtype}")
+    return num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs, max_pages

@@ -1,0 +1,242 @@
+"""Decode-only paged attention for GPUs: Pallas, Triton lowering, split-KV ("flash-decoding").
+
+One query token per request; row ``t`` of ``q`` belongs to request ``t`` (the caller's promise
+when it selects this path with ``max_q_len=1``: every live request has exactly one new token, so
+``query_start_loc[:num_seqs + 1] == arange``). Rows ``t >= num_seqs`` are padding and come back 0.
+
+Work split, step 1 (``_decode_kernel``)::
+
+    grid = (T rows, K kv heads, num_splits)
+    program (t, h, s): all G q heads of kv head h for request t (one MMA tile of Gp >= 16 rows)
+        against KV blocks [first + s*per_split, first + (s+1)*per_split) of that request,
+        block_kv tokens (several pages) per loop iteration, gathered through the block table.
+
+    kv range of request t:  |--- split 0 ---|--- split 1 ---| ... |-- split n-1 --|  (kv_len)
+                            per_split = cdiv(cdiv(kv_len, block_kv), num_splits) blocks
+
+The split is taken from the *dynamic* kv_len, so every split gets an even share whatever the
+static block-table width. With ``num_splits == 1`` the kernel writes the normalized output
+directly; otherwise each program writes its normalized partial output and log2-sum-exp, and step
+2 (``_combine_kernel``, grid (T, N)) merges the splits: out = Σ 2^(lse_s - M)·o_s / Σ 2^(lse_s - M).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxpage.kernels_pallas.gpu import _common as cm
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    block_kv: int  # KV tokens per loop iteration (power of two; may span several pages)
+    num_warps: int
+    num_stages: int
+
+
+# Tuned block sizes, keyed by head_dim. Measured on an H100 with bf16 KV, N/K = 32/8 (see
+# docs/benchmarks/kernels.md); other head dims fall back to the nearest entry.
+DECODE_TUNING: dict[int, DecodeConfig] = {
+    64: DecodeConfig(block_kv=128, num_warps=4, num_stages=3),
+    128: DecodeConfig(block_kv=64, num_warps=4, num_stages=3),
+    256: DecodeConfig(block_kv=32, num_warps=4, num_stages=2),
+}
+# Split-KV until rows × kv heads × splits reaches this many programs (132 SMs × a few
+# resident programs each), but keep at least MIN_BLOCKS_PER_SPLIT blocks in each split.
+TARGET_PROGRAMS = 4 * 132
+MIN_BLOCKS_PER_SPLIT = 2
+MAX_SPLITS = 16
+COMBINE_NUM_WARPS = 1
+
+
+def decode_config(head_dim: int) -> DecodeConfig:
+    key = min(DECODE_TUNING, key=lambda d: abs(d - head_dim))
+    return DECODE_TUNING[key]
+
+
+def choose_num_splits(num_rows: int, num_kv_heads: int, max_kv_tokens: int, block_kv: int) -> int:
+    """Static split count: fill the GPU when the batch is small, never split short contexts."""
+    splits = 1
+    while (splits < MAX_SPLITS and num_rows * num_kv_heads * splits < TARGET_PROGRAMS
+           and 2 * splits * MIN_BLOCKS_PER_SPLIT * block_kv <= max_kv_tokens):
+        splits *= 2
+    return splits
+
+
+def _decode_kernel(
+    num_seqs_ref,  # (1,) int32
+    kv_lens_ref,  # (R,) int32
+    block_tables_ref,  # (R, Pmax) int32
+    q_ref,  # (T, N, H)
+    kv_pages_ref,  # (P, 2, K, S, H)
+    o_ref,  # (T, N, H) when num_splits == 1, else (T, num_splits, N, H) f32 partials
+    *lse_refs,  # () or ((T, num_splits, N) f32 log2-sum-exp of each partial,)
+    sm_scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    group: int,
+    group_padded: int,
+    head_dim_padded: int,
+    block_kv: int,
+    num_splits: int,
+):
+    t, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_reqs = block_tables_ref.shape[0]
+    head_dim = q_ref.shape[2]
+
+    valid = t < jnp.minimum(num_seqs_ref[0], num_reqs)
+    req = jnp.minimum(t, num_reqs - 1)
+    kv_len = jnp.where(valid, kv_lens_ref[req], 0)
+    lo = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
+
+    # This split's share of the [lo, kv_len) blocks.
+    first_blk = lo // block_kv
+    num_blks = pl.cdiv(kv_len, block_kv) - first_blk
+    per_split = pl.cdiv(num_blks, num_splits)
+    start = first_blk + split * per_split
+    end = jnp.minimum(start + per_split, first_blk + num_blks)
+
+    cols, col_mask = cm.cols_and_mask(head_dim_padded, head_dim)
+    g = jnp.arange(group_padded, dtype=jnp.int32)  # (Gp,)
+    heads = kv_head * group + g  # (Gp,) q heads of this kv head (rows >= G are padding)
+    g_mask = g < group
+    q = plgpu.load(q_ref.at[t, heads[:, None], cols[None, :]],
+                   mask=cm.and_cols(g_mask, col_mask), other=0)  # (Gp, Hp)
+
+    def body(blk, carry):
+        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
+        tok_mask = (tok < kv_len) & (tok >= lo)
+        k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
+                             cols, col_mask)  # (BK, Hp)
+        v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
+                             cols, col_mask)  # (BK, Hp)
+        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (Gp, BK)
+        s = jnp.where(tok_mask[None, :], s, cm.NEG)
+        return cm.online_softmax_step(carry, s, v)
+
+    m, l, acc = lax.fori_loop(start, end, body, cm.init_carry(group_padded, head_dim_padded))
+    has_keys = l > 0  # (Gp,) False for empty splits and padding rows
+    out = acc / jnp.where(has_keys, l, 1.0)[:, None]  # (Gp, Hp)
+    store_mask = cm.and_cols(g_mask, col_mask)
+    if num_splits == 1:
+        plgpu.store(o_ref.at[t, heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
+                    mask=store_mask)
+    else:
+        (lse_ref,) = lse_refs
+        plgpu.store(o_ref.at[t, split, heads[:, None], cols[None, :]], out, mask=store_mask)
+        lse = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, l, 1.0)), cm.NEG)  # (Gp,)
+        plgpu.store(lse_ref.at[t, split, heads], lse, mask=g_mask)
+
+
+def _combine_kernel(
+    o_part_ref,  # (T, num_splits, N, H) f32
+    lse_ref,  # (T, num_splits, N) f32
+    o_ref,  # (T, N, H)
+    *,
+    num_splits: int,
+    head_dim_padded: int,
+):
+    t, head = pl.program_id(0), pl.program_id(1)
+    head_dim = o_ref.shape[2]
+    cols, col_mask = cm.cols_and_mask(head_dim_padded, head_dim)
+    sp = jnp.arange(num_splits, dtype=jnp.int32)  # (SPLITS,)
+    lse = plgpu.load(lse_ref.at[t, sp, head])  # (SPLITS,)
+    mask = None if col_mask is None else jnp.broadcast_to(col_mask[None, :],
+                                                          (num_splits, head_dim_padded))
+    o = plgpu.load(o_part_ref.at[t, sp[:, None], head, cols[None, :]], mask=mask,
+                   other=None if mask is None else 0.0)  # (SPLITS, Hp)
+    w = jnp.exp2(lse - jnp.max(lse))  # (SPLITS,); all 1 when every split is empty (then o = 0)
+    out = jnp.sum(w[:, None] * o, axis=0) / jnp.sum(w)  # (Hp,)
+    plgpu.store(o_ref.at[t, head, cols], out.astype(o_ref.dtype), mask=col_mask)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "soft_cap", "sliding_window", "block_kv", "num_splits", "num_warps", "num_stages",
+    "interpret"))
+def decode_paged_attention(
+    q: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    block_kv: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Decode attention: row t of q is the single new token of request t.
+
+    Args:
+        q: (T, N, H) queries; rows >= num_seqs are padding.
+        kv_pages: (P, 2, K, S, H) this layer's pool.
+        kv_lens: (R,) int32 context lengths, the new token included.
+        block_tables: (R, Pmax) int32 page ids.
+        num_seqs: () or (1,) int32 live requests.
+        sm_scale, soft_cap, sliding_window: as in ``reference.ragged_paged_attention``.
+        block_kv, num_splits, num_warps, num_stages: overrides of the tuned table (benchmarks).
+        interpret: run the Pallas interpreter (CPU tests).
+
+    Returns:
+        (T, N, H) in q's dtype; padding rows are zero.
+    """
+    num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, _, max_pages = cm.check_common(
+        q, kv_pages, kv_lens, block_tables)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    cfg = decode_config(head_dim)
+    block_kv = block_kv or cfg.block_kv
+    if block_kv != cm.next_pow2(block_kv) or block_kv < 16:
+        raise ValueError(f"block_kv must be a power of two >= 16, got {block_kv}")
+    num_warps = num_warps or cfg.num_warps
+    num_stages = num_stages or cfg.num_stages
+    if num_splits is None:
+        num_splits = choose_num_splits(num_tokens, num_kv_heads, max_pages * page_size, block_kv)
+    if num_splits != cm.next_pow2(num_splits):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    group = num_q_heads // num_kv_heads
+    group_padded = max(16, cm.next_pow2(group))  # an MMA tile needs >= 16 rows
+    head_dim_padded = cm.next_pow2(head_dim)
+
+    kernel = functools.partial(
+        _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        group=group, group_padded=group_padded, head_dim_padded=head_dim_padded,
+        block_kv=block_kv, num_splits=num_splits)
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    else:
+        out_shape = (
+            jax.ShapeDtypeStruct((num_tokens, num_splits, num_q_heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_tokens, num_splits, num_q_heads), jnp.float32))
+    result = pl.pallas_call(
+        kernel,
+        grid=(num_tokens, num_kv_heads, num_splits),
+        out_shape=out_shape,
+        compiler_params=cm.compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name=f"jaxpage_decode_bkv{block_kv}_s{num_splits}",
+    )(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
+      block_tables.astype(jnp.int32), q, kv_pages)
+    if num_splits == 1:
+        return result
+    o_part, lse = result
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=num_splits,
+                          head_dim_padded=head_dim_padded),
+        grid=(num_tokens, num_q_heads),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=cm.compiler_params(COMBINE_NUM_WARPS, 1),
+        interpret=interpret,
+        name=f"jaxpage_decode_combine_s{num_splits}",
+    )(o_part, lse)

@@ -1,0 +1,200 @@
+"""Ragged mixed prefill + decode paged attention for GPUs: Pallas, Triton lowering.
+
+Query blocks are laid over the ragged batch so that no block straddles two requests::
+
+    q rows:          |--- req 0 (q_len 5) ---|- req 1 (1) -|-------- req 2 (9) --------| pad |
+    block_q = 4:     [ b0: rows 0-3 ][b1: 4]  [ b2: 5 ]     [ b3: 6-9 ][ b4: 10-13 ][b5: 14]
+    first block of request b = query_start_loc[b] // block_q + b   (monotone, never overlaps)
+
+    grid = (T // block_q + R, K):  program (i, h) finds its request by binary search over
+    query_start_loc, takes rows [qb·block_q, (qb+1)·block_q) of it and all G q heads of kv head h:
+    an MMA tile of block_m = block_q·Gp rows (row r = token r // Gp, q head h·G + r % Gp),
+    and runs causal flash attention over that request's pages, block_kv tokens per iteration.
+
+A program whose index falls past its request's last block does nothing. The KV range of a
+block is [lo, hi): hi = min(kv_len, position of its last query + 1), lo = 0 or the sliding
+window's start for its first query; loads outside it are masked off (never touched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxpage.kernels_pallas.gpu import _common as cm
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedConfig:
+    block_m: int  # MMA rows per program = block_q tokens × Gp heads (power of two, >= 16)
+    block_kv: int  # KV tokens per loop iteration (power of two)
+    num_warps: int
+    num_stages: int
+
+
+# Tuned block sizes, keyed by head_dim; measured on an H100, bf16 (docs/benchmarks/kernels.md).
+RAGGED_TUNING: dict[int, RaggedConfig] = {
+    64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3),
+    128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3),
+    256: RaggedConfig(block_m=64, block_kv=32, num_warps=8, num_stages=2),
+}
+
+
+def ragged_config(head_dim: int) -> RaggedConfig:
+    key = min(RAGGED_TUNING, key=lambda d: abs(d - head_dim))
+    return RAGGED_TUNING[key]
+
+
+def _ragged_kernel(
+    num_seqs_ref,  # (1,) int32
+    kv_lens_ref,  # (R,) int32
+    block_tables_ref,  # (R, Pmax) int32
+    query_start_loc_ref,  # (R + 1,) int32
+    q_ref,  # (T, N, H)
+    kv_pages_ref,  # (P, 2, K, S, H)
+    o_init_ref,  # (T, N, H) zeros, aliased to o_ref (padding rows stay 0)
+    o_ref,  # (T, N, H)
+    *,
+    sm_scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    group: int,
+    group_padded: int,
+    head_dim_padded: int,
+    block_q: int,
+    block_kv: int,
+    search_steps: int,
+):
+    del o_init_ref  # same buffer as o_ref
+    i, kv_head = pl.program_id(0), pl.program_id(1)
+    num_reqs = block_tables_ref.shape[0]
+    head_dim = q_ref.shape[2]
+    block_m = block_q * group_padded
+    num_seqs = jnp.minimum(num_seqs_ref[0], num_reqs)
+
+    # Largest request b < num_seqs whose first block (qsl[b] // block_q + b) is <= i.
+    def search(_, lo_hi):
+        lo, hi = lo_hi
+        mid = (lo + hi) // 2
+        right = query_start_loc_ref[mid] // block_q + mid <= i
+        return jnp.where(right, mid, lo), jnp.where(right, hi, mid)
+
+    req, _ = lax.fori_loop(0, search_steps, search, (jnp.int32(0), num_seqs))
+    q_start = query_start_loc_ref[req]
+    q_len = query_start_loc_ref[req + 1] - q_start
+    q_blk = i - (q_start // block_q + req)
+    active = (req < num_seqs) & (q_blk * block_q < q_len)
+    kv_len = kv_lens_ref[req]
+    ctx_len = kv_len - q_len  # position of the request's first query
+
+    r = jnp.arange(block_m, dtype=jnp.int32)  # (BM,)
+    tok_in_req = q_blk * block_q + r // group_padded  # (BM,)
+    g = r % group_padded  # (BM,)
+    row_mask = active & (tok_in_req < q_len) & (g < group)  # (BM,)
+    rows = q_start + tok_in_req  # (BM,) rows of q / o
+    heads = kv_head * group + g  # (BM,)
+    q_pos = ctx_len + tok_in_req  # (BM,) absolute position of each query
+    cols, col_mask = cm.cols_and_mask(head_dim_padded, head_dim)
+    q = plgpu.load(q_ref.at[rows[:, None], heads[:, None], cols[None, :]],
+                   mask=cm.and_cols(row_mask, col_mask), other=0)  # (BM, Hp)
+
+    first_pos = ctx_len + q_blk * block_q
+    hi = jnp.where(active, jnp.minimum(kv_len, ctx_len + jnp.minimum(q_len, (q_blk + 1) * block_q)),
+                   0)
+    lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+
+    def body(blk, carry):
+        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
+        tok_mask = (tok >= lo) & (tok < hi)
+        k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
+                             cols, col_mask)  # (BK, Hp)
+        v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
+                             cols, col_mask)  # (BK, Hp)
+        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
+        mask = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])  # (BM, BK) causal
+        if sliding_window is not None:
+            mask &= tok[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(mask, s, cm.NEG)
+        return cm.online_softmax_step(carry, s, v)
+
+    _, l, acc = lax.fori_loop(lo // block_kv, pl.cdiv(hi, block_kv), body,
+                              cm.init_carry(block_m, head_dim_padded))
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (BM, Hp)
+    plgpu.store(o_ref.at[rows[:, None], heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
+                mask=cm.and_cols(row_mask, col_mask))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "soft_cap", "sliding_window", "block_m", "block_kv", "num_warps", "num_stages",
+    "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    block_m: int | None = None,
+    block_kv: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Mixed prefill + decode attention; contract as ``reference.ragged_paged_attention``.
+
+    Args:
+        q: (T, N, H); kv_pages: (P, 2, K, S, H); kv_lens: (R,); block_tables: (R, Pmax);
+        query_start_loc: (R + 1,); num_seqs: () or (1,) — see ``reference.py``.
+        sm_scale, soft_cap, sliding_window: as in the reference.
+        block_m, block_kv, num_warps, num_stages: overrides of the tuned table (benchmarks).
+        interpret: run the Pallas interpreter (CPU tests).
+
+    Returns:
+        (T, N, H) in q's dtype; padding rows are zero.
+    """
+    num_tokens, num_q_heads, head_dim, num_kv_heads, _, num_reqs, _ = cm.check_common(
+        q, kv_pages, kv_lens, block_tables)
+    if query_start_loc.shape != (num_reqs + 1,):
+        raise ValueError(f"query_start_loc must be ({num_reqs + 1},), got {query_start_loc.shape}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    cfg = ragged_config(head_dim)
+    block_m = block_m or cfg.block_m
+    block_kv = block_kv or cfg.block_kv
+    for name, val in (("block_m", block_m), ("block_kv", block_kv)):
+        if val != cm.next_pow2(val) or val < 16:
+            raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+    group = num_q_heads // num_kv_heads
+    group_padded = cm.next_pow2(group)
+    block_q = max(1, block_m // group_padded)
+    head_dim_padded = cm.next_pow2(head_dim)
+    # Blocks needed: Σ cdiv(q_len_b, block_q) <= T // block_q + num_seqs (see the diagram).
+    num_q_blocks = num_tokens // block_q + num_reqs
+    search_steps = max(1, num_reqs.bit_length() + 1)
+
+    kernel = functools.partial(
+        _ragged_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        group=group, group_padded=group_padded, head_dim_padded=head_dim_padded,
+        block_q=block_q, block_kv=block_kv, search_steps=search_steps)
+    return pl.pallas_call(
+        kernel,
+        grid=(num_q_blocks, num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases={6: 0},
+        compiler_params=cm.compiler_params(num_warps or cfg.num_warps,
+                                           num_stages or cfg.num_stages),
+        interpret=interpret,
+        name=f"jaxpage_ragged_bm{block_q * group_padded}_bkv{block_kv}",
+    )(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
+      block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), q, kv_pages,
+      jnp.zeros_like(q))

@@ -1,0 +1,258 @@
+"""Loads a model for jaxpage: HF directories (safetensors), GGUF files, or dummy weights.
+
+    load_model(path)                     config.json + *.safetensors (+ tokenizer, generation_config)
+    load_model("x.gguf")                 llama.cpp file: weights dequantized, tokenizer from the file
+    load_model(path, load_format="dummy")   random weights from the config (benchmarks)
+    load_model(None, load_format="dummy", hf_config={...})
+
+Nothing is ever downloaded (tokenizers load with ``local_files_only=True``) and nothing is ever
+unpickled: ``.bin`` / ``.pt`` checkpoints are refused (no ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpage.models import registry, weight_map
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Everything the engine needs from a checkpoint.
+
+    Fields:
+        model: the Flax NNX model (``__call__``, ``compute_logits``, ``.config``).
+        config: the model's static config (``num_hidden_layers``, ``num_key_value_heads``, ...).
+        hf_config: the HF config dict it was built from (synthesized from metadata for GGUF).
+        generation_config: ``generation_config.json`` as a dict ({} if absent); its sampling
+            defaults (``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``) are the model's.
+        chat_template: Jinja chat template, or None.
+        tokenizer: a transformers tokenizer, or None when the checkpoint ships none.
+        eos_token_ids: every id that ends generation (generation config, config, tokenizer).
+        max_model_len: the model's context limit (``max_position_embeddings``).
+        architecture: the resolved HF architecture name.
+    """
+
+    model: nnx.Module
+    config: Any
+    hf_config: dict[str, Any]
+    generation_config: dict[str, Any]
+    chat_template: str | None
+    tokenizer: Any
+    eos_token_ids: list[int]
+    max_model_len: int
+    architecture: str
+
+
+def resolve_dtype(dtype: str | Any) -> Any:
+    """"float32" | "bfloat16" | "float16" | "auto" (bfloat16 on accelerators, float32 on CPU)."""
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}.")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
+               load_format: str = "auto", seed: int = 0, hf_config: dict[str, Any] | None = None,
+               tokenizer_path: str | os.PathLike | None = None) -> LoadedModel:
+    """Loads weights, config, tokenizer and generation defaults.
+
+    Args:
+        model_path: an HF model directory, a ``.gguf`` file (or a directory holding exactly one),
+            or None with ``load_format="dummy"`` and ``hf_config``.
+        dtype: parameter and compute dtype.
+        load_format: "auto" | "safetensors" | "gguf" | "dummy" (random weights from the config).
+        seed: seed for dummy weights.
+        hf_config: an HF config dict that replaces the checkpoint's ``config.json``.
+        tokenizer_path: a directory to load the tokenizer from instead of ``model_path``.
+
+    Raises:
+        FileNotFoundError: a missing path, config or weights.
+        ValueError: an unsupported architecture, format, dtype or a pickle checkpoint.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}.")
+    jdtype = resolve_dtype(dtype)
+    fmt, path = _resolve_source(model_path, load_format, hf_config)
+    gguf = None
+    if path is not None and path.suffix == ".gguf":
+        from jaxpage.models.gguf_file import GGUFCheckpoint
+        gguf = GGUFCheckpoint(path)
+        hf = dict(hf_config or gguf.hf_config)
+    else:
+        hf = dict(hf_config) if hf_config is not None else _read_json(path / "config.json")
+
+    architecture = registry.resolve_architecture(hf)
+    config_cls, model_cls, family = registry.get_model_classes(architecture)
+    config = config_cls.from_hf(hf)
+    if gguf is not None and gguf.rope_freq_divisors is not None:
+        config = dataclasses.replace(config, rope=dataclasses.replace(
+            config.rope, freq_divisors=gguf.rope_freq_divisors))
+
+    def create() -> nnx.Module:
+        return model_cls(config, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(seed))
+
+    if fmt == "dummy":
+        # Built inside jit: every parameter is drawn on the device, directly in the target dtype.
+        model = nnx.jit(create)()
+    else:
+        tensors = gguf.tensors() if gguf is not None else _iter_safetensors(path)
+        model = _assign_weights(nnx.eval_shape(create), family, tensors, source=str(model_path))
+
+    tokenizer, chat_template, generation_config, eos = _load_tokenizer_and_defaults(
+        path, gguf, hf, tokenizer_path)
+    return LoadedModel(model=model, config=config, hf_config=hf, generation_config=generation_config,
+                       chat_template=chat_template, tokenizer=tokenizer, eos_token_ids=eos,
+                       max_model_len=int(config.max_position_embeddings), architecture=architecture)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the checkpoint
+# --------------------------------------------------------------------------------------------
+
+def _resolve_source(model_path, load_format: str, hf_config) -> tuple[str, Path | None]:
+    """Validates the path and returns (format, path to the HF directory or the .gguf file)."""
+    if model_path is None:
+        if load_format == "dummy" and hf_config is not None:
+            return "dummy", None
+        raise ValueError("model_path is required (None only with load_format='dummy' and hf_config).")
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Model path {str(model_path)!r} does not exist. Pass an HF model directory "
+            "(config.json + *.safetensors) or a .gguf file.")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ValueError(_no_pickle_message(path))
+        if path.suffix != ".gguf":
+            raise ValueError(f"Unsupported model file {path.name!r}: pass a .gguf file or an HF "
+                             "model directory (config.json + *.safetensors).")
+        if load_format == "safetensors":
+            raise ValueError(f"load_format='safetensors' but {path.name!r} is a GGUF file.")
+        return ("dummy" if load_format == "dummy" else "gguf"), path
+
+    has_config = (path / "config.json").is_file()
+    has_safetensors = any(path.glob("*.safetensors"))
+    ggufs = sorted(path.glob("*.gguf"))
+    want_gguf = load_format == "gguf" or (load_format == "auto" and ggufs and not has_safetensors)
+    if want_gguf or (load_format == "dummy" and not has_config and ggufs):
+        if len(ggufs) != 1:
+            raise (FileNotFoundError if not ggufs else ValueError)(
+                f"Expected exactly one .gguf file in {str(path)!r}, found {len(ggufs)}; "
+                "pass the file itself.")
+        return ("dummy" if load_format == "dummy" else "gguf"), ggufs[0]
+    if not has_config and hf_config is None:
+        raise FileNotFoundError(f"No config.json in {str(path)!r}: not an HF model directory.")
+    if load_format != "dummy" and not has_safetensors:
+        pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(_no_pickle_message(pickles[0]))
+        raise FileNotFoundError(f"No *.safetensors weights in {str(path)!r}.")
+    return ("dummy" if load_format == "dummy" else "safetensors"), path
+
+
+def _no_pickle_message(path: Path) -> str:
+    return (f"Refusing to load pickle checkpoint {path.name!r}: jaxpage never unpickles weights "
+            "(no torch.load). Convert it to safetensors, e.g. with transformers: "
+            "model.save_pretrained(dir, safe_serialization=True).")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path.name} in {str(path.parent)!r} is not valid JSON: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every tensor, memory-mapped, one at a time (bf16 via ml_dtypes)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names the files (skipping e.g. consolidated.*)
+        files = sorted({path / f for f in _read_json(index)["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _assign_weights(abstract: nnx.Module, family: str, tensors: Iterable[tuple[str, np.ndarray]],
+                    source: str) -> nnx.Module:
+    """Fills an abstract (``nnx.eval_shape``) model from checkpoint tensors; checks coverage."""
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+
+    def target_shape(p):
+        return tuple(flat[p].get_value().shape) if p in flat else None
+
+    filled = set()
+    for name, weight in tensors:
+        for p, arr in weight_map.convert(family, name, weight, target_shape):
+            var = flat[p]
+            value = jax.device_put(arr)
+            dtype = var.get_value().dtype
+            var.set_value(value if value.dtype == dtype else value.astype(dtype))
+            filled.add(p)
+    missing = [".".join(map(str, p)) for p in flat if p not in filled]
+    if missing:
+        raise ValueError(f"Checkpoint {source!r} lacks {len(missing)} parameter(s), e.g. "
+                         f"{', '.join(missing[:5])}.")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer, chat template, generation defaults
+# --------------------------------------------------------------------------------------------
+
+def _load_tokenizer_and_defaults(path: Path | None, gguf, hf: dict[str, Any], tokenizer_path):
+    from transformers import AutoTokenizer  # lazy: slow import
+
+    tokenizer, chat_template, generation_config = None, None, {}
+    eos: list[int] = []
+    tok_dir = Path(tokenizer_path).expanduser() if tokenizer_path is not None else None
+    if tok_dir is None and path is not None:
+        tok_dir = path.parent if gguf is not None or path.is_file() else path
+    try:
+        if tokenizer_path is None and path is not None and path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      local_files_only=True)
+        elif tok_dir is not None and any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except Exception as e:  # a broken tokenizer is the user's to fix; say which one
+        raise ValueError(f"Cannot load the tokenizer from {str(tok_dir)!r}: {e}") from None
+    if path is not None and path.is_dir() and (path / "generation_config.json").is_file():
+        generation_config = _read_json(path / "generation_config.json")
+    if gguf is not None:
+        chat_template = gguf.chat_template
+        eos += gguf.eos_token_ids
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        chat_template = chat_template or tokenizer.chat_template
+    for source in (generation_config.get("eos_token_id"), hf.get("eos_token_id"),
+                   getattr(tokenizer, "eos_token_id", None)):
+        eos += [source] if isinstance(source, int) else list(source or [])
+    return tokenizer, chat_template, generation_config, list(dict.fromkeys(int(i) for i in eos))

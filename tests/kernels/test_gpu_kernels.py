@@ -1,0 +1,177 @@
+"""GPU paged-attention kernels (Pallas, Triton lowering) against the reference.
+
+``TestGpuKernelsInterpret`` runs every case in Pallas' interpreter on CPU (CI);
+``TestGpuKernelsCompiled`` runs the same cases compiled on a real GPU (marker ``gpu``).
+Cases are a sampled product — GQA 1/3/4/8, head_dim 64/128, page sizes 16..128, float32 and
+bfloat16, lengths 0/1/S-1/S/S+1/long, padding rows and requests, soft cap, sliding window —
+with every unused KV slot NaN (see ``paged_inputs.make_inputs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxpage import kernels_pallas
+from jaxpage.kernels_pallas import gpu, reference
+from tests.kernels.paged_inputs import assert_close, make_inputs
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    q_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+    num_kv_heads: int
+    group: int
+    head_dim: int
+    page_size: int
+    dtype: object
+    num_tokens: int | None = None  # padded T
+    num_reqs: int | None = None  # padded R
+    soft_cap: float | None = None
+    sliding_window: int | None = None
+
+    def inputs(self):
+        seed = zlib.crc32(self.id.encode())  # different per case, stable across runs
+        return make_inputs(seed, q_lens=self.q_lens, kv_lens=self.kv_lens,
+                           num_kv_heads=self.num_kv_heads, group=self.group,
+                           head_dim=self.head_dim, page_size=self.page_size, dtype=self.dtype,
+                           num_tokens=self.num_tokens, num_reqs=self.num_reqs)
+
+    @property
+    def attn_kwargs(self):
+        return dict(sm_scale=self.head_dim ** -0.5, soft_cap=self.soft_cap,
+                    sliding_window=self.sliding_window)
+
+
+# Mixed prefill (chunks with earlier context) + decode batches; 0-length request mid-batch.
+RAGGED_CASES = [
+    Case("mixed-g4-h64-s16-f32", (5, 1, 9, 0, 1), (5, 17, 40, 0, 33), 2, 4, 64, 16, F32,
+         num_tokens=24, num_reqs=7),
+    Case("prefill-g1-h128-s32-bf16", (31, 33), (31, 100), 2, 1, 128, 32, BF16, num_tokens=72),
+    Case("edges-g8-h128-s64-bf16", (1, 1, 3, 2, 1), (1, 63, 64, 65, 200), 1, 8, 128, 64, BF16,
+         num_reqs=8),
+    Case("cap-window-g4-h64-s128-f32", (7, 1, 20), (130, 129, 20), 1, 4, 64, 128, F32,
+         num_tokens=32, soft_cap=20.0, sliding_window=50),
+    Case("long-g8-h64-s16-bf16", (70, 1), (300, 257), 1, 8, 64, 16, BF16, num_tokens=80),
+    Case("g3-h64-s32-f32", (4, 1, 6), (4, 31, 70), 3, 3, 64, 32, F32, num_tokens=16),
+]
+# Decode-only batches (every live request has q_len 1, row b = request b).
+DECODE_CASES = [
+    Case("dec-g4-h128-s16-bf16", (1,) * 5, (1, 15, 16, 17, 300), 2, 4, 128, 16, BF16,
+         num_tokens=8, num_reqs=6),
+    Case("dec-g1-h64-s64-f32", (1,) * 4, (63, 64, 65, 1), 2, 1, 64, 64, F32),
+    Case("dec-g8-h64-s128-bf16", (1,) * 3, (129, 1, 500), 1, 8, 64, 128, BF16, num_tokens=4,
+         soft_cap=30.0, sliding_window=100),
+    Case("dec-g8-h128-s32-f32", (1,) * 2, (33, 256), 2, 8, 128, 32, F32, num_reqs=3),
+]
+
+
+def _expected(case, x):
+    return reference.ragged_paged_attention(*x.args(), **case.attn_kwargs)
+
+
+class TestGpuKernelsInterpret:
+    interpret = True
+
+    @pytest.mark.parametrize("case", RAGGED_CASES + DECODE_CASES, ids=lambda c: c.id)
+    def test_ragged_kernel(self, case):
+        x = case.inputs()
+        out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, interpret=self.interpret)
+        assert out.shape == x.q.shape and out.dtype == x.q.dtype
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
+    def test_decode_kernel(self, case):
+        x = case.inputs()
+        out = gpu.decode_paged_attention(x.q, x.kv_pages, x.kv_lens, x.block_tables, x.num_seqs,
+                                         **case.attn_kwargs, interpret=self.interpret)
+        assert out.shape == x.q.shape and out.dtype == x.q.dtype
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("num_splits", [1, 2, 8])
+    def test_decode_splits(self, num_splits):
+        # More splits than blocks leaves some splits empty; the combine must ignore them.
+        case = DECODE_CASES[0]
+        x = case.inputs()
+        out = gpu.decode_paged_attention(x.q, x.kv_pages, x.kv_lens, x.block_tables, x.num_seqs,
+                                         **case.attn_kwargs, num_splits=num_splits,
+                                         block_kv=32, interpret=self.interpret)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("max_q_len", [None, 1])
+    def test_dispatch(self, max_q_len):
+        case = DECODE_CASES[1]
+        x = case.inputs()
+        out = kernels_pallas.ragged_paged_attention(
+            *x.args(), **case.attn_kwargs, backend="pallas", interpret=self.interpret,
+            max_q_len=max_q_len)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    def test_no_live_requests(self):
+        case = RAGGED_CASES[0]
+        x = dataclasses.replace(case.inputs(), num_seqs=jnp.zeros((1,), jnp.int32), q_lens=())
+        for fn in (gpu.ragged_kernel, functools.partial(_decode_via_dispatch)):
+            out = fn(*x.args(), **case.attn_kwargs, interpret=self.interpret)
+            assert (jnp.asarray(out, F32) == 0).all()
+
+
+def _decode_via_dispatch(*args, **kwargs):
+    return gpu.ragged_paged_attention(*args, **kwargs, max_q_len=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+class TestGpuKernelsCompiled(TestGpuKernelsInterpret):
+    interpret = False
+
+    def test_large_decode_and_prefill(self):
+        # Shapes of the benchmark's order of magnitude: many pages, split-KV active, bf16.
+        for case in (
+            Case("gpu-dec-big", (1,) * 16, tuple(range(1000, 17000, 1000)), 8, 4, 128, 16, BF16),
+            Case("gpu-prefill-big", (512, 1, 300), (1024, 4000, 300), 8, 4, 128, 64, BF16,
+                 num_tokens=1024),
+        ):
+            x = case.inputs()
+            fn = _decode_via_dispatch if case.q_lens[1:] == case.q_lens[:-1] else gpu.ragged_kernel
+            out = fn(*x.args(), **case.attn_kwargs, interpret=False)
+            assert_close(out, _expected(case, x), dtype=case.dtype,
+                         num_valid_rows=x.num_valid_rows)
+
+
+@pytest.mark.parametrize("kernel", ["ragged", "decode"])
+def test_export_lowers_for_cuda(kernel):
+    """Both kernels lower to the Triton custom call for ``cuda`` from a CPU-only machine."""
+    x = DECODE_CASES[0].inputs()
+    kwargs = dict(sm_scale=0.1, soft_cap=20.0, sliding_window=64)
+    if kernel == "ragged":
+        fn = functools.partial(gpu.ragged_kernel, **kwargs)
+    else:
+        fn = functools.partial(_decode_via_dispatch, **kwargs)
+    exported = jax.export.export(
+        jax.jit(fn), platforms=("cuda",),
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*x.args())
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+def test_wrapper_validates_shapes():
+    x = DECODE_CASES[0].inputs()
+    with pytest.raises(ValueError, match="kv_pages"):
+        gpu.ragged_kernel(x.q, x.kv_pages[:, 0], *x.args()[2:], sm_scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="multiple"):
+        gpu.ragged_kernel(x.q[:, :3], *x.args()[1:], sm_scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        gpu.ragged_kernel(*x.args()[:4], x.query_start_loc[:-1], x.num_seqs, sm_scale=1.0,
+                          interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        gpu.decode_paged_attention(x.q, x.kv_pages, x.kv_lens, x.block_tables, x.num_seqs,
+                                   sm_scale=1.0, block_kv=48, interpret=True)

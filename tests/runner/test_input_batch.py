@@ -1,0 +1,55 @@
+"""The packed step buffer: exact ids, positions, slots and block tables for a mixed batch."""
+
+import numpy as np
+
+from jaxpage.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from jaxpage.runner.input_batch import InputBatch, PackedLayout
+from jaxpage.sampling_params import SamplingParams
+
+S = 4  # page size
+
+
+def _new(req_id, tokens, blocks, computed=0):
+    return NewRequestData(req_id=req_id, all_token_ids=tokens, num_prompt_tokens=len(tokens),
+                          sampling_params=SamplingParams(), seed=1, block_ids=blocks,
+                          num_computed_tokens=computed)
+
+
+def test_mixed_prefill_chunk_and_decode():
+    batch = InputBatch(max_num_reqs=4, max_model_len=32, pages_per_req=8, page_size=S)
+    # Step 1: "a" prefills 6 tokens in full; "b" has a 4-token prefix-cache hit, runs 3 more.
+    so1 = SchedulerOutput([_new("a", list(range(100, 106)), [7, 3]),
+                           _new("b", list(range(200, 207)), [5, 9], computed=4)],
+                          CachedRequestData(), {"a": 6, "b": 3}, 9, set())
+    batch.update(so1)
+    layout = PackedLayout(16, 4, 8)
+    a = layout.unpack(batch.prepare(so1, ["a", "b"], layout))
+    assert a["input_ids"][:9].tolist() == [100, 101, 102, 103, 104, 105, 204, 205, 206]
+    assert a["positions"][:9].tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 6]
+    assert a["slot_mapping"][:9].tolist() == [28, 29, 30, 31, 12, 13, 36, 37, 38]
+    assert (a["slot_mapping"][9:] < S).all()  # padding writes only into the null page
+    assert a["query_start_loc"].tolist() == [0, 6, 9, 9, 9]
+    assert a["seq_lens"].tolist() == [6, 7, 0, 0]
+    assert a["num_seqs"].tolist() == [2]
+    assert a["logits_indices"][:2].tolist() == [5, 8]
+    assert a["block_tables"][0, :2].tolist() == [7, 3] and a["block_tables"][2:].sum() == 0
+
+    # Step 2: "a" decodes its sampled token 106 and needs a third page; "b" finished.
+    so2 = SchedulerOutput([], CachedRequestData(["a"], [[106]], [[11]], [6]), {"a": 1}, 1, {"b"})
+    batch.update(so2)
+    assert "b" not in batch.requests
+    a = layout.unpack(batch.prepare(so2, ["a"], layout))
+    assert a["input_ids"][0] == 106 and a["positions"][0] == 6
+    assert a["slot_mapping"][0] == 3 * S + 2  # page 3, offset 2
+    assert a["block_tables"][0, :3].tolist() == [7, 3, 11]
+    assert a["seq_lens"][0] == 7
+
+
+def test_slots_are_reused_after_finish():
+    batch = InputBatch(max_num_reqs=2, max_model_len=8, pages_per_req=2, page_size=S)
+    so = SchedulerOutput([_new("x", [1, 2], [1]), _new("y", [3], [2])], CachedRequestData(),
+                         {"x": 2, "y": 1}, 3, set())
+    batch.update(so)
+    batch.update(SchedulerOutput([_new("z", [4], [3])], CachedRequestData(), {"z": 1}, 1, {"x"}))
+    assert sorted(batch.requests) == ["y", "z"]
+    assert np.array_equal(batch.token_ids[batch.requests["z"].slot, :1], [4])

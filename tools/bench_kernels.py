@@ -1,0 +1,491 @@
+"""Paged-attention kernel benchmark (method: shared/BENCHMARKS.md).
+
+One run on one GPU measures, side by side:
+  * ceilings: HBM read (jnp.sum over 4 GiB bf16; a 4 GiB read+write copy) and bf16 matmul;
+  * decode attention at B x ctx x page size, N/K = 32/8, H = 128, bf16: ours (split-KV decode
+    kernel, and the general ragged kernel), the jnp reference, and jax's deprecated
+    ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of a few block settings it accepts);
+  * one mixed prefill + decode batch: ours (ragged) and the reference;
+and checks ours against the reference before timing. Prints a table; writes JSON, Markdown and
+a PNG to ``--out``.
+
+Timing: each measured call is one jitted function running ``n_inner`` kernel calls back to back
+over distinct q arrays (no CSE) and, when one KV pool fits in L2, rotating over several pools
+(>= 192 MB touched), so the figure is device time per call, not host dispatch or L2 hits.
+Median of >= 20 such runs after warm-up, ``block_until_ready`` before reading the clock.
+
+    python tools/bench_kernels.py --out /tmp/kbench              # full
+    python tools/bench_kernels.py --pages 16 --sweep --out ...   # page 16 + tuning sweeps
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpage.kernels_pallas import gpu, reference
+
+N, K, H = 32, 8, 128
+DTYPE = jnp.bfloat16
+SM_SCALE = H ** -0.5
+L2_ROTATE_BYTES = 192 * 2**20
+INTERPRET = False  # --interpret: CPU smoke test of this script (tiny shapes)
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+# ----------------------------------------------------------------------------------- timing
+def time_runs(fn, args, n_runs: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(n_runs):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_calls(call, qs, pools, n_runs: int = 20):
+    """Median seconds per ``call(q, pool)``; ``len(qs)`` calls per timed run, pools rotated."""
+    n_inner = len(qs)
+
+    @jax.jit
+    def many(qs, pools):
+        return [call(qs[i], pools[i % len(pools)]) for i in range(n_inner)]
+
+    t_compile = time.perf_counter()
+    jax.block_until_ready(many(qs, pools))
+    t_compile = time.perf_counter() - t_compile
+    times = time_runs(many, (qs, pools), n_runs)
+    per_call = [t / n_inner for t in times]
+    med = statistics.median(per_call)
+    return dict(time_us=med * 1e6, min_us=min(per_call) * 1e6,
+                spread=(sorted(per_call)[int(0.8 * len(per_call))] - min(per_call)) / med,
+                n_inner=n_inner, n_runs=n_runs, compile_s=t_compile)
+
+
+# ---------------------------------------------------------------------------------- ceilings
+def ceilings(gib: float = 4.0):
+    n = int(gib * 2**29)  # 4 GiB of bf16 by default
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    red = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    t = statistics.median(time_runs(red, (x,), 20))
+    read_bw = n * 2 / t
+    cp = jax.jit(lambda x: x + jnp.bfloat16(1))
+    t = statistics.median(time_runs(cp, (x,), 20))
+    copy_bw = 2 * n * 2 / t
+    del x
+    gc.collect()
+    m = 8192 if gib >= 1 else 512
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    t = statistics.median(time_runs(mm, (a, b), 20))
+    return dict(read_bw=read_bw, copy_bw=copy_bw, matmul_flops=2 * m**3 / t)
+
+
+# ------------------------------------------------------------------------------------ inputs
+def make_pools(num_pages, page_size, n_pools, seed):
+    shape = reference.kv_cache_shape(num_pages, page_size, K, H)  # (P, 2, K, S, H)
+    return tuple(jax.random.normal(jax.random.key(seed + i), shape, DTYPE) for i in range(n_pools))
+
+
+def make_qs(num_tokens, n, seed):
+    return tuple(jax.random.normal(jax.random.key(seed + 1000 + i), (num_tokens, N, H), DTYPE)
+                 for i in range(n))
+
+
+def decode_batch(batch, ctx, page_size, seed=0):
+    """Uniform decode batch: every request has kv_len ctx, pages shuffled over the pool."""
+    pps = ctx // page_size
+    num_pages = batch * pps + 1  # + the null page 0
+    rng = np.random.default_rng(seed)
+    tables = (rng.permutation(batch * pps) + 1).reshape(batch, pps).astype(np.int32)
+    md = dict(kv_lens=jnp.full((batch,), ctx, jnp.int32), block_tables=jnp.asarray(tables),
+              query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32),
+              num_seqs=jnp.asarray([batch], jnp.int32))
+    return num_pages, md
+
+
+def n_inner_for(est_s):
+    return int(min(16, max(2, math.ceil(1e-3 / max(est_s, 1e-7)))))
+
+
+def n_pools_for(kv_bytes, n_inner):
+    return int(min(n_inner, max(1, math.ceil(L2_ROTATE_BYTES / kv_bytes))))
+
+
+# ---------------------------------------------------------------------------------- variants
+def ours_decode(md, **cfg):
+    return lambda q, pool: gpu.decode_paged_attention(
+        q, pool, md["kv_lens"], md["block_tables"], md["num_seqs"], sm_scale=SM_SCALE,
+        interpret=INTERPRET, **cfg)
+
+
+def ours_ragged(md, **cfg):
+    return lambda q, pool: gpu.ragged_kernel(
+        q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
+        sm_scale=SM_SCALE, interpret=INTERPRET, **cfg)
+
+
+def ref_call(md):
+    return lambda q, pool: reference.ragged_paged_attention(
+        q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
+        sm_scale=SM_SCALE)
+
+
+def jax_settings(pps, page_size):
+    """(pages_per_compute_block, k_splits) the deprecated kernel accepts: 128-token blocks."""
+    ppcb = max(1, 128 // page_size)
+    out = []
+    for ks in (16, 4, 1):
+        if pps % ks == 0 and (pps // ks) % min(ppcb, pps // ks) == 0:
+            out.append((ppcb, ks))
+    return out
+
+
+def jax_call(md, ppcb, k_splits):
+    from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+
+    def call(q, kv):
+        k_pages, v_pages = kv  # (K, P, S, H) each
+        return jpa.paged_attention(q * jnp.asarray(SM_SCALE, q.dtype), k_pages, v_pages,
+                                   md["block_tables"], md["kv_lens"], block_h=16,
+                                   pages_per_compute_block=ppcb, k_splits=k_splits,
+                                   interpret=INTERPRET)
+    return call
+
+
+def to_jax_layout(pool):
+    return (jnp.transpose(pool[:, 0], (1, 0, 2, 3)), jnp.transpose(pool[:, 1], (1, 0, 2, 3)))
+
+
+# ------------------------------------------------------------------------------- correctness
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+def check_correctness(small=False):
+    res = {}
+    for batch, ctx, page in ((2, 100, 16), (2, 300, 128)) if small else ((8, 1000, 16),
+                                                                        (3, 4096, 128)):
+        num_pages, md = decode_batch(batch, (ctx // page + 1) * page, page, seed=7)
+        md["kv_lens"] = jnp.asarray(np.random.default_rng(1).integers(1, ctx, batch), jnp.int32)
+        pool = make_pools(num_pages, page, 1, 11)[0]
+        q = make_qs(batch, 1, 3)[0]
+        want = ref_call(md)(q, pool)
+        res[f"decode_B{batch}_ctx{ctx}_p{page}"] = rel_err(ours_decode(md)(q, pool), want)
+        res[f"ragged_on_decode_B{batch}_ctx{ctx}_p{page}"] = rel_err(ours_ragged(md)(q, pool), want)
+    md, q, pool, _ = mixed_batch(16, seed=5, scale=1 / 16 if small else 0.25)
+    res["mixed_small"] = rel_err(ours_ragged(md)(q, pool[0]), ref_call(md)(q, pool[0]))
+    batch, ctx = (2, 256) if small else (4, 2048)
+    num_pages, md = decode_batch(batch, ctx, 16, seed=3)
+    pool = make_pools(num_pages, 16, 1, 12)[0]
+    q = make_qs(batch, 1, 4)[0]
+    res[f"jax_baseline_B{batch}_ctx{ctx}_p16"] = rel_err(jax_call(md, 8, 4)(q, to_jax_layout(pool)),
+                                                 ref_call(md)(q, pool))
+    return res
+
+
+# ----------------------------------------------------------------------------------- mixed
+def mixed_batch(page_size, seed=0, scale=1.0):
+    """4 prefill chunks of 512 tokens (with 0..1536 tokens of earlier context) + 60 decodes at
+    ctx 2048, as one ragged batch. ``scale`` shrinks it for the correctness check."""
+    pre = [(int(512 * scale), int(512 * scale) * (i + 1)) for i in range(4)]  # (q_len, kv_len)
+    dec = [(1, int(2048 * scale))] * (60 if scale >= 0.25 else 6)
+    reqs = pre + dec
+    q_lens = [a for a, _ in reqs]
+    kv_lens = [b for _, b in reqs]
+    pps = max(-(-b // page_size) for b in kv_lens)
+    rng = np.random.default_rng(seed)
+    need = [-(-b // page_size) for b in kv_lens]
+    perm = rng.permutation(sum(need)) + 1
+    tables = np.zeros((len(reqs), pps), np.int32)
+    off = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[off:off + n]
+        off += n
+    num_tokens = sum(q_lens)
+    md = dict(kv_lens=jnp.asarray(kv_lens, jnp.int32), block_tables=jnp.asarray(tables),
+              query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+              num_seqs=jnp.asarray([len(reqs)], jnp.int32))
+    kv_bytes = sum(kv_lens) * K * H * 2 * 2
+    flops = 0
+    for a, b in reqs:  # QK^T and PV over the causally visible keys
+        flops += 4 * N * H * sum(b - a + j + 1 for j in range(a))
+    pools = make_pools(sum(need) + 1, page_size, 1, seed + 50)
+    q = make_qs(num_tokens, 1, seed + 60)[0]
+    return md, q, pools, dict(kv_bytes=kv_bytes, flops=flops, num_tokens=num_tokens,
+                              q_lens=q_lens, kv_lens=kv_lens)
+
+
+# ------------------------------------------------------------------------------------ bench
+def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None):
+    kv_bytes = batch * ctx * K * H * 2 * 2
+    floor_s = kv_bytes / ceil["read_bw"]
+    num_pages, md = decode_batch(batch, ctx, page, seed)
+    row = dict(B=batch, ctx=ctx, page=page, kv_bytes=kv_bytes, floor_us=floor_s * 1e6)
+    n_inner = n_inner_for(floor_s)
+    n_pools = n_pools_for(kv_bytes, n_inner)
+    pools = make_pools(num_pages, page, n_pools, seed + 100)
+    qs = make_qs(batch, n_inner, seed)
+
+    def record(name, fn_qs_pools):
+        try:
+            r = bench_calls(*fn_qs_pools)
+            r["pct_read_bw"] = 100 * floor_s / (r["time_us"] * 1e-6)
+            r["kv_TBps"] = kv_bytes / (r["time_us"] * 1e-6) / 1e12
+            return r
+        except Exception as e:  # keep the run going; the table shows the failure
+            log(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}")
+            return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    if "ours" in variants:
+        for label, cfg in (ours_cfgs or {"ours": {}}).items():
+            row[label] = record(label, (ours_decode(md, **cfg), qs, pools))
+            row[label]["config"] = cfg
+    if "ours_ragged" in variants:
+        row["ours_ragged"] = record("ours_ragged", (ours_ragged(md), qs, pools))
+    if "reference" in variants and kv_bytes <= 2**31:
+        # The oracle is ~10x off the floor; a few short runs are enough to place it.
+        ref_qs = qs[:2]
+        r = record("reference", (ref_call(md), ref_qs, pools[:1]))
+        row["reference"] = r
+    if "jax" in variants:
+        best = None
+        jpools = tuple(to_jax_layout(p) for p in pools)
+        for ppcb, ks in jax_settings(ctx // page, page):
+            r = record(f"jax ppcb={ppcb} k_splits={ks}", (jax_call(md, ppcb, ks), qs, jpools))
+            r["setting"] = dict(pages_per_compute_block=ppcb, k_splits=ks)
+            row.setdefault("jax_all", []).append(r)
+            if "time_us" in r and (best is None or r["time_us"] < best["time_us"]):
+                best = r
+        row["jax"] = best or dict(error="no accepted setting ran")
+        del jpools
+    del pools, qs
+    gc.collect()
+    return row
+
+
+def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True):
+    md, q, pools, info = mixed_batch(page, seed=21)
+    floor_bytes = info["kv_bytes"] / ceil["read_bw"]
+    floor_flops = info["flops"] / ceil["matmul_flops"]
+    row = dict(page=page, **{k: v for k, v in info.items() if k not in ("q_lens", "kv_lens")},
+               floor_us=max(floor_bytes, floor_flops) * 1e6, floor_bytes_us=floor_bytes * 1e6,
+               floor_flops_us=floor_flops * 1e6,
+               shape="4 prefill chunks x 512 (ctx 512..2048) + 60 decodes at ctx 2048")
+    qs = (q,) + make_qs(q.shape[0], 3, 77)
+    for label, cfg in (ragged_cfgs or {"ours": {}}).items():
+        try:
+            row[label] = bench_calls(ours_ragged(md, **cfg), qs, pools)
+            row[label]["x_floor"] = row[label]["time_us"] / row["floor_us"]
+            row[label]["config"] = cfg
+        except Exception as e:
+            log(f"  mixed {label} failed: {e!r}"[:400])
+            row[label] = dict(error=repr(e)[:300])
+    if with_ref:
+        try:
+            row["reference"] = bench_calls(ref_call(md), qs[:2], pools, n_runs=5)
+            row["reference"]["x_floor"] = row["reference"]["time_us"] / row["floor_us"]
+        except Exception as e:
+            row["reference"] = dict(error=repr(e)[:300])
+    return row
+
+
+# ---------------------------------------------------------------------------------- reports
+def fmt(r, key="pct_read_bw"):
+    if not r:
+        return "-"
+    if "error" in r:
+        return "error"
+    return f"{r['time_us']:.1f} ({r[key]:.0f}%)"
+
+
+def markdown(result):
+    c = result["ceilings"]
+    lines = [
+        f"Card: **{result['device']}**, JAX {result['jax_version']}, {result['date']}",
+        f"Command: `{result['command']}`",
+        "",
+        f"Ceilings: HBM read (jnp.sum, 4 GiB bf16) **{c['read_bw'] / 1e12:.2f} TB/s**; copy "
+        f"(read + write) {c['copy_bw'] / 1e12:.2f} TB/s; bf16 matmul 8192^3 "
+        f"{c['matmul_flops'] / 1e12:.0f} TFLOP/s. % = floor / time with floor = KV bytes / "
+        "jnp.sum read bandwidth.",
+        "",
+        "Decode, bf16, N/K = 32/8, H = 128; time in µs per call (% of read BW):",
+        "",
+        "| B | ctx | page | floor µs | ours (decode) | ours (ragged) | jax paged_attention "
+        "(best setting) | reference | ours vs jax |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["decode"]:
+        jx = r.get("jax") or {}
+        speed = "-"
+        if "time_us" in (r.get("ours") or {}) and "time_us" in jx:
+            speed = f"{jx['time_us'] / r['ours']['time_us']:.2f}x"
+        setting = jx.get("setting")
+        jtxt = fmt(jx) + (f" ppcb={setting['pages_per_compute_block']} ks={setting['k_splits']}"
+                          if setting else "")
+        lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['floor_us']:.1f} | "
+                     f"{fmt(r.get('ours'))} | {fmt(r.get('ours_ragged'))} | {jtxt} | "
+                     f"{fmt(r.get('reference'))} | {speed} |")
+    if result.get("mixed"):
+        m = result["mixed"]
+        lines += ["", f"Mixed batch ({m['shape']}, page {m['page']}, T = {m['num_tokens']}): "
+                  f"floor {m['floor_us']:.0f} µs (bytes {m['floor_bytes_us']:.0f} µs, FLOPs "
+                  f"{m['floor_flops_us']:.0f} µs).", "",
+                  "| variant | µs | × floor |", "|---|---|---|"]
+        for k, v in m.items():
+            if isinstance(v, dict) and "time_us" in v:
+                lines.append(f"| {k} | {v['time_us']:.0f} | {v['x_floor']:.2f} |")
+    lines += ["", f"Correctness (max |ours - ref| / max |ref|, bf16): {result.get('correctness')}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pages = sorted({r["page"] for r in result["decode"]})
+    fig, axes = plt.subplots(1, len(pages), figsize=(6 * len(pages), 4.5), squeeze=False)
+    names = [("ours", "ours (decode)"), ("ours_ragged", "ours (ragged)"),
+             ("jax", "jax paged_attention"), ("reference", "reference")]
+    for ax, page in zip(axes[0], pages):
+        rows = [r for r in result["decode"] if r["page"] == page]
+        x = np.arange(len(rows))
+        w = 0.8 / len(names)
+        for j, (key, label) in enumerate(names):
+            vals = [(r.get(key) or {}).get("pct_read_bw", 0) for r in rows]
+            ax.bar(x + (j - 1.5) * w, vals, w, label=label)
+        ax.axhline(85, color="k", ls="--", lw=0.8)
+        ax.axhline(70, color="k", ls=":", lw=0.8)
+        ax.set_xticks(x, [f"B{r['B']}\nctx{r['ctx']}" for r in rows], fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_title(f"decode, page {page}")
+        ax.set_ylabel("% of HBM read bandwidth")
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{result['device']} · JAX {result['jax_version']} · bf16 N/K=32/8 H=128")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------------- sweeps
+def sweep(ceil, out):
+    """Tuning grid for the decode and ragged kernels (results feed the tables in gpu/)."""
+    res = dict(decode_blocks=[], decode_splits=[], ragged=[])
+    blocks = {f"bkv{b}_w{w}_s{s}": dict(block_kv=b, num_warps=w, num_stages=s)
+              for b in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (4, 4), (8, 3))}
+    for batch, ctx, page in ((16, 2048, 16), (64, 2048, 16), (256, 8192, 16), (64, 2048, 128)):
+        row = bench_decode_shape(batch, ctx, page, ceil, ("ours",), ours_cfgs=blocks)
+        res["decode_blocks"].append(row)
+        ok = [k for k in blocks if "time_us" in row.get(k, {})]
+        best = min(ok, key=lambda k: row[k]["time_us"]) if ok else None
+        log(f"sweep blocks B={batch} ctx={ctx} p={page}: best {best} "
+            + " ".join(f"{k}={row[k]['pct_read_bw']:.0f}%" for k in ok))
+        dump(out, "sweep.json", res)
+    splits = {f"splits{s}": dict(num_splits=s) for s in (1, 2, 4, 8, 16)}
+    for batch, ctx in ((16, 512), (16, 2048), (16, 8192), (64, 2048), (64, 512)):
+        row = bench_decode_shape(batch, ctx, 16, ceil, ("ours",), ours_cfgs=splits)
+        res["decode_splits"].append(row)
+        log(f"sweep splits B={batch} ctx={ctx}: "
+            + " ".join(f"{k}={row[k]['pct_read_bw']:.0f}%" for k in splits
+                       if "time_us" in row.get(k, {})))
+        dump(out, "sweep.json", res)
+    rcfg = {f"bm{m}_bkv{b}_w{w}_s{s}": dict(block_m=m, block_kv=b, num_warps=w, num_stages=s)
+            for m in (32, 64, 128) for b in (32, 64) for (w, s) in ((4, 2), (4, 3), (8, 3))}
+    row = bench_mixed(ceil, 16, ragged_cfgs=rcfg, with_ref=False)
+    res["ragged"].append(row)
+    log("sweep ragged mixed: " + " ".join(
+        f"{k}={row[k]['time_us']:.0f}us" for k in rcfg if "time_us" in row.get(k, {})))
+    dump(out, "sweep.json", res)
+    return res
+
+
+def dump(out, name, obj):
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench_kernels_out")
+    p.add_argument("--batches", default="16,64,256")
+    p.add_argument("--ctxs", default="512,2048,8192")
+    p.add_argument("--pages", default="16,64,128")
+    p.add_argument("--variants", default="ours,ours_ragged,reference,jax")
+    p.add_argument("--sweep", action="store_true", help="run the tuning sweeps first")
+    p.add_argument("--no-mixed", action="store_true")
+    p.add_argument("--ceiling-gib", type=float, default=4.0)
+    p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes only)")
+    p.add_argument("--time-budget", type=float, default=540.0,
+                   help="seconds; remaining shapes are skipped past it")
+    args = p.parse_args(argv)
+    global INTERPRET
+    INTERPRET = args.interpret
+    os.makedirs(args.out, exist_ok=True)
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    dev = jax.devices()[0]
+    result = dict(device=getattr(dev, "device_kind", str(dev)), jax_version=jax.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                  command="python tools/bench_kernels.py " + " ".join(sys.argv[1:]),
+                  decode=[], skipped=[])
+    log(f"device {result['device']}, jax {jax.__version__}")
+    result["ceilings"] = ceil = ceilings(args.ceiling_gib)
+    log("ceilings: read {:.2f} TB/s, copy {:.2f} TB/s, matmul {:.0f} TFLOP/s".format(
+        ceil["read_bw"] / 1e12, ceil["copy_bw"] / 1e12, ceil["matmul_flops"] / 1e12))
+    result["correctness"] = check_correctness(small=args.interpret)
+    log("correctness (rel. max error vs reference):", result["correctness"])
+    dump(args.out, "kernels.json", result)
+    if args.sweep:
+        result["sweep"] = sweep(ceil, args.out)
+    variants = tuple(args.variants.split(","))
+    for page in ints(args.pages):
+        for batch in ints(args.batches):
+            for ctx in ints(args.ctxs):
+                if time.time() - T0 > args.time_budget:
+                    result["skipped"].append((batch, ctx, page))
+                    continue
+                row = bench_decode_shape(batch, ctx, page, ceil, variants)
+                result["decode"].append(row)
+                log(f"B={batch:4d} ctx={ctx:5d} page={page:3d} floor {row['floor_us']:7.1f}us | "
+                    f"ours {fmt(row.get('ours'))} | ragged {fmt(row.get('ours_ragged'))} | "
+                    f"jax {fmt(row.get('jax'))} | ref {fmt(row.get('reference'))}")
+                dump(args.out, "kernels.json", result)
+    if not args.no_mixed and time.time() - T0 < args.time_budget:
+        result["mixed"] = bench_mixed(ceil)
+        log("mixed:", {k: v.get("time_us") for k, v in result["mixed"].items()
+                       if isinstance(v, dict)}, f"floor {result['mixed']['floor_us']:.0f}us")
+    dump(args.out, "kernels.json", result)
+    md = markdown(result)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(md)
+    try:
+        plot(result, os.path.join(args.out, "kernels.png"))
+    except Exception as e:  # the numbers matter more than the picture
+        log("plot failed:", repr(e))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
