@@ -106,10 +106,11 @@ class EngineArgs:
     """Every knob of ``LLM(**kwargs)`` and the CLI, with vLLM's names; ``None`` means "pick a
     default for the platform" (accelerators get bfloat16 and larger batches than the CPU)."""
 
-    model: str = "default"
+    model: str | None = "default"
     tokenizer: str | None = None
     dtype: str = "auto"
     load_format: str = "auto"
+    hf_config: dict | None = None  # replaces config.json; with load_format="dummy", model may be None
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"

@@ -81,6 +81,10 @@ class GGUFCheckpoint:
         return hf
 
     @property
+    def has_tokenizer(self) -> bool:
+        return "tokenizer.ggml.model" in self._reader.fields
+
+    @property
     def chat_template(self) -> str | None:
         return self._field("tokenizer.chat_template")
 

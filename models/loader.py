@@ -106,15 +106,19 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
         config = dataclasses.replace(config, rope=dataclasses.replace(
             config.rope, freq_divisors=gguf.rope_freq_divisors))
 
-    def create() -> nnx.Module:
-        return model_cls(config, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(seed))
+    def create(key) -> nnx.Module:
+        return model_cls(config, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(params=key))
 
     if fmt == "dummy":
-        # Built inside jit: every parameter is drawn on the device, directly in the target dtype.
-        model = nnx.jit(create)()
+        # Eager, op by op: each parameter is drawn on the device directly in the target dtype,
+        # and XLA compiles one small RNG program per distinct shape (jitting the whole
+        # constructor instead compiles one program per parameter: minutes for an 8B model).
+        # The RBG generator compiles and runs much faster than threefry for such bulk draws.
+        model = create(jax.random.key(seed, impl="rbg"))
     else:
         tensors = gguf.tensors() if gguf is not None else _iter_safetensors(path)
-        model = _assign_weights(nnx.eval_shape(create), family, tensors, source=str(model_path))
+        abstract = nnx.eval_shape(lambda: create(jax.random.key(seed)))
+        model = _assign_weights(abstract, family, tensors, source=str(model_path))
 
     tokenizer, chat_template, generation_config, eos = _load_tokenizer_and_defaults(
         path, gguf, hf, tokenizer_path)
@@ -238,7 +242,7 @@ def _load_tokenizer_and_defaults(path: Path | None, gguf, hf: dict[str, Any], to
     if tok_dir is None and path is not None:
         tok_dir = path.parent if gguf is not None or path.is_file() else path
     try:
-        if tokenizer_path is None and path is not None and path.suffix == ".gguf":
+        if tokenizer_path is None and gguf is not None and gguf.has_tokenizer:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
                                                       local_files_only=True)
         elif tok_dir is not None and any((tok_dir / f).is_file() for f in TOKENIZER_FILES):

@@ -42,6 +42,7 @@ DTYPE = jnp.bfloat16
 SM_SCALE = H ** -0.5
 L2_ROTATE_BYTES = 192 * 2**20
 INTERPRET = False  # --interpret: CPU smoke test of this script (tiny shapes)
+DEADLINE = float("inf")  # --time-budget: later measurements are skipped, the reports still written
 T0 = time.time()
 
 
@@ -50,19 +51,29 @@ def log(*a):
 
 
 # ----------------------------------------------------------------------------------- timing
-def time_runs(fn, args, n_runs: int, warmup: int = 2) -> list[float]:
+def time_runs(fn, args, n_runs: int, warmup: int = 2, target_s: float = 3e-3) -> list[float]:
+    """Seconds per ``fn(*args)``, one figure per group of back-to-back calls.
+
+    Calls inside a group are dispatched asynchronously (the host stays ahead of the GPU), and
+    only the group is bracketed by ``block_until_ready``: host dispatch and sync latency (tens
+    of µs) are paid once per group, not once per call.
+    """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    group = int(min(10, max(1, math.ceil(target_s / (time.perf_counter() - t)))))
     times = []
     for _ in range(n_runs):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
+        outs = [fn(*args) for _ in range(group)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t) / group)
     return times
 
 
 def bench_calls(call, qs, pools, n_runs: int = 20):
-    """Median seconds per ``call(q, pool)``; ``len(qs)`` calls per timed run, pools rotated."""
+    """Median seconds per ``call(q, pool)``; ``len(qs)`` calls per jitted run, pools rotated."""
     n_inner = len(qs)
 
     @jax.jit
@@ -73,10 +84,10 @@ def bench_calls(call, qs, pools, n_runs: int = 20):
     jax.block_until_ready(many(qs, pools))
     t_compile = time.perf_counter() - t_compile
     times = time_runs(many, (qs, pools), n_runs)
-    per_call = [t / n_inner for t in times]
+    per_call = sorted(t / n_inner for t in times)
     med = statistics.median(per_call)
-    return dict(time_us=med * 1e6, min_us=min(per_call) * 1e6,
-                spread=(sorted(per_call)[int(0.8 * len(per_call))] - min(per_call)) / med,
+    return dict(time_us=med * 1e6, min_us=per_call[0] * 1e6,
+                spread=(per_call[int(0.8 * len(per_call))] - per_call[0]) / med,
                 n_inner=n_inner, n_runs=n_runs, compile_s=t_compile)
 
 
@@ -124,7 +135,7 @@ def decode_batch(batch, ctx, page_size, seed=0):
 
 
 def n_inner_for(est_s):
-    return int(min(16, max(2, math.ceil(1e-3 / max(est_s, 1e-7)))))
+    return int(min(8, max(2, math.ceil(1e-3 / max(est_s, 1e-7)))))
 
 
 def n_pools_for(kv_bytes, n_inner):
@@ -250,6 +261,8 @@ def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None)
     qs = make_qs(batch, n_inner, seed)
 
     def record(name, fn_qs_pools):
+        if time.time() > DEADLINE:
+            return dict(error="skipped: time budget")
         try:
             r = bench_calls(*fn_qs_pools)
             r["pct_read_bw"] = 100 * floor_s / (r["time_us"] * 1e-6)
@@ -286,7 +299,7 @@ def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None)
     return row
 
 
-def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True):
+def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
     md, q, pools, info = mixed_batch(page, seed=21)
     floor_bytes = info["kv_bytes"] / ceil["read_bw"]
     floor_flops = info["flops"] / ceil["matmul_flops"]
@@ -295,15 +308,34 @@ def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True):
                floor_flops_us=floor_flops * 1e6,
                shape="4 prefill chunks x 512 (ctx 512..2048) + 60 decodes at ctx 2048")
     qs = (q,) + make_qs(q.shape[0], 3, 77)
-    for label, cfg in (ragged_cfgs or {"ours": {}}).items():
+    calls = {label: ours_ragged(md, **cfg) for label, cfg in
+             (ragged_cfgs or {"ours": {}}).items()}
+    if breakdown:
+        calls["ours_two_launch"] = lambda q, pool: gpu.mixed_paged_attention(
+            q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
+            sm_scale=SM_SCALE, interpret=INTERPRET)
+        # The two halves alone: decode kernel on the 60 single-token requests; ragged kernel on
+        # the 4 prefill chunks (num_seqs = 4 turns the decodes into padding requests).
+        calls["part_decodes_decode_kernel"] = lambda q, pool: gpu.decode_paged_attention(
+            q, pool, md["kv_lens"], md["block_tables"], md["num_seqs"],
+            query_start_loc=md["query_start_loc"], out_init=jnp.zeros_like(q),
+            sm_scale=SM_SCALE, interpret=INTERPRET)
+        pre = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
+        calls["part_prefills_ragged"] = ours_ragged(pre)
+        calls["part_prefills_ragged_bm128_w8"] = ours_ragged(pre, block_m=128, num_warps=8)
+        calls["part_prefills_ragged_nosplit"] = ours_ragged(pre, split_causal=False)
+    for label, call in calls.items():
+        if time.time() > DEADLINE:
+            row[label] = dict(error="skipped: time budget")
+            continue
         try:
-            row[label] = bench_calls(ours_ragged(md, **cfg), qs, pools)
+            row[label] = bench_calls(call, qs, pools)
             row[label]["x_floor"] = row[label]["time_us"] / row["floor_us"]
-            row[label]["config"] = cfg
+            row[label]["config"] = (ragged_cfgs or {}).get(label, {})
         except Exception as e:
             log(f"  mixed {label} failed: {e!r}"[:400])
             row[label] = dict(error=repr(e)[:300])
-    if with_ref:
+    if with_ref and time.time() < DEADLINE:
         try:
             row["reference"] = bench_calls(ref_call(md), qs[:2], pools, n_runs=5)
             row["reference"]["x_floor"] = row["reference"]["time_us"] / row["floor_us"]
@@ -353,7 +385,8 @@ def markdown(result):
         m = result["mixed"]
         lines += ["", f"Mixed batch ({m['shape']}, page {m['page']}, T = {m['num_tokens']}): "
                   f"floor {m['floor_us']:.0f} µs (bytes {m['floor_bytes_us']:.0f} µs, FLOPs "
-                  f"{m['floor_flops_us']:.0f} µs).", "",
+                  f"{m['floor_flops_us']:.0f} µs; bytes + FLOPs "
+                  f"{m['floor_bytes_us'] + m['floor_flops_us']:.0f} µs).", "",
                   "| variant | µs | × floor |", "|---|---|---|"]
         for k, v in m.items():
             if isinstance(v, dict) and "time_us" in v:
@@ -414,7 +447,7 @@ def sweep(ceil, out):
         dump(out, "sweep.json", res)
     rcfg = {f"bm{m}_bkv{b}_w{w}_s{s}": dict(block_m=m, block_kv=b, num_warps=w, num_stages=s)
             for m in (32, 64, 128) for b in (32, 64) for (w, s) in ((4, 2), (4, 3), (8, 3))}
-    row = bench_mixed(ceil, 16, ragged_cfgs=rcfg, with_ref=False)
+    row = bench_mixed(ceil, 16, ragged_cfgs=rcfg, with_ref=False, breakdown=False)
     res["ragged"].append(row)
     log("sweep ragged mixed: " + " ".join(
         f"{k}={row[k]['time_us']:.0f}us" for k in rcfg if "time_us" in row.get(k, {})))
@@ -441,8 +474,9 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=540.0,
                    help="seconds; remaining shapes are skipped past it")
     args = p.parse_args(argv)
-    global INTERPRET
+    global INTERPRET, DEADLINE
     INTERPRET = args.interpret
+    DEADLINE = T0 + args.time_budget
     os.makedirs(args.out, exist_ok=True)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     dev = jax.devices()[0]

@@ -267,11 +267,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns outputs of requests that progressed or finished."""
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
+        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
             return []
+        # An empty batch still goes out: it tells the runner which requests to forget.
         model_runner_output = self._execute_model(scheduler_output)
         updates = self.scheduler.update_from_output(scheduler_output, model_runner_output)
-        return self._process_updates(updates)
+        outputs = self._process_updates(updates)
+        if self.scheduler.finished_req_ids and not self.scheduler.has_unfinished_requests():
+            self._execute_model(self.scheduler.schedule())  # going idle: the runner forgets now
+        return outputs
 
     def _execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         try:
@@ -301,7 +305,7 @@ class LLMEngine:
             touched.append(state)
             parent = state.parent
             if parent and parent.pending and (request.num_output_tokens or request.is_finished):
-                for child in []:  # child 0's prompt pages are cached by now
+                for child in parent.pending:  # child 0's prompt pages are cached by now
                     self.scheduler.add_request(child, reserved=True)
                 self._num_pending_children -= len(parent.pending)
                 parent.pending = []

@@ -77,7 +77,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # Finished, aborted or preempted since the last non-empty SchedulerOutput.
+        # Finished, aborted or preempted since the last SchedulerOutput.
         self.finished_req_ids: set[str] = set()
         # req_id -> how many of its tokens the runner holds (the rest go out as new_token_ids).
         self._num_tokens_sent: dict[str, int] = {}
@@ -106,15 +106,32 @@ class Scheduler:
     # -- scheduling ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Picks this step's batch, allocates its pages, and advances ``num_computed_tokens``."""
-        kv = self.kv_cache_manager
-        budget = self.max_num_batched_tokens
-        num_scheduled: dict[str, int] = {}
+        num_scheduled: dict[str, int] = {}  # req_id -> tokens, in batch order
         new_block_ids: dict[str, list[int]] = {}
-        scheduled_running: list[Request] = []
-        scheduled_new: list[Request] = []
-        num_preempted = 0
+        scheduled_running, num_preempted = self._schedule_running(num_scheduled, new_block_ids)
+        scheduled_new = [] if num_preempted else self._schedule_waiting(num_scheduled)
+        output = SchedulerOutput(
+            scheduled_new_reqs=[self._new_request_data(r) for r in scheduled_new],
+            scheduled_cached_reqs=self._cached_request_data(scheduled_running, new_block_ids),
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self.finished_req_ids,
+        )
+        self.finished_req_ids = set()
+        # Advance now (not after the step) so the next schedule() could overlap this step.
+        for req_id, n in num_scheduled.items():
+            self.requests[req_id].num_computed_tokens += n
+        return output
 
-        # 1. Running requests, oldest first; preempt from the tail when pages run out.
+    def _schedule_running(self, num_scheduled: dict[str, int],
+                          new_block_ids: dict[str, list[int]]) -> tuple[list[Request], int]:
+        """Running requests, oldest first; preempts from the tail when pages run out.
+
+        Returns the scheduled requests and how many were preempted.
+        """
+        budget = self.max_num_batched_tokens
+        scheduled: list[Request] = []
+        num_preempted = 0
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -122,7 +139,7 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
+            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 num_preempted += 1
@@ -130,15 +147,19 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break  # the request itself was the tail; everything older is scheduled
-            scheduled_running.append(request)
+            scheduled.append(request)
             num_scheduled[request.req_id] = num_new
             new_block_ids[request.req_id] = [b.block_id for b in new_blocks]
             budget -= num_new
             i += 1
+        return scheduled, num_preempted
 
-        # 2. Waiting requests, first come first served, unless the pool was just too tight.
-        while (not num_preempted and self.waiting and budget > 0
-               and len(self.running) < self.max_num_seqs):
+    def _schedule_waiting(self, num_scheduled: dict[str, int]) -> list[Request]:
+        """Admits waiting requests first come first served, with their prefix-cache hits."""
+        kv = self.kv_cache_manager
+        budget = self.max_num_batched_tokens - sum(num_scheduled.values())
+        scheduled: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hits, num_hit = kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
@@ -147,7 +168,7 @@ class Scheduler:
                     break  # the whole prompt must fit one step: wait for a step with room
                 num_new = budget
             if kv.allocate_slots(request, num_new, new_computed_blocks=hits) is None:
-                break
+                break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
@@ -158,24 +179,10 @@ class Scheduler:
                 request.metrics.first_scheduled_time = time.time()
             self.num_prefix_query_tokens += request.num_tokens
             self.num_prefix_hit_tokens += num_hit
-            scheduled_new.append(request)
+            scheduled.append(request)
             num_scheduled[request.req_id] = num_new
             budget -= num_new
-
-        output = SchedulerOutput(
-            scheduled_new_reqs=[self._new_request_data(r) for r in scheduled_new],
-            scheduled_cached_reqs=self._cached_request_data(scheduled_running, new_block_ids),
-            num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
-            finished_req_ids=self.finished_req_ids,
-        )
-        # The runner is not called for an empty batch, so then the finished ids wait for the
-        # next one (in a fresh set: the output's own set must not change under its holder).
-        self.finished_req_ids = set() if num_scheduled else set(self.finished_req_ids)
-        # Advance now (not after the step) so the next schedule() could overlap this step.
-        for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
-        return output
+        return scheduled
 
     def _new_request_data(self, request: Request) -> NewRequestData:
         self._num_tokens_sent[request.req_id] = request.num_tokens

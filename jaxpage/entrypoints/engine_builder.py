@@ -31,8 +31,9 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
     platform = jax.default_backend()
     enable_compilation_cache(args.compilation_cache_dir)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
-    loaded = load_model(resolve_model(args.model), dtype=dtype, load_format=args.load_format,
-                        seed=args.seed)
+    path = None if args.model is None else resolve_model(args.model)
+    loaded = load_model(path, dtype=dtype, load_format=args.load_format, seed=args.seed,
+                        hf_config=args.hf_config, tokenizer_path=args.tokenizer)
     cfg = args.create_engine_config(platform=platform, model_max_len=loaded.max_model_len)
     kv_dtype = dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     runner = ModelRunner(loaded.model, cache_config=cfg.cache_config,
@@ -43,5 +44,5 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
     engine = LLMEngine(runner, loaded.tokenizer, scheduler_config=cfg.scheduler_config,
                        cache_config=cfg.cache_config, num_pages=runner.num_pages,
                        vocab_size=loaded.config.vocab_size, eos_token_ids=loaded.eos_token_ids,
-                       max_model_len=cfg.scheduler_config.max_model_len)
+                       max_model_len=cfg.scheduler_config.max_model_len, seed=args.seed)
     return engine, loaded

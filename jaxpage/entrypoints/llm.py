@@ -119,6 +119,8 @@ class LLM:
             bar = tqdm(total=len(req_ids), desc="Processed prompts", dynamic_ncols=True)
         try:
             while pending:
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
                 for out in self.engine.step():
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)

@@ -12,17 +12,23 @@ follows vLLM v1::
 Logprobs are vLLM's default ``raw_logprobs``: log_softmax of the model's logits before any bias,
 penalty, temperature or filter, so they describe the model, not the sampling distribution.
 
-Filtering without a full-vocab sort: min-p is a threshold at ``max + log(min_p)``; top-k and
-top-p are thresholds found by a radix select over the float bit patterns (an order-preserving
-uint32 key per logit). Each of the 8 passes of 4 bits reads the row once and counts (top-k) or
-sums the probability mass (top-p) at or above 16 candidate thresholds, so both are exact for any
-k up to V and any p, cost 16 fused row passes in all, and need neither ``lax.top_k`` with a cap
-(XLA:GPU lowers a large top-k to a sort anyway) nor a sort fallback. Ties at a threshold are all
-kept (a sort would split them arbitrarily).
+Filtering without a full-vocab sort. Every filter keeps the values at or above a per-row
+threshold: min-p's is ``max + log(min_p)``; top-k's (the k-th largest value) and top-p's (the
+smallest top set holding top_p of the mass left by min-p and top-k) are found by a radix select
+over the float bit patterns (an order-preserving uint32 key per logit): 8 passes of 4 bits, each
+counting (top-k) or summing the mass (top-p) at or above 16 candidate thresholds in one
+variadic row reduction. Exact for any k and p; ties at a threshold are all kept (a sort would
+split them arbitrarily). Fast path: the search runs over the NUM_CANDIDATE_CHUNKS chunks of
+CHUNK_SIZE tokens with the largest maxima (a ``top_k`` over chunk maxima, not over the vocab);
+a threshold found above every left-out value is provably the whole row's. Rows whose kept set
+spans more chunks redo the search over the whole row, under a ``lax.cond`` that costs nothing
+when no row needs it. Measured on one H100 (JAX 0.11.2), R=256 rows of V=151,936: about 0.8 ms
+on the fast path, 4 ms for the whole-row search, 10 ms for vLLM's sort-based filter.
 
 Reproducibility: a row's noise comes from ``fold_in(key(seed), output_pos)`` only, and every
 transform is gated by the row's own parameters, so a request samples the same tokens whatever
-else is batched, whichever row it sits in, and whichever flags the batch switched on.
+else is batched, whichever row it sits in, and whichever flags the batch switched on. A row keeps
+its fast-path threshold whenever that one is exact, so another row's fallback never moves it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ __all__ = ["LogprobsTensors", "SamplerOutput", "SamplingMetadata", "SamplingRow"
            "apply_logit_bias", "apply_penalties", "apply_top_k_top_p_min_p"]
 
 _RADIX_BITS = 4  # 8 passes of 16 candidate thresholds per radix select
+# The filters' fast path searches the NUM_CANDIDATE_CHUNKS chunks of CHUNK_SIZE tokens with the
+# largest maxima: exact whenever the kept set spans at most that many chunks (any top_k <= 256,
+# any nucleus of <= 256 tokens); other rows fall back to a search over the whole row.
+CHUNK_SIZE = 16
+NUM_CANDIDATE_CHUNKS = 256
 
 
 @jax.tree_util.register_dataclass
@@ -112,8 +123,35 @@ def _gather_logprobs(raw_logprobs: jax.Array, token_ids: jax.Array, k: int) -> L
     token_lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)  # (N, 1)
     # vLLM's rank: tokens at least as likely as the chosen one, so the argmax has rank 1.
     ranks = jnp.sum(raw_logprobs >= token_lp, axis=-1, dtype=jnp.int32)         # (N,)
-    topk_lp, topk_ids = jax.lax.top_k(raw_logprobs, k)                          # (N, k)
-    return LogprobsTensors(token_lp[:, 0], ranks, topk_ids.astype(jnp.int32), topk_lp)
+    topk_lp, topk_ids = _top_k(raw_logprobs, k)                                 # (N, k)
+    return LogprobsTensors(token_lp[:, 0], ranks, topk_ids, topk_lp)
+
+
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` of each row, searched in the k chunks with the largest maxima.
+
+    Those chunks hold the k largest values; XLA:GPU sorts whole rows for a top-k of k > 16
+    (3.5 ms for k = 20 at R=256, V=151,936 on an H100), while this sorts only small arrays.
+    """
+    chunks = _chunked(x)                                                       # (N, NC, C)
+    N, num_chunks, _ = chunks.shape
+    if k == 0 or k >= num_chunks:
+        values, ids = jax.lax.top_k(x, k)
+        return values, ids.astype(jnp.int32)
+    _, chunk_ids = jax.lax.top_k(jnp.max(chunks, axis=-1), k)                 # (N, k)
+    chunk_ids = jnp.sort(chunk_ids, axis=-1)  # in vocab order: ties break like lax.top_k
+    cand = jnp.take_along_axis(chunks, chunk_ids[:, :, None], axis=1).reshape(N, -1)
+    values, pos = jax.lax.top_k(cand, k)                                       # (N, k)
+    chunk = jnp.take_along_axis(chunk_ids, pos // CHUNK_SIZE, axis=-1)
+    return values, (chunk * CHUNK_SIZE + pos % CHUNK_SIZE).astype(jnp.int32)
+
+
+def _chunked(x: jax.Array) -> jax.Array:
+    """(R, V) -> (R, ceil(V / CHUNK_SIZE), CHUNK_SIZE), padded with -inf."""
+    R, V = x.shape
+    num_chunks = -(-V // CHUNK_SIZE)
+    x = jnp.pad(x, ((0, 0), (0, num_chunks * CHUNK_SIZE - V)), constant_values=-jnp.inf)
+    return x.reshape(R, num_chunks, CHUNK_SIZE)
 
 
 def apply_logit_bias(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
@@ -160,30 +198,70 @@ def _gumbel_noise(seeds: jax.Array, output_pos: jax.Array, vocab_size: int) -> j
     return jax.vmap(one_row)(seeds, output_pos)
 
 
-def apply_top_k_top_p_min_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                            min_p: jax.Array) -> jax.Array:
+def apply_top_k_top_p_min_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
+                            *, num_candidate_chunks: int = NUM_CANDIDATE_CHUNKS) -> jax.Array:
     """Sets filtered logits to -inf, per row; a row with neutral parameters is returned as is.
 
     Args:
         x: (R, V) temperature-scaled logits.
         top_k: (R,) int32, V disables; top_p: (R,) float32, 1 disables; min_p: (R,) float32,
             0 disables.
+        num_candidate_chunks: static; how many chunks of CHUNK_SIZE tokens the fast path searches.
     """
     V = x.shape[-1]
     keys = _sortable_key(x)                                                    # (R, V) uint32
-    x_max = jnp.max(x, axis=-1, keepdims=True)                                 # (R, 1)
+    x_max = jnp.max(x, axis=-1)                                                # (R,)
+    # Every filter keeps the values at or above a per-row threshold key; `floor` is the highest.
     # min-p: p >= min_p * p_max  <=>  x >= x_max + log(min_p).
-    keep = (min_p[:, None] <= 0.0) | (x >= x_max + jnp.log(min_p)[:, None])  # (R, V)
-    # top-k: keep values >= the k-th largest (ties at the threshold all survive).
+    min_p_floor = jnp.where(min_p > 0.0, _sortable_key(x_max + jnp.log(min_p)), 0)  # (R,)
+    cand, bound = _candidate_chunks(x, num_candidate_chunks)                  # (R, G*C), (R,)
+    fast, k_thresh, p_thresh = _filter_floor(_sortable_key(cand), cand, keys, x, x_max,
+                                             min_p_floor, top_k, top_p)
+    if bound is None:  # every chunk was a candidate: the fast path searched the whole rows
+        return jnp.where(keys >= fast[:, None], x, -jnp.inf)
+    # Exact iff the threshold lies above every token left out of the candidates (see module doc).
+    exact = (((top_k >= V) | (k_thresh > bound)) & ((top_p >= 1.0) | (p_thresh > bound)))
+
+    def full_search():  # the same search over the whole rows, used only by inexact rows
+        floor = _filter_floor(keys, x, keys, x, x_max, min_p_floor, top_k, top_p)[0]
+        return jnp.where(exact, fast, floor)
+
+    floor = jax.lax.cond(jnp.all(exact), lambda: fast, full_search)           # (R,)
+    return jnp.where(keys >= floor[:, None], x, -jnp.inf)
+
+
+def _filter_floor(keys, x, row_keys, row_x, x_max, floor, top_k, top_p):
+    """Threshold keys (floor, top-k's, top-p's), searched among ``keys``/``x`` (R, N).
+
+    ``row_keys``/``row_x`` (R, V) are the whole rows: top-p's normaliser is always their mass.
+    """
+    V = row_x.shape[-1]
+    # top-k: the key of the k-th largest value (ties at it survive).
     k_thresh = _radix_select(keys, None, top_k.astype(jnp.float32))           # (R,)
-    keep &= (top_k[:, None] >= V) | (keys >= k_thresh[:, None])
+    floor = jnp.where(top_k < V, jnp.maximum(floor, k_thresh), floor)
     # top-p over the survivors, renormalised: keep the smallest top set holding >= top_p of the
     # mass, i.e. a token survives iff the mass strictly above it is < top_p (vLLM's rule).
-    mass = jnp.where(keep, jnp.exp(x - x_max), 0.0)                            # (R, V)
-    target = top_p * jnp.sum(mass, axis=-1)                                    # (R,)
-    p_thresh = _radix_select(keys, mass, target)                               # (R,)
-    keep &= (top_p[:, None] >= 1.0) | (keys >= p_thresh[:, None])
-    return jnp.where(keep, x, -jnp.inf)
+    total = jnp.sum(jnp.where(row_keys >= floor[:, None], jnp.exp(row_x - x_max[:, None]), 0.0), -1)
+    mass = jnp.where(keys >= floor[:, None], jnp.exp(x - x_max[:, None]), 0.0)  # (R, N)
+    p_thresh = _radix_select(keys, mass, top_p * total)                        # (R,)
+    floor = jnp.where(top_p < 1.0, jnp.maximum(floor, p_thresh), floor)
+    return floor, k_thresh, p_thresh
+
+
+def _candidate_chunks(x: jax.Array, num_chunks: int) -> tuple[jax.Array, jax.Array]:
+    """The values of the chunks with the largest maxima, and a key bound on all other values.
+
+    Returns:
+        ((R, G * CHUNK_SIZE) candidate values, (R,) uint32 key >= every value left out, or None
+        when nothing is left out).
+    """
+    chunks = _chunked(x)                                                       # (R, NC, C)
+    R, total_chunks, _ = chunks.shape
+    if num_chunks >= total_chunks:
+        return chunks.reshape(R, -1), None
+    top_max, top_idx = jax.lax.top_k(jnp.max(chunks, axis=-1), num_chunks + 1)  # (R, G + 1)
+    cand = jnp.take_along_axis(chunks, top_idx[:, :num_chunks, None], axis=1)  # (R, G, C)
+    return cand.reshape(R, -1), _sortable_key(top_max[:, num_chunks])
 
 
 def _radix_select(keys: jax.Array, weights: jax.Array | None, target: jax.Array) -> jax.Array:
@@ -198,8 +276,9 @@ def _radix_select(keys: jax.Array, weights: jax.Array | None, target: jax.Array)
     """
     num_digits = 1 << _RADIX_BITS
     digits = jnp.arange(num_digits, dtype=jnp.uint32)                         # (16,)
-    thresh = jnp.zeros(keys.shape[:1], jnp.uint32)                             # (R,)
     zero = jnp.zeros((), jnp.int32 if weights is None else jnp.float32)
+    thresh = jnp.zeros(keys.shape[:1], jnp.uint32)                             # (R,)
+    # Unrolled: a fori_loop compiles 2x faster but runs 1.6x slower on an H200.
     for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
         cand = thresh[:, None] | (digits << shift)[None, :]                   # (R, 16)
         # One variadic row reduction with 16 accumulators reads the row once per pass; a

@@ -11,11 +11,28 @@ Both read the pool in the package's ``(P, 2, K, S, H)`` layout and run on CPU wi
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxpage.kernels_pallas.gpu.decode_attention import decode_paged_attention
 from jaxpage.kernels_pallas.gpu.ragged_attention import ragged_paged_attention as ragged_kernel
 
-__all__ = ["decode_paged_attention", "ragged_kernel", "ragged_paged_attention"]
+__all__ = ["decode_paged_attention", "mixed_paged_attention", "ragged_kernel",
+           "ragged_paged_attention"]
+
+
+def mixed_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
+                          sm_scale: float, soft_cap: float | None = None,
+                          sliding_window: int | None = None, interpret: bool = False,
+                          decode_kwargs=None, ragged_kwargs=None) -> jax.Array:
+    """Mixed batch in two launches: the decode kernel on its single-token requests (rows from
+    ``query_start_loc``), then the ragged kernel on the rest, both writing one aliased output."""
+    kw = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+              interpret=interpret)
+    out = decode_paged_attention(q, kv_pages, kv_lens, block_tables, num_seqs,
+                                 query_start_loc=query_start_loc, out_init=jnp.zeros_like(q),
+                                 **kw, **(decode_kwargs or {}))
+    return ragged_kernel(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs,
+                         skip_decode=True, out_init=out, **kw, **(ragged_kwargs or {}))
 
 
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,

@@ -48,7 +48,8 @@ def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, kind, tok, tok_m
         kv_pages_ref: (P, 2, K, S, H) the pool.
         block_tables_ref: (R, Pmax) int32 page ids.
         req, kv_head: int32 scalars.
-        tok: (BK,) int32 absolute token positions; tok_mask: (BK,) which of them to read.
+        tok: (BK,) int32 absolute token positions; tok_mask: (BK,) which of them to read, or
+            None when all of them are live (no masks: the unmasked main loop of prefill).
         cols: (Hp,) int32 column iota; col_mask: None or (Hp,) bool.
 
     Returns:
@@ -57,9 +58,16 @@ def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, kind, tok, tok_m
     """
     page_size = kv_pages_ref.shape[3]
     max_pages = block_tables_ref.shape[1]
+    offset = tok % page_size  # (BK,)
+    if tok_mask is None:  # caller guarantees every token is live (< kv_len)
+        pages = plgpu.load(block_tables_ref.at[req, tok // page_size])  # (BK,)
+        ref = kv_pages_ref.at[pages[:, None], kind, kv_head, offset[:, None], cols[None, :]]
+        if col_mask is None:
+            return plgpu.load(ref)  # (BK, Hp)
+        return plgpu.load(ref, mask=jnp.broadcast_to(col_mask[None, :], (tok.shape[0],
+                                                                         cols.shape[0])), other=0)
     page_idx = jnp.minimum(tok // page_size, max_pages - 1)  # (BK,) index into the block table
     pages = plgpu.load(block_tables_ref.at[req, page_idx], mask=tok_mask, other=0)  # (BK,)
-    offset = tok % page_size  # (BK,)
     return plgpu.load(
         kv_pages_ref.at[pages[:, None], kind, kv_head, offset[:, None], cols[None, :]],
         mask=and_cols(tok_mask, col_mask), other=0)  # (BK, Hp)

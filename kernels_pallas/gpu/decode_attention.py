@@ -48,9 +48,10 @@ DECODE_TUNING: dict[int, DecodeConfig] = {
     128: DecodeConfig(block_kv=64, num_warps=4, num_stages=3),
     256: DecodeConfig(block_kv=32, num_warps=4, num_stages=2),
 }
-# Split-KV until rows × kv heads × splits reaches this many programs (132 SMs × a few
-# resident programs each), but keep at least MIN_BLOCKS_PER_SPLIT blocks in each split.
-TARGET_PROGRAMS = 4 * 132
+# Split-KV until rows × kv heads × splits reaches this many programs (~4 per SM of an H100's
+# 132), but keep at least MIN_BLOCKS_PER_SPLIT blocks in each split. Measured (H100, page 16):
+# B=16 ctx 2048 -> 8 splits 76% of read BW vs 60% unsplit; B=64 (512 programs) best unsplit.
+TARGET_PROGRAMS = 512
 MIN_BLOCKS_PER_SPLIT = 2
 MAX_SPLITS = 16
 COMBINE_NUM_WARPS = 1
@@ -74,10 +75,12 @@ def _decode_kernel(
     num_seqs_ref,  # (1,) int32
     kv_lens_ref,  # (R,) int32
     block_tables_ref,  # (R, Pmax) int32
+    query_start_loc_ref,  # (R + 1,) int32 (read only when by_request)
     q_ref,  # (T, N, H)
     kv_pages_ref,  # (P, 2, K, S, H)
-    o_ref,  # (T, N, H) when num_splits == 1, else (T, num_splits, N, H) f32 partials
-    *lse_refs,  # () or ((T, num_splits, N) f32 log2-sum-exp of each partial,)
+    *refs,  # [o_init (T, N, H) aliased to o (by_request, 1 split)], outputs:
+    # o: (T, N, H) when num_splits == 1, else (rows, num_splits, N, H) f32 partials, and
+    # lse: (rows, num_splits, N) f32 log2-sum-exp of each partial (num_splits > 1)
     sm_scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
@@ -86,13 +89,21 @@ def _decode_kernel(
     head_dim_padded: int,
     block_kv: int,
     num_splits: int,
+    by_request: bool,
 ):
-    t, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    p, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_reqs = block_tables_ref.shape[0]
     head_dim = q_ref.shape[2]
+    refs = refs[1:] if by_request and num_splits == 1 else refs  # drop o_init (same buffer)
 
-    valid = t < jnp.minimum(num_seqs_ref[0], num_reqs)
-    req = jnp.minimum(t, num_reqs - 1)
+    if by_request:  # program p = request p, its row from query_start_loc; q_len != 1 skipped
+        req = p
+        row = query_start_loc_ref[req]
+        valid = (req < num_seqs_ref[0]) & (query_start_loc_ref[req + 1] - row == 1)
+    else:  # program p = row p = request p (the max_q_len == 1 promise)
+        req = jnp.minimum(p, num_reqs - 1)
+        row = p
+        valid = p < jnp.minimum(num_seqs_ref[0], num_reqs)
     kv_len = jnp.where(valid, kv_lens_ref[req], 0)
     lo = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
 
@@ -107,8 +118,8 @@ def _decode_kernel(
     g = jnp.arange(group_padded, dtype=jnp.int32)  # (Gp,)
     heads = kv_head * group + g  # (Gp,) q heads of this kv head (rows >= G are padding)
     g_mask = g < group
-    q = plgpu.load(q_ref.at[t, heads[:, None], cols[None, :]],
-                   mask=cm.and_cols(g_mask, col_mask), other=0)  # (Gp, Hp)
+    q = plgpu.load(q_ref.at[row, heads[:, None], cols[None, :]],
+                   mask=cm.and_cols(g_mask & valid, col_mask), other=0)  # (Gp, Hp)
 
     def body(blk, carry):
         tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
@@ -124,37 +135,51 @@ def _decode_kernel(
     m, l, acc = lax.fori_loop(start, end, body, cm.init_carry(group_padded, head_dim_padded))
     has_keys = l > 0  # (Gp,) False for empty splits and padding rows
     out = acc / jnp.where(has_keys, l, 1.0)[:, None]  # (Gp, Hp)
-    store_mask = cm.and_cols(g_mask, col_mask)
     if num_splits == 1:
-        plgpu.store(o_ref.at[t, heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
-                    mask=store_mask)
+        (o_ref,) = refs
+        # Row mode writes every row (zeros for padding); by-request mode only its own rows.
+        row_mask = g_mask & valid if by_request else g_mask
+        plgpu.store(o_ref.at[row, heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
+                    mask=cm.and_cols(row_mask, col_mask))
     else:
-        (lse_ref,) = lse_refs
-        plgpu.store(o_ref.at[t, split, heads[:, None], cols[None, :]], out, mask=store_mask)
+        o_ref, lse_ref = refs
+        plgpu.store(o_ref.at[p, split, heads[:, None], cols[None, :]], out,
+                    mask=cm.and_cols(g_mask, col_mask))
         lse = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, l, 1.0)), cm.NEG)  # (Gp,)
-        plgpu.store(lse_ref.at[t, split, heads], lse, mask=g_mask)
+        plgpu.store(lse_ref.at[p, split, heads], lse, mask=g_mask)
 
 
 def _combine_kernel(
-    o_part_ref,  # (T, num_splits, N, H) f32
-    lse_ref,  # (T, num_splits, N) f32
-    o_ref,  # (T, N, H)
-    *,
+    num_seqs_ref,  # (1,) int32
+    query_start_loc_ref,  # (R + 1,) int32 (read only when by_request)
+    o_part_ref,  # (rows, num_splits, N, H) f32
+    lse_ref,  # (rows, num_splits, N) f32
+    *refs,  # [o_init (T, N, H) aliased to o (by_request)], o: (T, N, H)
     num_splits: int,
     head_dim_padded: int,
+    by_request: bool,
 ):
-    t, head = pl.program_id(0), pl.program_id(1)
+    p, head = pl.program_id(0), pl.program_id(1)
+    o_ref = refs[-1]
     head_dim = o_ref.shape[2]
     cols, col_mask = cm.cols_and_mask(head_dim_padded, head_dim)
     sp = jnp.arange(num_splits, dtype=jnp.int32)  # (SPLITS,)
-    lse = plgpu.load(lse_ref.at[t, sp, head])  # (SPLITS,)
+    lse = plgpu.load(lse_ref.at[p, sp, head])  # (SPLITS,)
     mask = None if col_mask is None else jnp.broadcast_to(col_mask[None, :],
                                                           (num_splits, head_dim_padded))
-    o = plgpu.load(o_part_ref.at[t, sp[:, None], head, cols[None, :]], mask=mask,
+    o = plgpu.load(o_part_ref.at[p, sp[:, None], head, cols[None, :]], mask=mask,
                    other=None if mask is None else 0.0)  # (SPLITS, Hp)
     w = jnp.exp2(lse - jnp.max(lse))  # (SPLITS,); all 1 when every split is empty (then o = 0)
-    out = jnp.sum(w[:, None] * o, axis=0) / jnp.sum(w)  # (Hp,)
-    plgpu.store(o_ref.at[t, head, cols], out.astype(o_ref.dtype), mask=col_mask)
+    out = (jnp.sum(w[:, None] * o, axis=0) / jnp.sum(w)).astype(o_ref.dtype)  # (Hp,)
+    if by_request:
+        row = query_start_loc_ref[p]
+        valid = (p < num_seqs_ref[0]) & (query_start_loc_ref[p + 1] - row == 1)
+        store_mask = jnp.broadcast_to(valid, (head_dim_padded,))
+        if col_mask is not None:
+            store_mask &= col_mask
+        plgpu.store(o_ref.at[row, head, cols], out, mask=store_mask)
+    else:
+        plgpu.store(o_ref.at[p, head, cols], out, mask=col_mask)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -167,6 +192,8 @@ def decode_paged_attention(
     block_tables: jax.Array,
     num_seqs: jax.Array,
     *,
+    query_start_loc: jax.Array | None = None,
+    out_init: jax.Array | None = None,
     sm_scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
@@ -176,23 +203,34 @@ def decode_paged_attention(
     num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Decode attention: row t of q is the single new token of request t.
+    """Decode attention: one query row per request.
+
+    Two ways to find the rows: by default row t is request t's single new token (rows >=
+    num_seqs are padding and come back 0). With ``query_start_loc`` and ``out_init`` given,
+    request b's row is ``query_start_loc[b]``, only requests with exactly one query row are
+    computed, and every other row keeps ``out_init``'s value (the decode half of a mixed batch).
 
     Args:
-        q: (T, N, H) queries; rows >= num_seqs are padding.
+        q: (T, N, H) queries.
         kv_pages: (P, 2, K, S, H) this layer's pool.
         kv_lens: (R,) int32 context lengths, the new token included.
         block_tables: (R, Pmax) int32 page ids.
         num_seqs: () or (1,) int32 live requests.
+        query_start_loc, out_init: (R + 1,) int32 and (T, N, H), see above (both or neither).
         sm_scale, soft_cap, sliding_window: as in ``reference.ragged_paged_attention``.
         block_kv, num_splits, num_warps, num_stages: overrides of the tuned table (benchmarks).
         interpret: run the Pallas interpreter (CPU tests).
 
     Returns:
-        (T, N, H) in q's dtype; padding rows are zero.
+        (T, N, H) in q's dtype.
     """
-    num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, _, max_pages = cm.check_common(
-        q, kv_pages, kv_lens, block_tables)
+    num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs, max_pages = (
+        cm.check_common(q, kv_pages, kv_lens, block_tables))
+    by_request = query_start_loc is not None
+    if by_request != (out_init is not None):
+        raise ValueError("query_start_loc and out_init go together")
+    if by_request and (query_start_loc.shape != (num_reqs + 1,) or out_init.shape != q.shape):
+        raise ValueError(f"query_start_loc must be ({num_reqs + 1},) and out_init {q.shape}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     cfg = decode_config(head_dim)
@@ -201,42 +239,55 @@ def decode_paged_attention(
         raise ValueError(f"block_kv must be a power of two >= 16, got {block_kv}")
     num_warps = num_warps or cfg.num_warps
     num_stages = num_stages or cfg.num_stages
+    num_rows = num_reqs if by_request else num_tokens  # programs along grid axis 0
     if num_splits is None:
-        num_splits = choose_num_splits(num_tokens, num_kv_heads, max_pages * page_size, block_kv)
+        num_splits = choose_num_splits(num_rows, num_kv_heads, max_pages * page_size, block_kv)
     if num_splits != cm.next_pow2(num_splits):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     group = num_q_heads // num_kv_heads
     group_padded = max(16, cm.next_pow2(group))  # an MMA tile needs >= 16 rows
     head_dim_padded = cm.next_pow2(head_dim)
 
+    num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
+    # Row mode never reads query_start_loc: pass kv_lens in its place (no extra buffer).
+    qsl = (query_start_loc if by_request else kv_lens).astype(jnp.int32)
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, group_padded=group_padded, head_dim_padded=head_dim_padded,
-        block_kv=block_kv, num_splits=num_splits)
+        block_kv=block_kv, num_splits=num_splits, by_request=by_request)
+    args = [num_seqs, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32), qsl, q, kv_pages]
+    aliases = {}
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+        if by_request:
+            args.append(out_init.astype(q.dtype))
+            aliases = {len(args) - 1: 0}
     else:
         out_shape = (
-            jax.ShapeDtypeStruct((num_tokens, num_splits, num_q_heads, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((num_tokens, num_splits, num_q_heads), jnp.float32))
+            jax.ShapeDtypeStruct((num_rows, num_splits, num_q_heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_rows, num_splits, num_q_heads), jnp.float32))
     result = pl.pallas_call(
         kernel,
-        grid=(num_tokens, num_kv_heads, num_splits),
+        grid=(num_rows, num_kv_heads, num_splits),
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=cm.compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"jaxpage_decode_bkv{block_kv}_s{num_splits}",
-    )(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
-      block_tables.astype(jnp.int32), q, kv_pages)
+    )(*args)
     if num_splits == 1:
         return result
     o_part, lse = result
+    args = [num_seqs, qsl, o_part, lse]
+    if by_request:
+        args.append(out_init.astype(q.dtype))
     return pl.pallas_call(
         functools.partial(_combine_kernel, num_splits=num_splits,
-                          head_dim_padded=head_dim_padded),
-        grid=(num_tokens, num_q_heads),
+                          head_dim_padded=head_dim_padded, by_request=by_request),
+        grid=(num_rows, num_q_heads),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases={4: 0} if by_request else {},
         compiler_params=cm.compiler_params(COMBINE_NUM_WARPS, 1),
         interpret=interpret,
         name=f"jaxpage_decode_combine_s{num_splits}",
-    )(o_part, lse)
+    )(*args)

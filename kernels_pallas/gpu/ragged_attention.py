@@ -70,6 +70,8 @@ def _ragged_kernel(
     block_q: int,
     block_kv: int,
     search_steps: int,
+    split_causal: bool,
+    skip_decode: bool,
 ):
     del o_init_ref  # same buffer as o_ref
     i, kv_head = pl.program_id(0), pl.program_id(1)
@@ -90,6 +92,8 @@ def _ragged_kernel(
     q_len = query_start_loc_ref[req + 1] - q_start
     q_blk = i - (q_start // block_q + req)
     active = (req < num_seqs) & (q_blk * block_q < q_len)
+    if skip_decode:  # single-token requests are done by the decode kernel (mixed path)
+        active &= q_len > 1
     kv_len = kv_lens_ref[req]
     ctx_len = kv_len - q_len  # position of the request's first query
 
@@ -109,6 +113,15 @@ def _ragged_kernel(
                    0)
     lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
 
+    def full_body(blk, carry):  # every key visible to every row: no masks at all
+        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
+        k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, None,
+                             cols, col_mask)  # (BK, Hp)
+        v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, None,
+                             cols, col_mask)  # (BK, Hp)
+        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
+        return cm.online_softmax_step(carry, s, v)
+
     def body(blk, carry):
         tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
         tok_mask = (tok >= lo) & (tok < hi)
@@ -123,8 +136,14 @@ def _ragged_kernel(
         s = jnp.where(mask, s, cm.NEG)
         return cm.online_softmax_step(carry, s, v)
 
-    _, l, acc = lax.fori_loop(lo // block_kv, pl.cdiv(hi, block_kv), body,
-                              cm.init_carry(block_m, head_dim_padded))
+    carry = cm.init_carry(block_m, head_dim_padded)
+    first_blk = lo // block_kv
+    if split_causal and sliding_window is None:
+        # Blocks wholly at or before the block's first query position are visible to all of
+        # its rows and lie inside kv_len: run them without masks, then the diagonal masked.
+        first_blk = jnp.where(active, (first_pos + 1) // block_kv, 0)
+        carry = lax.fori_loop(0, first_blk, full_body, carry)
+    _, l, acc = lax.fori_loop(first_blk, pl.cdiv(hi, block_kv), body, carry)
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (BM, Hp)
     plgpu.store(o_ref.at[rows[:, None], heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
                 mask=cm.and_cols(row_mask, col_mask))
@@ -132,7 +151,7 @@ def _ragged_kernel(
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_m", "block_kv", "num_warps", "num_stages",
-    "interpret"))
+    "split_causal", "skip_decode", "interpret"))
 def ragged_paged_attention(
     q: jax.Array,
     kv_pages: jax.Array,
@@ -148,6 +167,9 @@ def ragged_paged_attention(
     block_kv: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_causal: bool = True,
+    skip_decode: bool = False,
+    out_init: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Mixed prefill + decode attention; contract as ``reference.ragged_paged_attention``.
@@ -157,6 +179,10 @@ def ragged_paged_attention(
         query_start_loc: (R + 1,); num_seqs: () or (1,) — see ``reference.py``.
         sm_scale, soft_cap, sliding_window: as in the reference.
         block_m, block_kv, num_warps, num_stages: overrides of the tuned table (benchmarks).
+        split_causal: run key blocks below the diagonal without masks (False: mask all).
+        skip_decode: leave requests with exactly one query row alone (their rows keep
+            ``out_init``): the decode kernel does them (``gpu.mixed_paged_attention``).
+        out_init: (T, N, H) initial output, aliased; default zeros.
         interpret: run the Pallas interpreter (CPU tests).
 
     Returns:
@@ -185,7 +211,8 @@ def ragged_paged_attention(
     kernel = functools.partial(
         _ragged_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, group_padded=group_padded, head_dim_padded=head_dim_padded,
-        block_q=block_q, block_kv=block_kv, search_steps=search_steps)
+        block_q=block_q, block_kv=block_kv, search_steps=search_steps,
+        split_causal=split_causal, skip_decode=skip_decode)
     return pl.pallas_call(
         kernel,
         grid=(num_q_blocks, num_kv_heads),
@@ -197,4 +224,4 @@ def ragged_paged_attention(
         name=f"jaxpage_ragged_bm{block_q * group_padded}_bkv{block_kv}",
     )(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
       block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), q, kv_pages,
-      jnp.zeros_like(q))
+      jnp.zeros_like(q) if out_init is None else out_init.astype(q.dtype))

@@ -40,12 +40,13 @@ def reference_generate(prompt: list[int], max_tokens: int, vocab_size: int,
     for pos, t in enumerate(prompt):
         kv = kv_of(kv, t, pos)
     out: list[int] = []
-    while True:
+    for _ in range(max_tokens):
         tok = next_token(kv, vocab_size)
         out.append(tok)
         if len(out) >= max_tokens or (len(out) >= min_tokens and tok in stop_ids):
             return out
         kv = kv_of(kv, tok, len(prompt) + len(out) - 1)
+    return out
 
 
 class _State:
@@ -88,6 +89,8 @@ class FakeRunner:
         if self.num_steps in self.raise_on_steps:
             raise RuntimeError("simulated device failure")
         self._apply_diffs(so)
+        if so.is_empty:  # only tells the runner which requests to forget
+            return ModelRunnerOutput(sampled_token_ids={})
         batch = list(so.num_scheduled_tokens.items())
         self.batch_sizes.append(len(batch))
         self.scheduled_log.append(dict(so.num_scheduled_tokens))
@@ -101,7 +104,8 @@ class FakeRunner:
 
     # -- contract checks ------------------------------------------------------------------
     def _apply_diffs(self, so: SchedulerOutput) -> None:
-        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values()) > 0
+        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
+        assert so.total_num_scheduled_tokens or so.finished_req_ids, "pointless empty call"
         assert so.total_num_scheduled_tokens <= self.max_num_batched_tokens
         assert len(so.num_scheduled_tokens) <= self.max_num_seqs
         for req_id in so.finished_req_ids:

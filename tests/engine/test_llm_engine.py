@@ -95,6 +95,7 @@ def test_outputs_are_identical_in_every_configuration(name):
             assert out.logprobs is None and out.cumulative_logprob is None
     stats = engine.get_stats()
     assert engine.num_free_pages == baseline == engine.kv_cache_manager.block_pool.num_blocks - 1
+    assert runner.reqs == {}  # the runner was told to forget every finished request
     if name == "kv_pressure":
         assert stats["num_preemptions"] > 0
     if name == "no_prefix_cache":
@@ -149,7 +150,9 @@ def test_abort_of_a_preempted_request():
     for i in range(8):
         engine.add_request(f"r{i}", [i + 1] * 20, SamplingParams(temperature=0, max_tokens=40,
                                                                  ignore_eos=True))
-    while not any(r.status.name == "PREEMPTED" for r in engine.scheduler.waiting):
+    for _ in range(100):
+        if any(r.status.name == "PREEMPTED" for r in engine.scheduler.waiting):
+            break
         engine.step()
     victim = next(r.req_id for r in engine.scheduler.waiting if r.status.name == "PREEMPTED")
     assert engine.abort_request(victim)[0].outputs[0].finish_reason == "abort"
@@ -166,8 +169,9 @@ def test_parallel_sampling_children_share_the_prompt_pages():
     with pytest.raises(ValueError, match="in use"):
         engine.add_request("p", prompt, SamplingParams())
     outs = []
-    while engine.has_unfinished_requests():
+    for _ in range(100):
         outs += engine.step()
+    assert not engine.has_unfinished_requests()
     assert all(o.request_id == "p" for o in outs) and [o.finished for o in outs][-1]
     assert sum(o.finished for o in outs) == 1
     final = outs[-1]
@@ -181,12 +185,16 @@ def test_parallel_sampling_children_share_the_prompt_pages():
 
 
 def test_abort_of_a_parallel_request_with_pending_children():
-    engine, _ = make_engine()
+    engine, runner = make_engine()
     engine.add_request("p", list(range(1, 30)), SamplingParams(n=3, max_tokens=5))
+    engine.step()
+    assert list(runner.reqs) == ["0_p"]  # the others wait for the prompt's pages
     [out] = engine.abort_request("p")
     assert [c.finish_reason for c in out.outputs] == ["abort"] * 3 and out.finished
     assert not engine.has_unfinished_requests() and engine.num_free_pages == 199
-    assert engine.step() == []
+    assert engine.step() == [] and runner.reqs == {}  # an empty batch told the runner
+    calls = runner.num_steps
+    assert engine.step() == [] and runner.num_steps == calls  # idle: the runner is left alone
 
 
 def test_drawn_seeds_differ_and_given_seeds_pass_through():
@@ -317,3 +325,35 @@ def test_metrics_and_num_cached_tokens():
     m = out.metrics
     assert m.arrival_time == 100.0 and out.prompt == "abc"
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_stop_strings_and_text_through_the_engine():
+    from tests.engine.test_detokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    engine, _ = make_engine(tokenizer=tok, vocab_size=len(tok), eos=(0,))
+    prompt = tok.encode("Hello world, the quick")
+    engine.add_request("full", prompt, SamplingParams(temperature=0, max_tokens=40,
+                                                      ignore_eos=True))
+    full = run(engine)["full"].outputs[0]
+    text = full.text
+    start = next(i for i in range(len(text) // 3, len(text) - 3)
+                 if "\ufffd" not in text[i:i + 3] and text.find(text[i:i + 3]) == i)
+    stop = text[start:start + 3]
+    for include in (False, True):
+        engine.add_request("s", prompt, SamplingParams(
+            temperature=0, max_tokens=40, ignore_eos=True, stop=[stop],
+            include_stop_str_in_output=include))
+        streamed = []
+        for _ in range(100):
+            for out in engine.step():
+                streamed.append(out.outputs[0].text)
+            if not engine.has_unfinished_requests():
+                break
+        final = out.outputs[0]
+        assert final.text == text[:start + (len(stop) if include else 0)]
+        assert (final.finish_reason, final.stop_reason) == ("stop", stop)
+        assert full.token_ids[:len(final.token_ids)] == final.token_ids
+        assert len(final.token_ids) < len(full.token_ids)
+        assert all(final.text.startswith(t) for t in streamed)  # never retracted
+    assert engine.num_free_pages == 199

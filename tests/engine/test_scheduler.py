@@ -34,7 +34,7 @@ def add(sched, req_id, tokens, max_tokens=4, stop_ids=(), **params) -> Request:
 
 def step(sched, runner):
     so = sched.schedule()
-    if so.is_empty:
+    if so.is_empty and not so.finished_req_ids:
         return so, []
     return so, sched.update_from_output(so, runner.execute_model(so))
 
@@ -55,7 +55,7 @@ def manual_step(sched, tokens: dict[str, int], errors=None):
     the end of their tokens."""
     so = sched.schedule()
     sampled = {}
-    for rid, n in so.num_scheduled_tokens.items():
+    for rid in so.num_scheduled_tokens:
         r = sched.requests[rid]
         if r.num_computed_tokens >= r.num_tokens and rid in tokens:
             sampled[rid] = [tokens[rid]]
@@ -125,11 +125,12 @@ def test_preemption_takes_the_tail_and_resumes_with_all_tokens():
     assert kv.get_block_ids("c") == []
     assert kv.get_block_ids("a") == [1, 2, 6] and kv.get_block_ids("b") == [3, 4, 5]
     resumed = None
-    while sched.has_unfinished_requests():
+    for _ in range(100):
         so, _ = step(sched, runner)
         for new in so.scheduled_new_reqs:
             if new.req_id == "c":
                 resumed = new
+    assert not sched.has_unfinished_requests()
     assert resumed.all_token_ids == list(range(200, 207)) + c.output_token_ids[:2]
     assert resumed.num_prompt_tokens == 7
     for r, k in zip(reqs, (1, 100, 200)):
@@ -198,11 +199,13 @@ def test_finish_requests_aborts_running_and_waiting():
     assert a.finish_reason == "abort" and b.status == RequestStatus.FINISHED_ABORTED
     assert not sched.has_unfinished_requests() and kv.num_free_pages == 39
     assert a.metrics.finished_time is not None
-    so = sched.schedule()  # empty: the runner is not called, the ids wait for a real batch
+    so = sched.schedule()  # an empty batch that only tells the runner what to forget
     assert so.is_empty and so.finished_req_ids == {"a", "b"}
+    runner.execute_model(so)
+    assert runner.reqs == {}
     add(sched, "c", [3], max_tokens=1)
     so, _ = step(sched, runner)
-    assert so.finished_req_ids == {"a", "b"}
+    assert so.finished_req_ids == set()
     assert sched.schedule().finished_req_ids == {"c"}
     with pytest.raises(ValueError):
         sched.finish_requests("c", RequestStatus.RUNNING)

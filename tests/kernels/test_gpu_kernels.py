@@ -76,7 +76,9 @@ DECODE_CASES = [
 
 
 def _expected(case, x):
-    return reference.ragged_paged_attention(*x.args(), **case.attn_kwargs)
+    # True f32 products: on GPUs XLA's default f32 matmul is tf32 (~1e-3), too loose an oracle.
+    with jax.default_matmul_precision("highest"):
+        return reference.ragged_paged_attention(*x.args(), **case.attn_kwargs)
 
 
 class TestGpuKernelsInterpret:
@@ -87,6 +89,15 @@ class TestGpuKernelsInterpret:
         x = case.inputs()
         out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, interpret=self.interpret)
         assert out.shape == x.q.shape and out.dtype == x.q.dtype
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("split_causal", [False, True])
+    def test_ragged_masked_everywhere_or_split(self, split_causal):
+        # Small blocks so the unmasked below-diagonal loop runs many iterations.
+        case = RAGGED_CASES[4]
+        x = case.inputs()
+        out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, block_m=16, block_kv=16,
+                                split_causal=split_causal, interpret=self.interpret)
         assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
     @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
@@ -105,6 +116,14 @@ class TestGpuKernelsInterpret:
         out = gpu.decode_paged_attention(x.q, x.kv_pages, x.kv_lens, x.block_tables, x.num_seqs,
                                          **case.attn_kwargs, num_splits=num_splits,
                                          block_kv=32, interpret=self.interpret)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("case", RAGGED_CASES[:3] + RAGGED_CASES[4:5], ids=lambda c: c.id)
+    def test_mixed_two_launch(self, case):
+        # Decode kernel on the single-token requests + ragged kernel on the rest.
+        x = case.inputs()
+        out = gpu.mixed_paged_attention(*x.args(), **case.attn_kwargs, interpret=self.interpret,
+                                        decode_kwargs=dict(num_splits=2))
         assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
     @pytest.mark.parametrize("max_q_len", [None, 1])

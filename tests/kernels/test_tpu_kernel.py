@@ -157,7 +157,7 @@ class TpuKernelCases:
 
 
 class TestTpuKernelInterpret(TpuKernelCases):
-    interpret = tpu_rpa.interpret_params()
+    interpret = tpu_rpa.interpret_params(dma_execution_mode="eager")
 
 
 @pytest.mark.tpu

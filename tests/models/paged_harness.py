@@ -35,10 +35,12 @@ class _Request:
 class PagedRunner:
     def __init__(self, model: nnx.Module, *, page_size: int = 4, num_pages: int = 128,
                  max_num_tokens: int = 64, max_num_seqs: int = 8, max_pages_per_seq: int = 16,
-                 kv_dtype=jnp.float32, seed: int = 0):
+                 kv_dtype=jnp.float32, seed: int = 0, token_buckets: tuple[int, ...] = ()):
         cfg = model.config
         self.page_size = page_size
         self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
+        # Each step pads to the smallest bucket that fits (one compiled executable per bucket).
+        self.token_buckets = sorted({*token_buckets, max_num_tokens})
         self.max_pages_per_seq = max_pages_per_seq
         shape = kernels_pallas.kv_cache_shape(num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_pages = [jnp.full(shape, jnp.nan, kv_dtype) for _ in range(cfg.num_hidden_layers)]
@@ -63,8 +65,9 @@ class PagedRunner:
 
     def step(self, schedule: dict[str, int]) -> dict[str, np.ndarray]:
         """Runs ``schedule`` {req_id: num_new_tokens}; returns {req_id: (num_new, V) logits}."""
-        S, T, R = self.page_size, self.max_num_tokens, self.max_num_seqs
-        assert len(schedule) <= R and sum(schedule.values()) <= T
+        S, R = self.page_size, self.max_num_seqs
+        assert len(schedule) <= R and sum(schedule.values()) <= self.max_num_tokens
+        T = next(b for b in self.token_buckets if b >= sum(schedule.values()))
         input_ids = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slot_mapping = np.arange(T, dtype=np.int32) % S  # padding rows: slots of the null page

@@ -55,35 +55,50 @@ def test_gguf_metadata(loaded):
 
 
 @torch.no_grad()
-def hf_greedy_top5(model, prompt: list[int], num_tokens: int) -> tuple[list[int], list[list[int]], np.ndarray]:
-    """(greedy tokens, top-5 ids at each step, last prompt token's logits), with HF's KV cache."""
-    out = model(torch.tensor([prompt]), use_cache=True)
-    logits = out.logits[0, -1].float()
+def hf_greedy_top5(model, prompts: list[list[int]], num_tokens: int):
+    """HF greedy decoding of all prompts as one left-padded batch with HF's KV cache.
+
+    Returns (per prompt: greedy tokens, per prompt: top-5 ids at each step,
+    (num_prompts, V) logits of each prompt's last token).
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # (B, width)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, width)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    logits = out.logits[:, -1].float()  # (B, V)
     first_logits = logits.numpy()
-    tokens, top5 = [], []
+    tokens, top5 = [[] for _ in prompts], [[] for _ in prompts]
     for _ in range(num_tokens):
-        tokens.append(int(torch.argmax(logits)))
-        top5.append(torch.topk(logits, 5).indices.tolist())
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-        logits = out.logits[0, -1].float()
+        nxt = torch.argmax(logits, dim=-1)  # (B,)
+        for b, (t, k) in enumerate(zip(nxt.tolist(), torch.topk(logits, 5).indices.tolist())):
+            tokens[b].append(t)
+            top5[b].append(k)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                    cache=out.cache, use_cache=True)
+        logits = out.logits[:, -1].float()
     return tokens, top5, first_logits
 
 
+@pytest.mark.slow  # ~1-2 min on 2 CPU cores: two 30-layer models, 8 x 32 tokens each
 def test_greedy_matches_hf_transformers(loaded, prompts, smollm2_gguf):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
                                               dtype=torch.float32, local_files_only=True).eval()
     runner = PagedRunner(loaded.model, page_size=16, num_pages=64, max_num_tokens=64, max_num_seqs=8,
-                         max_pages_per_seq=8)
+                         max_pages_per_seq=8, token_buckets=(8,))
     schedule = chunked_prefill_schedule([len(p) for p in prompts], 64, 8)
     jax_prompt_logits, jax_tokens, jax_step_logits = prefill_and_decode(runner, prompts, schedule, NUM_DECODE)
 
+    hf_all_tokens, hf_all_top5, hf_last_logits = hf_greedy_top5(hf, prompts, NUM_DECODE)
     identical, top5_rule = [], []
-    for i, prompt in enumerate(prompts):
-        hf_tokens, hf_top5, hf_last_logits = hf_greedy_top5(hf, prompt, NUM_DECODE)
+    for i in range(len(prompts)):
+        hf_tokens, hf_top5 = hf_all_tokens[i], hf_all_top5[i]
         # Sanity on raw numbers too: 30 layers of float32 in a different order stay within 1e-3.
-        np.testing.assert_allclose(jax_prompt_logits[i][-1], hf_last_logits, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(jax_prompt_logits[i][-1], hf_last_logits[i], rtol=1e-3, atol=1e-3)
         if jax_tokens[i] == hf_tokens:
             identical.append(i)
             continue

@@ -60,12 +60,13 @@ VARIANTS = {
 }
 
 
-def build_hf_model(variant: str, seed: int = 0) -> torch.nn.Module:
+def build_hf_model(variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
     config_name, kwargs = VARIANTS[variant]
     config_cls = getattr(transformers, config_name)
-    config = config_cls(**{**_COMMON, **kwargs})
+    config = config_cls(**{**_COMMON, **kwargs, **overrides})
     if config_name == "GPT2Config":
         config.initializer_range = 0.05
+        config.bos_token_id = config.eos_token_id = 0  # keep ids inside the tiny vocab
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # HF inits biases to 0 and norms to 1: perturb all so the map is tested

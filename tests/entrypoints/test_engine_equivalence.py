@@ -1,0 +1,61 @@
+"""A request's greedy tokens do not depend on what else runs: batching, KV pressure with
+preemption, prefix caching on/off and chunk size all give the same tokens (vLLM's rule where a
+float near-tie flips one: the first divergent token lies in the other run's top-5)."""
+
+import pytest
+
+from tests.entrypoints.engine_util import assert_close, greedy, random_prompts, tiny_llm
+
+NUM = 32
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(NUM, 512, 1, 40, seed=1, shared_prefix=20)
+
+
+@pytest.fixture(scope="module")
+def reference(prompts):
+    """Each request alone (max_num_seqs=1): the baseline every other run must match."""
+    llm = tiny_llm(max_num_seqs=1)
+    outs = [llm.generate([p], greedy(MAX_TOKENS), use_tqdm=False)[0] for p in prompts]
+    return outs
+
+
+def _run(prompts, **kwargs):
+    llm = tiny_llm(**kwargs)
+    baseline = llm.engine.num_free_pages
+    outs = llm.generate(prompts, greedy(MAX_TOKENS), use_tqdm=False)
+    assert llm.engine.num_free_pages == baseline  # every page came back
+    return llm, outs
+
+
+def test_batched(prompts, reference):
+    llm, outs = _run(prompts, max_num_seqs=32, max_num_batched_tokens=256)
+    n = assert_close(reference, outs)
+    print(f"batched: {n}/{NUM} identical")
+    assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs)
+
+
+def test_preemption_under_kv_pressure(prompts, reference):
+    llm, outs = _run(prompts, max_num_seqs=32, max_num_batched_tokens=128, num_pages=40,
+                     max_model_len=96)
+    assert llm.engine.get_stats()["num_preemptions"] > 0
+    n = assert_close(reference, outs)
+    print(f"preemption: {n}/{NUM} identical, {llm.engine.get_stats()['num_preemptions']} preemptions")
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_prefix_caching(prompts, reference, caching):
+    llm, outs = _run(prompts, max_num_seqs=8, enable_prefix_caching=caching)
+    hits = sum(o.num_cached_tokens for o in outs)
+    assert (hits > 0) == caching
+    n = assert_close(reference, outs)
+    print(f"prefix caching={caching}: {n}/{NUM} identical, {hits} cached tokens")
+
+
+def test_small_prefill_chunks(prompts, reference):
+    llm, outs = _run(prompts, max_num_seqs=8, max_num_batched_tokens=16)
+    n = assert_close(reference, outs)
+    print(f"chunked prefill (16): {n}/{NUM} identical")
