@@ -84,6 +84,35 @@ class GGUFCheckpoint:
     def has_tokenizer(self) -> bool:
         return "tokenizer.ggml.model" in self._reader.fields
 
+    def build_tokenizer(self):
+        """The file's tokenizer as a transformers fast tokenizer, built without torch.
+
+        ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds the same tokenizer, but
+        transformers 5 reads the file with a torch-based reader, and torch is not a jaxpage
+        dependency. Here the metadata comes from the ``gguf`` package and transformers' own
+        converter (``convert_gguf_tokenizer``) builds the tokenizer. Returns None when this
+        transformers version lacks that converter (the caller then uses AutoTokenizer).
+        """
+        try:
+            from transformers import PreTrainedTokenizerFast
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        except ImportError:
+            return None
+        grouped = {group: {name: self._field(f"tokenizer.{key}") for key, name in renames.items()
+                           if f"tokenizer.{key}" in self._reader.fields}
+                   for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+        tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+        if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp's default for SentencePiece
+            tokenizer_config.setdefault("add_bos_token", True)
+        tokens = tokenizer_dict["tokens"]
+        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                          ("pad_token", "padding")):
+            token_id = self._field(f"tokenizer.ggml.{key}_token_id")
+            tokenizer_config[name] = tokens[token_id] if token_id is not None else None
+        backend, extra = convert_gguf_tokenizer(self.arch, tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
     @property
     def chat_template(self) -> str | None:
         return self._field("tokenizer.chat_template")

@@ -49,7 +49,8 @@ class GPT2Config:
             intermediate_size=int(hf.get("n_inner") or 4 * D),
             num_hidden_layers=int(hf.get("n_layer", hf.get("num_hidden_layers", 12))),
             num_attention_heads=int(hf.get("n_head", hf.get("num_attention_heads", 12))),
-            max_position_embeddings=int(hf.get("n_positions", hf.get("max_position_embeddings", 1024))),
+            max_position_embeddings=int(hf.get("n_positions",
+                                               hf.get("max_position_embeddings", 1024))),
             layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
             activation_function=hf.get("activation_function", "gelu_new"),
             scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
@@ -87,18 +88,21 @@ class GPT2Block(nnx.Module):
 
     def attention(self, x: jax.Array, kv_pages: jax.Array, md: AttentionMetadata):
         dt = self.dtype
-        q = jnp.einsum("TD,DNH->TNH", x, self.q_proj[...].astype(dt)) + self.q_bias[...].astype(dt)  # (T, N, H)
-        k = jnp.einsum("TD,DKH->TKH", x, self.k_proj[...].astype(dt)) + self.k_bias[...].astype(dt)  # (T, K, H)
-        v = jnp.einsum("TD,DKH->TKH", x, self.v_proj[...].astype(dt)) + self.v_bias[...].astype(dt)  # (T, K, H)
+        q = jnp.einsum("TD,DNH->TNH", x, self.q_proj[...].astype(dt))  # (T, N, H)
+        k = jnp.einsum("TD,DKH->TKH", x, self.k_proj[...].astype(dt))  # (T, K, H)
+        v = jnp.einsum("TD,DKH->TKH", x, self.v_proj[...].astype(dt))  # (T, K, H)
+        q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                   v + self.v_bias[...].astype(dt))
         out, kv_pages = paged_attention(q, k, v, kv_pages, md, sm_scale=self.sm_scale)  # (T, N, H)
         y = jnp.einsum("TNH,NHD->TD", out, self.o_proj[...].astype(dt))  # (T, D)
         return y + self.o_bias[...].astype(dt), kv_pages
 
     def mlp(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        h = jnp.einsum("TD,DF->TF", x, self.fc[...].astype(dt)) + self.fc_bias[...].astype(dt)  # (T, F)
-        h = get_activation(self.cfg.activation_function)(h)
-        return jnp.einsum("TF,FD->TD", h, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)  # (T, D)
+        h = jnp.einsum("TD,DF->TF", x, self.fc[...].astype(dt))  # (T, F)
+        h = get_activation(self.cfg.activation_function)(h + self.fc_bias[...].astype(dt))
+        y = jnp.einsum("TF,FD->TD", h, self.proj[...].astype(dt))  # (T, D)
+        return y + self.proj_bias[...].astype(dt)
 
     def __call__(self, x: jax.Array, kv_pages: jax.Array, md: AttentionMetadata):
         attn, kv_pages = self.attention(self.ln_1(x), kv_pages, md)
@@ -123,7 +127,7 @@ class GPT2LMHeadModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_pages: list[jax.Array],
                  md: AttentionMetadata) -> tuple[jax.Array, list[jax.Array]]:
-        """One ragged step; same contract as ``LlamaForCausalLM.__call__``. Returns (T, D) hidden."""
+        """One ragged step, as ``LlamaForCausalLM.__call__``; returns (T, D) hidden states."""
         x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
         x = x.astype(self.dtype)  # (T, D)
         new_pages = []

@@ -243,8 +243,10 @@ def _load_tokenizer_and_defaults(path: Path | None, gguf, hf: dict[str, Any], to
         tok_dir = path.parent if gguf is not None or path.is_file() else path
     try:
         if tokenizer_path is None and gguf is not None and gguf.has_tokenizer:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                      local_files_only=True)
+            # Built from the file's metadata without torch; AutoTokenizer's GGUF path (which
+            # needs torch under transformers 5) only where this transformers lacks the converter.
+            tokenizer = gguf.build_tokenizer() or AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True)
         elif tok_dir is not None and any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except Exception as e:  # a broken tokenizer is the user's to fix; say which one

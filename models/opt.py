@@ -99,10 +99,11 @@ class OPTDecoderLayer(nnx.Module):
 
     def attention(self, x: jax.Array, kv_pages: jax.Array, md: AttentionMetadata):
         dt, H = self.dtype, self.cfg.head_dim
-        q = self._bias(jnp.einsum("TD,DNH->TNH", x, self.q_proj[...].astype(dt)), self.q_bias)  # (T, N, H)
+        q = jnp.einsum("TD,DNH->TNH", x, self.q_proj[...].astype(dt))  # (T, N, H)
+        k = jnp.einsum("TD,DKH->TKH", x, self.k_proj[...].astype(dt))  # (T, K, H)
+        v = jnp.einsum("TD,DKH->TKH", x, self.v_proj[...].astype(dt))  # (T, K, H)
+        q, k, v = self._bias(q, self.q_bias), self._bias(k, self.k_bias), self._bias(v, self.v_bias)
         q = q * (H ** -0.5)  # HF scales q before attention, then attends with scale 1
-        k = self._bias(jnp.einsum("TD,DKH->TKH", x, self.k_proj[...].astype(dt)), self.k_bias)  # (T, K, H)
-        v = self._bias(jnp.einsum("TD,DKH->TKH", x, self.v_proj[...].astype(dt)), self.v_bias)  # (T, K, H)
         out, kv_pages = paged_attention(q, k, v, kv_pages, md, sm_scale=1.0)  # (T, N, H)
         y = jnp.einsum("TNH,NHD->TD", out, self.out_proj[...].astype(dt))  # (T, D)
         return self._bias(y, self.out_bias), kv_pages
@@ -111,7 +112,8 @@ class OPTDecoderLayer(nnx.Module):
         dt = self.dtype
         h = self._bias(jnp.einsum("TD,DF->TF", x, self.fc1[...].astype(dt)), self.fc1_bias)  # (T, F)
         h = get_activation(self.cfg.activation_function)(h)
-        return self._bias(jnp.einsum("TF,FD->TD", h, self.fc2[...].astype(dt)), self.fc2_bias)  # (T, D)
+        y = jnp.einsum("TF,FD->TD", h, self.fc2[...].astype(dt))  # (T, D)
+        return self._bias(y, self.fc2_bias)
 
     def __call__(self, x: jax.Array, kv_pages: jax.Array, md: AttentionMetadata):
         pre_ln = self.cfg.do_layer_norm_before
@@ -146,7 +148,7 @@ class OPTForCausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_pages: list[jax.Array],
                  md: AttentionMetadata) -> tuple[jax.Array, list[jax.Array]]:
-        """One ragged step; same contract as ``LlamaForCausalLM.__call__``. Returns (T, D) hidden."""
+        """One ragged step, as ``LlamaForCausalLM.__call__``; returns (T, D) hidden states."""
         dt = self.dtype
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dt)  # (T, E)
         if self.project_in is not None:

@@ -20,7 +20,12 @@ arrays shrink to width 1, so they never add shapes of their own.
 Flags are monotone: turning one on (or growing a bucket) never changes a sampled token, only what
 the step costs, because every transform is gated per row by that row's own parameters. A runner
 that wants fewer executables may therefore pin flags on (``dataclasses.replace``); the sampler
-tests check that this changes no token.
+tests check that this changes no token. Whether top-k/top-p take the fast path or the whole-row
+search is decided on device (``lax.cond``), never by a variant. Jit the sampler on its own, apart
+from the model step, so that its variants add to the token buckets rather than multiply them.
+
+There is no ``all_random`` flag (vLLM has one): greedy rows inside a random batch cost one select
+in the pass that takes the argmax anyway, so such a flag would double the variants for nothing.
 """
 
 from __future__ import annotations
@@ -169,28 +174,9 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], padded_num_reqs: int,
             num_logprobs = max(num_logprobs, sp.logprobs)
 
     live = slice(0, num_reqs)
-    penalized = [i for i, r in enumerate(rows) if r.sampling_params.has_penalties]
     has_logit_bias = any(r.sampling_params.logit_bias for r in rows) or bool(suppress.any())
-
-    stop_ids = _pad_lists(
-        [sorted(rows[i].sampling_params.all_stop_token_ids) if suppress[i] else []
-         for i in range(num_reqs)], R, MIN_STOP_IDS if has_logit_bias else 1)
-    bias_items = [list((r.sampling_params.logit_bias or {}).items()) for r in rows]
-    bias_ids = _pad_lists([[t for t, _ in b] for b in bias_items], R,
-                          MIN_LOGIT_BIAS if has_logit_bias else 1)
-    bias_values = np.zeros(bias_ids.shape, np.float32)
-    for i, b in enumerate(bias_items):
-        bias_values[i, :len(b)] = [v for _, v in b]
-
-    # Penalty rows only: prompt ids then output ids; other rows stay all padding.
-    token_lists: list[np.ndarray | list[int]] = [[] for _ in range(num_reqs)]
-    for i in penalized:
-        token_lists[i] = np.concatenate([np.asarray(rows[i].prompt_token_ids, np.int32).ravel(),
-                                         np.asarray(rows[i].output_token_ids, np.int32).ravel()])
-    penalty_ids = _pad_lists(token_lists, R, MIN_PENALTY_TOKENS if penalized else 1)
-    output_mask = np.zeros(penalty_ids.shape, bool)
-    for i in penalized:
-        output_mask[i, len(rows[i].prompt_token_ids):len(token_lists[i])] = True
+    stop_ids, bias_ids, bias_values = _sparse_bias_arrays(rows, suppress, R, has_logit_bias)
+    penalty_ids, output_mask = _penalty_arrays(rows, R)
 
     random = temperature[live] > 0
     return SamplingMetadata(
@@ -203,7 +189,7 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], padded_num_reqs: int,
         all_greedy=not random.any(),
         has_top_k_top_p_min_p=bool(np.any(random & ((top_k[live] < V) | (top_p[live] < 1.0)
                                                     | (min_p[live] > 0.0)))),
-        has_penalties=bool(penalized),
+        has_penalties=any(r.sampling_params.has_penalties for r in rows),
         has_logit_bias=has_logit_bias,
         max_num_logprobs=logprobs_bucket(num_logprobs),
     )
@@ -229,6 +215,35 @@ def make_logprobs(token_logprob: float, token_rank: int, topk_token_ids: np.ndar
     return Logprobs(token_ids=[int(token_id)] + [int(t) for t in topk_token_ids[:n]],
                     logprobs=[float(token_logprob)] + [float(v) for v in topk_logprobs[:n]],
                     ranks=[int(token_rank)] + list(range(1, n + 1)))
+
+
+def _sparse_bias_arrays(rows: Sequence[SamplingRow], suppress: np.ndarray, num_rows: int,
+                        has_logit_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(R, Smax) stop ids to suppress, (R, Bmax) logit_bias ids and (R, Bmax) values."""
+    stop_ids = _pad_lists(
+        [sorted(r.sampling_params.all_stop_token_ids) if suppress[i] else []
+         for i, r in enumerate(rows)], num_rows, MIN_STOP_IDS if has_logit_bias else 1)
+    items = [list((r.sampling_params.logit_bias or {}).items()) for r in rows]
+    bias_ids = _pad_lists([[t for t, _ in b] for b in items], num_rows,
+                          MIN_LOGIT_BIAS if has_logit_bias else 1)
+    bias_values = np.zeros(bias_ids.shape, np.float32)
+    for i, b in enumerate(items):
+        bias_values[i, :len(b)] = [v for _, v in b]
+    return stop_ids, bias_ids, bias_values
+
+
+def _penalty_arrays(rows: Sequence[SamplingRow], num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(R, Lmax) prompt-then-output ids of rows with penalties (others: padding), output mask."""
+    penalized = [i for i, r in enumerate(rows) if r.sampling_params.has_penalties]
+    lists: list[np.ndarray | list[int]] = [[] for _ in rows]
+    for i in penalized:
+        lists[i] = np.concatenate([np.asarray(rows[i].prompt_token_ids, np.int32).ravel(),
+                                   np.asarray(rows[i].output_token_ids, np.int32).ravel()])
+    ids = _pad_lists(lists, num_rows, MIN_PENALTY_TOKENS if penalized else 1)
+    output_mask = np.zeros(ids.shape, bool)
+    for i in penalized:
+        output_mask[i, len(rows[i].prompt_token_ids):len(lists[i])] = True
+    return ids, output_mask
 
 
 def _pad_lists(lists: Sequence[Sequence[int]], num_rows: int, min_width: int) -> np.ndarray:

@@ -13,6 +13,9 @@ The test prints which prompts were identical and which needed the top-5 rule.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +55,36 @@ def test_gguf_metadata(loaded):
     assert loaded.eos_token_ids == [2]  # <|im_end|>
     assert loaded.tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
     assert "<|im_start|>assistant" in loaded.chat_template
+
+
+def test_tokenizer_matches_autotokenizer_gguf(loaded, smollm2_gguf):
+    """jaxpage builds the GGUF tokenizer without torch; it must equal transformers' own."""
+    from transformers import AutoTokenizer
+
+    ours = loaded.tokenizer
+    ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                        local_files_only=True)
+    texts = ["Hello world", " leading space", "<|im_start|>user\nHi<|im_end|>\n", "émoji 🚀 中文",
+             "def f(x):\n    return x**2\n\n", "  spaces\t\ttabs", "<|endoftext|>", "1234567890"]
+    for text in texts:
+        ids = ours(text).input_ids
+        assert ids == ref(text).input_ids, text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert ours.all_special_tokens == ref.all_special_tokens
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+    assert len(ours) == len(ref) == 49152
+
+
+def test_gguf_loads_without_torch(smollm2_gguf):
+    """``jaxpage chat`` on the default model must not need torch (a test-only dependency)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from jaxpage.models.loader import load_model\n"
+        f"m = load_model({str(smollm2_gguf)!r}, dtype='bfloat16')\n"
+        "print(m.tokenizer('Hello world').input_ids, m.eos_token_ids)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[19556, 905] [2]"
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -135,16 +136,20 @@ def test_dummy_from_directory_without_weights(tmp_path):
 
 
 def test_bfloat16_load_tracks_float32(tmp_path):
-    save_hf_model(build_hf_model("qwen2"), tmp_path)
+    """bf16 compute from an f32 checkpoint, and an f32 model from a bf16 checkpoint."""
+    hf_model = build_hf_model("qwen2")
+    save_hf_model(hf_model, tmp_path / "f32")
+    save_hf_model(hf_model.to(torch.bfloat16), tmp_path / "bf16")
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     logits = {}
-    for dtype in ("float32", "bfloat16"):
-        loaded = load_model(tmp_path, dtype=dtype)
+    for ckpt, dtype in (("f32", "float32"), ("f32", "bfloat16"), ("bf16", "float32")):
+        loaded = load_model(tmp_path / ckpt, dtype=dtype)
         assert loaded.model.layers[0].self_attn.q_proj[...].dtype == jnp.dtype(dtype)
         runner = PagedRunner(loaded.model, kv_dtype=jnp.dtype(dtype))
-        logits[dtype], _, _ = prefill_and_decode(runner, prompts, [{0: 5, 1: 2}], 1)
-    for a, b in zip(logits["float32"], logits["bfloat16"]):
-        np.testing.assert_allclose(b, a, atol=0.1)
+        logits[ckpt, dtype], _, _ = prefill_and_decode(runner, prompts, [{0: 5, 1: 2}], 1)
+    for i in range(len(prompts)):
+        np.testing.assert_allclose(logits["f32", "bfloat16"][i], logits["f32", "float32"][i], atol=0.1)
+        np.testing.assert_allclose(logits["bf16", "float32"][i], logits["f32", "float32"][i], atol=0.1)
 
 
 # ---------------------------------------------------------------------------------- GGUF written here

@@ -33,7 +33,11 @@ def _log_softmax(x):
 
 
 def ref_allowed(x, top_k, top_p, min_p):
-    """vLLM v1 filtering of one row of temperature-scaled logits, by sorting, in float64."""
+    """vLLM v1 filtering of one row of temperature-scaled logits, by sorting, in float64.
+
+    Where equal logits straddle the top-p boundary this sort keeps some of them and the sampler
+    keeps all (test_ties_at_a_threshold_are_kept_whole); other tests keep ties off the boundary.
+    """
     x = np.asarray(x, np.float64)
     n = len(x)
     keep = np.isfinite(x)
@@ -72,7 +76,8 @@ def _row(seed=0, pos=0, prompt=(), output=(), **params):
 
 
 def _logits(num_rows, seed=0, scale=2.0, vocab_size=V):
-    return np.random.default_rng(seed).normal(size=(num_rows, vocab_size)).astype(np.float32) * scale
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(num_rows, vocab_size)).astype(np.float32) * scale
 
 
 # -- transforms ------------------------------------------------------------------------------
@@ -149,12 +154,13 @@ def test_top_k_matches_lax_top_k_with_ties():
         np.testing.assert_array_equal(values, want_values)
 
 
-def test_top_k_keeps_ties_at_the_threshold():
-    x = np.zeros((1, 16), np.float32)
-    x[0, :4] = [5.0, 4.0, 3.0, 3.0]
-    got = _filter(sampler.NUM_CANDIDATE_CHUNKS)(x, np.array([3]), np.ones(1, np.float32),
-                                                np.zeros(1, np.float32))
-    assert np.isfinite(np.asarray(got[0])).tolist() == [True] * 4 + [False] * 12
+def test_ties_at_a_threshold_are_kept_whole():
+    """A sort would keep one of two equal logits at the boundary, by index; we keep both."""
+    x = np.zeros((2, 16), np.float32)
+    x[:, :4] = [5.0, 4.0, 3.0, 3.0]  # probabilities .58 .21 .079 .079: the nucleus of .85 ends
+    got = _filter(sampler.NUM_CANDIDATE_CHUNKS)(  # inside the tie
+        x, np.array([3, 16]), np.array([1.0, 0.85], np.float32), np.zeros(2, np.float32))
+    assert np.isfinite(np.asarray(got)).tolist() == [[True] * 4 + [False] * 12] * 2
 
 
 def test_penalties_match_numpy():
@@ -238,10 +244,12 @@ def _chi_square(tokens, probs):
 ])
 def test_sampled_distribution_matches_filtered_softmax(params):
     vocab = 16
-    logits = np.linspace(-2.0, 2.0, vocab).astype(np.float32)[np.random.default_rng(5).permutation(vocab)]
+    logits = np.linspace(-2.0, 2.0, vocab, dtype=np.float32)
+    logits = logits[np.random.default_rng(5).permutation(vocab)]
     tokens = _draw(logits, params, 4096, vocab)
     x = logits / params["temperature"]
-    allowed = ref_allowed(x, params.get("top_k", vocab), params.get("top_p", 1.0), params.get("min_p", 0.0))
+    allowed = ref_allowed(x, params.get("top_k", vocab), params.get("top_p", 1.0),
+                          params.get("min_p", 0.0))
     probs = np.where(allowed, _softmax(x), 0.0)
     stat, dof = _chi_square(tokens, probs / probs.sum())
     # Fixed seeds make this deterministic; the bound is ~5 sigma of the chi-square, and a 15% error
@@ -313,7 +321,8 @@ def test_logprobs_are_raw_and_match_numpy():
     lp = jax.tree.map(np.asarray, out.logprobs)
     want = _log_softmax(logits)  # raw: before bias, temperature and filtering
     np.testing.assert_allclose(lp.token_logprobs, want[np.arange(4), tokens], atol=1e-5)
-    np.testing.assert_array_equal(lp.token_ranks, (want >= want[np.arange(4), tokens][:, None]).sum(-1))
+    chosen = want[np.arange(4), tokens]
+    np.testing.assert_array_equal(lp.token_ranks, (want >= chosen[:, None]).sum(-1))
     np.testing.assert_array_equal(lp.topk_token_ids, np.argsort(-want, -1)[:, :20])
     np.testing.assert_allclose(lp.topk_logprobs, -np.sort(-want, -1)[:, :20], atol=1e-5)
     assert tokens[2] == 1 and lp.token_ranks[2] > 1  # biased token: its raw rank is honest
@@ -323,10 +332,12 @@ def test_logprobs_are_raw_and_match_numpy():
 def test_compute_logprobs_for_tokens(k):
     logits = _logits(10, seed=10)
     ids = np.random.default_rng(11).integers(0, V, 10).astype(np.int32)
-    lp = jax.tree.map(np.asarray, jax.jit(compute_logprobs_for_tokens, static_argnums=2)(logits, ids, k))
+    lp = jax.jit(compute_logprobs_for_tokens, static_argnums=2)(logits, ids, k)
+    lp = jax.tree.map(np.asarray, lp)
     want = _log_softmax(logits)
     np.testing.assert_allclose(lp.token_logprobs, want[np.arange(10), ids], atol=1e-5)
-    np.testing.assert_array_equal(lp.token_ranks, (want >= want[np.arange(10), ids][:, None]).sum(-1))
+    chosen = want[np.arange(10), ids]
+    np.testing.assert_array_equal(lp.token_ranks, (want >= chosen[:, None]).sum(-1))
     assert lp.topk_token_ids.shape == (10, k)
     np.testing.assert_array_equal(lp.topk_token_ids, np.argsort(-want, -1)[:, :k])
 

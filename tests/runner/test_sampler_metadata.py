@@ -89,7 +89,8 @@ def test_logit_bias_is_sparse_and_bucketed():
     assert md.has_logit_bias and md.logit_bias_token_ids.shape == (4, 16)
     assert md.logit_bias_token_ids[0, :3].tolist() == [7, 2, PAD_ID]
     assert md.logit_bias_values[0, :3].tolist() == [1.5, -3.0, 0.0]
-    assert (md.logit_bias_token_ids[1] == PAD_ID).all() and (md.logit_bias_token_ids[2, :9] >= 0).all()
+    assert (md.logit_bias_token_ids[1] == PAD_ID).all()
+    assert (md.logit_bias_token_ids[2, :9] >= 0).all()
     small = build_sampling_metadata([_row(logit_bias={1: 1.0})], 4, V)
     assert small.logit_bias_token_ids.shape == (4, 8)
 

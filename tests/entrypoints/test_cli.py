@@ -1,0 +1,44 @@
+"""The CLI as a new user meets it after the README's first command."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+JAXPAGE = shutil.which("jaxpage")
+
+
+def _run(*args, timeout=600):
+    cmd = [JAXPAGE, *args] if JAXPAGE else [sys.executable, "-m", "jaxpage.entrypoints.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_chat_answers_paris(default_gguf):
+    assert JAXPAGE, "the `jaxpage` console script is not installed"
+    proc = _run("chat", "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_unknown_model_path_is_one_clear_line(tmp_path):
+    proc = _run("generate", "hi", "--model", str(tmp_path / "nope"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("jaxpage: error:") and "nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    (tmp_path / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "model.safetensors"))
+    proc = _run("generate", "hi", "--model", str(tmp_path))
+    assert proc.returncode == 2 and "BertModel" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_sampling_flag_is_a_clear_error(default_gguf):
+    proc = _run("generate", "hi", "--temperature", "5")
+    assert proc.returncode == 2 and "temperature" in proc.stderr and "Traceback" not in proc.stderr
