@@ -24,6 +24,8 @@ class AttentionMetadata:
         query_start_loc: (R + 1,) int32 row offset of each request's tokens in the batch.
         num_seqs: (1,) int32 number of real requests.
         attention_backend: static; "reference" | "pallas" (already resolved from "auto").
+        max_q_len: static hint; 1 promises a decode-only step (request b's one token in row b),
+            which lets the kernels take their split-KV decode path. None: any mix.
     """
 
     slot_mapping: jax.Array
@@ -32,6 +34,7 @@ class AttentionMetadata:
     query_start_loc: jax.Array
     num_seqs: jax.Array
     attention_backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    max_q_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array,
@@ -49,5 +52,5 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Arra
     out = kernels_pallas.ragged_paged_attention(
         q, kv_pages, md.seq_lens, md.block_tables, md.query_start_loc, md.num_seqs,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        backend=md.attention_backend)
+        backend=md.attention_backend, max_q_len=md.max_q_len)
     return out, kv_pages

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _add_engine_args(p)
         _add_sampling_args(p)
+    from jaxpage.entrypoints import bench
+    bench.add_parser(sub)
     return parser
 
 
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command in ("generate", "chat"):
             return _run_generate(ns, chat=ns.command == "chat")
+        if ns.command == "bench":
+            from jaxpage.entrypoints import bench
+            return bench.main(ns)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # User-facing errors: one clear line, no traceback from deep inside JAX.
         print(f"jaxpage: error: {e}", file=sys.stderr)

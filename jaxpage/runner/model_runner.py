@@ -29,11 +29,12 @@ logger = logging.getLogger("jaxpage")
 
 
 def _forward(state, kv_pages, packed, *, graphdef, layout: PackedLayout, backend: str,
-             all_logits: bool):
+             all_logits: bool, decode_only: bool):
     a = layout.unpack(packed)
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
                            seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
-                           num_seqs=a["num_seqs"], attention_backend=backend)
+                           num_seqs=a["num_seqs"], attention_backend=backend,
+                           max_q_len=1 if decode_only else None)
     model = nnx.merge(graphdef, state)
     hidden, kv_pages = model(a["input_ids"], a["positions"], kv_pages, md)  # (T, D)
     if all_logits:  # prompt_logprobs: logits of every token, (T, V)
@@ -79,8 +80,9 @@ class ModelRunner:
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, max_model_len,
                                       self.pages_per_req, self.page_size)
         self.sampler = StepSampler(self.vocab_size, self.input_batch)
-        self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
-        self.compile_seconds: dict[tuple[int, int, bool], float] = {}
+        # (T, R, all_logits, decode_only) -> executable
+        self._compiled: dict[tuple[int, int, bool, bool], jax.stages.Compiled] = {}
+        self.compile_seconds: dict[tuple[int, int, bool, bool], float] = {}
         if compile_all_buckets is None:
             compile_all_buckets = jax.default_backend() != "cpu"
         if compile_all_buckets:
@@ -96,14 +98,16 @@ class ModelRunner:
     def _layout(self, bucket: tuple[int, int]) -> PackedLayout:
         return PackedLayout(bucket[0], bucket[1], self.pages_per_req)
 
-    def _executable(self, bucket: tuple[int, int], all_logits: bool = False):
-        key = (*bucket, all_logits)
+    def _executable(self, bucket: tuple[int, int], all_logits: bool = False,
+                    decode_only: bool = False):
+        key = (*bucket, all_logits, decode_only)
         exe = self._compiled.get(key)
         if exe is None:
             start = time.perf_counter()
             layout = self._layout(bucket)
             fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
-                                           backend=self.backend, all_logits=all_logits),
+                                           backend=self.backend, all_logits=all_logits,
+                                           decode_only=decode_only),
                          donate_argnums=(1,))
             packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32)
             exe = fn.lower(self.state, self.kv_pages, packed).compile()
@@ -117,6 +121,8 @@ class ModelRunner:
         pairs = self.buckets.pairs()
         for bucket in pairs:
             self._executable(bucket)
+        for r in self.buckets.req_buckets:  # decode-only steps: R requests, one token each
+            self._executable(self.buckets.pick(r, r), decode_only=True)
         self.sampler.precompile(self.buckets.req_buckets)
         logger.info("compiled %d step buckets in %.1f s", len(pairs), time.perf_counter() - start)
 
@@ -133,7 +139,8 @@ class ModelRunner:
         counts = [so.num_scheduled_tokens[r] for r in req_ids]
         want_prompt_lp = any(s.sampling_params.prompt_logprobs is not None
                              and s.num_computed_tokens < s.num_prompt_tokens for s in states)
-        exe = self._executable(bucket, want_prompt_lp)
+        exe = self._executable(bucket, want_prompt_lp,
+                               decode_only=so.total_num_scheduled_tokens == len(req_ids))
         logits, self.kv_pages, all_logits = exe(self.state, self.kv_pages, jax.device_put(packed))
         # Only requests whose scheduled range reaches their last known token sample.
         samples = [s.num_computed_tokens + c >= s.num_tokens for s, c in zip(states, counts)]
