@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from jaxpage.config import EngineArgs
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns at import that torch is absent; jaxpage only uses its tokenizers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="[jaxpage] %(message)s")
