@@ -11,17 +11,26 @@ import jax
 from jaxpage.kernels_pallas import reference
 
 BACKENDS = ("auto", "reference", "pallas")
+# Concrete backends, what AttentionMetadata carries once "auto"/"pallas" met a platform.
+RESOLVED_BACKENDS = ("reference", "pallas_gpu", "pallas_tpu")
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
-    """Maps ``auto`` to a concrete backend for the platform (``reference`` on CPU)."""
+    """Maps a user-facing backend to a concrete one for ``platform`` (default: JAX's backend).
+
+    ``auto`` is the Pallas kernel on GPU and TPU and the reference elsewhere; ``pallas`` is the
+    platform's Pallas kernel (on CPU: the GPU kernel, runnable only with ``interpret=True``).
+    Passing the platform explicitly lets ``jax.export`` lower for a platform this host lacks.
+    """
+    if backend in RESOLVED_BACKENDS:
+        return backend
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}.")
-    if backend != "auto":
-        return backend
     platform = platform or jax.default_backend()
-    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "reference"
+    if backend == "auto" and platform not in GPU_PLATFORMS + ("tpu",):
+        return "reference"
+    return "pallas_tpu" if platform == "tpu" else "pallas_gpu"
 
 
 def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
@@ -52,12 +61,14 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         return reference.ragged_paged_attention(
             q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs,
             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
-    platform = jax.default_backend()
-    if backend == "pallas" and (platform in GPU_PLATFORMS or (interpret and platform == "cpu")):
+    if backend == "pallas_gpu":
         from jaxpage.kernels_pallas import gpu  # imported lazily: Triton-specific Pallas APIs
-
         return gpu.ragged_paged_attention(
             q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
             soft_cap=soft_cap, sliding_window=sliding_window, max_q_len=max_q_len,
             interpret=interpret)
-    raise NotImplementedError(f"attention backend {backend!r} is not available on {platform}")
+    # Imported lazily: Mosaic TPU APIs. True interpret -> the TPU interpreter.
+    from jaxpage.kernels_pallas.tpu import ragged_paged_attention as tpu_rpa
+    return tpu_rpa.ragged_paged_attention(
+        q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
+        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)

@@ -155,6 +155,12 @@ def ours_ragged(md, **cfg):
         sm_scale=SM_SCALE, interpret=INTERPRET, **cfg)
 
 
+def ours_two_launch(md):
+    return lambda q, pool: gpu.mixed_paged_attention(
+        q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
+        sm_scale=SM_SCALE, interpret=INTERPRET)
+
+
 def ref_call(md):
     return lambda q, pool: reference.ragged_paged_attention(
         q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
@@ -278,6 +284,8 @@ def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None)
             row[label]["config"] = cfg
     if "ours_ragged" in variants:
         row["ours_ragged"] = record("ours_ragged", (ours_ragged(md), qs, pools))
+    if "ours_two_launch" in variants:
+        row["ours_two_launch"] = record("ours_two_launch", (ours_two_launch(md), qs, pools))
     if "reference" in variants and kv_bytes <= 2**31:
         # The oracle is ~10x off the floor; a few short runs are enough to place it.
         ref_qs = qs[:2]
@@ -366,9 +374,9 @@ def markdown(result):
         "",
         "Decode, bf16, N/K = 32/8, H = 128; time in µs per call (% of read BW):",
         "",
-        "| B | ctx | page | floor µs | ours (decode) | ours (ragged) | jax paged_attention "
-        "(best setting) | reference | ours vs jax |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| B | ctx | page | floor µs | ours (decode) | ours (ragged) | ours (two-launch) | "
+        "jax paged_attention (best setting) | reference | ours vs jax |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["decode"]:
         jx = r.get("jax") or {}
@@ -379,7 +387,8 @@ def markdown(result):
         jtxt = fmt(jx) + (f" ppcb={setting['pages_per_compute_block']} ks={setting['k_splits']}"
                           if setting else "")
         lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['floor_us']:.1f} | "
-                     f"{fmt(r.get('ours'))} | {fmt(r.get('ours_ragged'))} | {jtxt} | "
+                     f"{fmt(r.get('ours'))} | {fmt(r.get('ours_ragged'))} | "
+                     f"{fmt(r.get('ours_two_launch'))} | {jtxt} | "
                      f"{fmt(r.get('reference'))} | {speed} |")
     if result.get("mixed"):
         m = result["mixed"]
@@ -403,14 +412,15 @@ def plot(result, path):
     pages = sorted({r["page"] for r in result["decode"]})
     fig, axes = plt.subplots(1, len(pages), figsize=(6 * len(pages), 4.5), squeeze=False)
     names = [("ours", "ours (decode)"), ("ours_ragged", "ours (ragged)"),
-             ("jax", "jax paged_attention"), ("reference", "reference")]
+             ("ours_two_launch", "ours (two-launch)"), ("jax", "jax paged_attention"),
+             ("reference", "reference")]
     for ax, page in zip(axes[0], pages):
         rows = [r for r in result["decode"] if r["page"] == page]
         x = np.arange(len(rows))
         w = 0.8 / len(names)
         for j, (key, label) in enumerate(names):
             vals = [(r.get(key) or {}).get("pct_read_bw", 0) for r in rows]
-            ax.bar(x + (j - 1.5) * w, vals, w, label=label)
+            ax.bar(x + (j - (len(names) - 1) / 2) * w, vals, w, label=label)
         ax.axhline(85, color="k", ls="--", lw=0.8)
         ax.axhline(70, color="k", ls=":", lw=0.8)
         ax.set_xticks(x, [f"B{r['B']}\nctx{r['ctx']}" for r in rows], fontsize=8)
@@ -466,7 +476,7 @@ def main(argv=None):
     p.add_argument("--batches", default="16,64,256")
     p.add_argument("--ctxs", default="512,2048,8192")
     p.add_argument("--pages", default="16,64,128")
-    p.add_argument("--variants", default="ours,ours_ragged,reference,jax")
+    p.add_argument("--variants", default="ours,ours_ragged,ours_two_launch,reference,jax")
     p.add_argument("--sweep", action="store_true", help="run the tuning sweeps first")
     p.add_argument("--no-mixed", action="store_true")
     p.add_argument("--ceiling-gib", type=float, default=4.0)
@@ -504,10 +514,13 @@ def main(argv=None):
                 result["decode"].append(row)
                 log(f"B={batch:4d} ctx={ctx:5d} page={page:3d} floor {row['floor_us']:7.1f}us | "
                     f"ours {fmt(row.get('ours'))} | ragged {fmt(row.get('ours_ragged'))} | "
+                    f"two-launch {fmt(row.get('ours_two_launch'))} | "
                     f"jax {fmt(row.get('jax'))} | ref {fmt(row.get('reference'))}")
                 dump(args.out, "kernels.json", result)
     if not args.no_mixed and time.time() - T0 < args.time_budget:
-        result["mixed"] = bench_mixed(ceil)
+        result["mixed"] = bench_mixed(ceil, ragged_cfgs={
+            "ours": {}, "ours_bm64_s2": dict(num_stages=2), "ours_bm32": dict(block_m=32),
+            "ours_bm128_w8": dict(block_m=128, num_warps=8)})
         log("mixed:", {k: v.get("time_us") for k, v in result["mixed"].items()
                        if isinstance(v, dict)}, f"floor {result['mixed']['floor_us']:.0f}us")
     dump(args.out, "kernels.json", result)

@@ -25,6 +25,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compilation-cache-dir", default=None,
+                   help="JAX persistent compilation cache (default ~/.cache/jaxpage/xla; '' turns it off)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,8 @@ def _engine_args(ns: argparse.Namespace) -> EngineArgs:
                       max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
                       num_pages=ns.num_pages, gpu_memory_utilization=ns.gpu_memory_utilization,
                       attention_backend=ns.attention_backend,
-                      enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed)
+                      enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,
+                      compilation_cache_dir=ns.compilation_cache_dir)
 
 
 def _run_generate(ns: argparse.Namespace, chat: bool) -> int:

@@ -63,6 +63,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.page_size = cache_config.page_size
         self.backend = kernels_pallas.resolve_backend(attention_backend)
+        if self.backend != "reference" and jax.default_backend() == "cpu":
+            raise ValueError("attention_backend='pallas' needs a GPU or TPU; on CPU use 'auto' "
+                             "or 'reference'.")
         self.graphdef, self.state = nnx.split(model)
         self.spec = kv_cache.KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                          cache_config.page_size, jnp.dtype(kv_dtype))

@@ -250,7 +250,7 @@ def _kernel(
 
         @pl.when(in_block(r_next))
         def _():
-            start_block(r_next, b_next, slot)
+            start_block(r_next, b_next, 1 - slot)
 
         wait_block(info, b, slot)
         compute_block(info, b, slot)

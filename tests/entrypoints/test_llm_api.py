@@ -140,3 +140,22 @@ def test_unknown_llm_argument():
 
 def test_runner_uses_reference_backend_on_cpu(llm):
     assert jax.default_backend() != "cpu" or llm.engine.model_runner.backend == "reference"
+
+
+def test_penalties_and_logit_bias_reach_the_sampler(llm):
+    prompt = random_prompts(1, 512, 6, 6, seed=9)[0]
+    base = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(base)) < len(base)  # a random tiny model loops under greedy decoding
+    pen = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                                frequency_penalty=2.0, presence_penalty=2.0),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(pen)) > len(set(base))
+    rep = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                                repetition_penalty=2.0),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert rep != base
+    biased = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                   logit_bias={77: 100.0}),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert biased == [77] * 8
