@@ -3,6 +3,10 @@
 - ``ragged_attention.ragged_paged_attention``: the general mixed prefill + decode kernel.
 - ``decode_attention.decode_paged_attention``: the decode-only fast path (one query token per
   request, split-KV), chosen by the static hint ``max_q_len=1``.
+- ``mixed_paged_attention``: decode kernel on the single-token requests + ragged kernel on the
+  rest, two launches; measured slower than the ragged kernel alone, kept for benchmarks.
+
+Measured on an H100: docs/benchmarks/kernels.md (numbers) and NOTES.md (why).
 
 Both read the pool in the package's ``(P, 2, K, S, H)`` layout and run on CPU with
 ``interpret=True`` (the CI tests).

@@ -41,8 +41,11 @@ class DecodeConfig:
     num_stages: int
 
 
-# Tuned block sizes, keyed by head_dim. Measured on an H100 with bf16 KV, N/K = 32/8 (see
-# docs/benchmarks/kernels.md); other head dims fall back to the nearest entry.
+# Tuned block sizes, keyed by head_dim; other head dims take the nearest entry. The 128 entry was
+# chosen by measurement on an H100 (bf16, N/K = 32/8, docs/benchmarks/kernels.md): of block_kv
+# {32, 64, 128} x (warps, stages) {(4,2), (4,3), (4,4), (8,3)}, 64/4/3 was best or within noise
+# of it at B=64 ctx 2048 (89%), B=256 ctx 8192 (96%) and B=16 ctx 2048 (75% vs best 76%), for
+# pages 16 and 128; 32-token blocks lost 5-15 points. The 64 and 256 entries are untimed guesses.
 DECODE_TUNING: dict[int, DecodeConfig] = {
     64: DecodeConfig(block_kv=128, num_warps=4, num_stages=3),
     128: DecodeConfig(block_kv=64, num_warps=4, num_stages=3),

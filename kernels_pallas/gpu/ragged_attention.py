@@ -38,7 +38,10 @@ class RaggedConfig:
     num_stages: int
 
 
-# Tuned block sizes, keyed by head_dim; measured on an H100, bf16 (docs/benchmarks/kernels.md).
+# Tuned block sizes, keyed by head_dim. The 128 entry was chosen by measurement on an H100 (bf16,
+# N/K = 32/8; the mixed batch of docs/benchmarks/kernels.md): of block_m {32, 64, 128} x block_kv
+# {32, 64} x (warps, stages) {(4,2), (4,3), (8,3)}, 64/64/4/3 was fastest (378 µs; 128-row tiles
+# 472-549 µs). The 64 and 256 entries are untimed guesses (same tile, smaller KV block at 256).
 RAGGED_TUNING: dict[int, RaggedConfig] = {
     64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3),
     128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3),
@@ -167,7 +170,7 @@ def ragged_paged_attention(
     block_kv: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    split_causal: bool = True,
+    split_causal: bool = False,
     skip_decode: bool = False,
     out_init: jax.Array | None = None,
     interpret: bool = False,
@@ -179,7 +182,9 @@ def ragged_paged_attention(
         query_start_loc: (R + 1,); num_seqs: () or (1,) — see ``reference.py``.
         sm_scale, soft_cap, sliding_window: as in the reference.
         block_m, block_kv, num_warps, num_stages: overrides of the tuned table (benchmarks).
-        split_causal: run key blocks below the diagonal without masks (False: mask all).
+        split_causal: run key blocks below the diagonal in a second, unmasked loop. Off by
+            default: measured slower on an H100 (prefill half of the mixed batch: 249 µs with
+            it, 218 µs without), see docs/benchmarks/NOTES.md.
         skip_decode: leave requests with exactly one query row alone (their rows keep
             ``out_init``): the decode kernel does them (``gpu.mixed_paged_attention``).
         out_init: (T, N, H) initial output, aliased; default zeros.

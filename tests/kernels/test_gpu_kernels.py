@@ -138,7 +138,7 @@ class TestGpuKernelsInterpret:
     def test_no_live_requests(self):
         case = RAGGED_CASES[0]
         x = dataclasses.replace(case.inputs(), num_seqs=jnp.zeros((1,), jnp.int32), q_lens=())
-        for fn in (gpu.ragged_kernel, functools.partial(_decode_via_dispatch)):
+        for fn in (gpu.ragged_kernel, _decode_via_dispatch, gpu.mixed_paged_attention):
             out = fn(*x.args(), **case.attn_kwargs, interpret=self.interpret)
             assert (jnp.asarray(out, F32) == 0).all()
 
