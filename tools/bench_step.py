@@ -56,16 +56,19 @@ def _time(fn, iters: int) -> float:
 def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
     kw = dict(model=None, load_format="dummy", hf_config=PRESETS[ns.model.split(":", 1)[1]]) \
         if ns.model.startswith("preset:") else dict(model=ns.model)
+    # A pool just big enough for the largest decode batch: the card's memory stays free for
+    # the next backend, and filling the pool with random values stays cheap.
+    num_pages = ns.max_num_seqs * math.ceil((ns.ctx + 16) / ns.block_size) + 1
     llm = LLM(**kw, dtype=ns.dtype, attention_backend=backend, max_model_len=ns.ctx + 16,
               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-              block_size=ns.block_size, compile_all_buckets=False)
+              block_size=ns.block_size, num_pages=num_pages, compile_all_buckets=False)
     runner = llm.engine.model_runner
     cfg = runner.spec
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(runner.state))
     rng = np.random.default_rng(0)
     # Fresh random KV (never zeros): timings on zeros can flatter the hardware.
-    runner.kv_pages = [jax.random.normal(jax.random.key(i), x.shape, x.dtype)
-                       for i, x in enumerate(runner.kv_pages)]
+    for i, x in enumerate(runner.kv_pages):
+        runner.kv_pages[i] = jax.random.normal(jax.random.key(i), x.shape, x.dtype)
     rows = []
     pages_per_seq = math.ceil((ns.ctx + 1) / cfg.page_size)
     for kind in ("decode", "prefill"):
@@ -77,7 +80,7 @@ def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
             num_reqs = r_bucket if kind == "decode" else 1
             q_len = 1 if kind == "decode" else t_bucket
             ctx = ns.ctx if kind == "decode" else t_bucket
-            if num_reqs * pages_per_seq >= runner.num_pages or t_bucket > ns.max_num_batched_tokens:
+            if num_reqs * pages_per_seq >= runner.num_pages or ctx > ns.ctx:
                 continue
             pages = rng.permutation(np.arange(1, runner.num_pages))[:num_reqs * pages_per_seq]
             new = [NewRequestData(f"b{i}", rng.integers(0, runner.vocab_size, ctx).tolist(), ctx,

@@ -59,7 +59,7 @@ def run_hf(ns, path: str) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=getattr(torch, ns.dtype),
-                                                 device_map="cuda", attn_implementation="sdpa_paged")
+                                                 device_map="cuda", attn_implementation="paged|sdpa")
     reqs = make_requests(ns, model.config.vocab_size)
     gen = GenerationConfig(max_new_tokens=max(o for _, o in reqs), do_sample=False,
                            eos_token_id=-1, pad_token_id=0, use_cuda_graph=False)
