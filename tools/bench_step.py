@@ -64,7 +64,7 @@ def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
               block_size=ns.block_size, num_pages=num_pages, compile_all_buckets=False)
     runner = llm.engine.model_runner
     cfg = runner.spec
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(runner.state))
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in runner.params)
     rng = np.random.default_rng(0)
     # Fresh random KV (never zeros): timings on zeros can flatter the hardware.
     for i, x in enumerate(runner.kv_pages):
@@ -96,7 +96,7 @@ def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
             exe = runner._executable(bucket, decode_only=kind == "decode")
 
             def step():
-                logits, runner.kv_pages, _ = exe(runner.state, runner.kv_pages, packed)
+                logits, runner.kv_pages, _ = exe(runner.params, runner.kv_pages, packed)
                 logits.block_until_ready()
 
             sec = _time(step, ns.iters)

@@ -29,7 +29,11 @@ logger = logging.getLogger("jaxpage")
 
 
 def _forward(state, kv_pages, packed, *, graphdef, layout: PackedLayout, backend: str,
-             all_logits: bool, decode_only: bool):
+             all_logits: bool, decode_only: bool, state_treedef=None):
+    """One step. ``state`` is the model's nnx.State, or its flat leaves when ``state_treedef``
+    is given (the runner passes leaves: flattening a tuple per call is cheap, an nnx.State not)."""
+    if state_treedef is not None:
+        state = jax.tree.unflatten(state_treedef, state)
     a = layout.unpack(packed)
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
                            seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
@@ -67,6 +71,8 @@ class ModelRunner:
             raise ValueError("attention_backend='pallas' needs a GPU or TPU; on CPU use 'auto' "
                              "or 'reference'.")
         self.graphdef, self.state = nnx.split(model)
+        leaves, self.state_treedef = jax.tree.flatten(self.state)
+        self.params = tuple(leaves)  # what each step is called with
         self.spec = kv_cache.KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                          cache_config.page_size, jnp.dtype(kv_dtype))
         device = jax.devices()[0]
@@ -110,10 +116,11 @@ class ModelRunner:
             layout = self._layout(bucket)
             fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
                                            backend=self.backend, all_logits=all_logits,
-                                           decode_only=decode_only),
+                                           decode_only=decode_only,
+                                           state_treedef=self.state_treedef),
                          donate_argnums=(1,))
             packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32)
-            exe = fn.lower(self.state, self.kv_pages, packed).compile()
+            exe = fn.lower(self.params, self.kv_pages, packed).compile()
             self._compiled[key] = exe
             self.compile_seconds[key] = time.perf_counter() - start
         return exe
@@ -144,7 +151,7 @@ class ModelRunner:
                              and s.num_computed_tokens < s.num_prompt_tokens for s in states)
         exe = self._executable(bucket, want_prompt_lp,
                                decode_only=so.total_num_scheduled_tokens == len(req_ids))
-        logits, self.kv_pages, all_logits = exe(self.state, self.kv_pages, jax.device_put(packed))
+        logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages, jax.device_put(packed))
         # Only requests whose scheduled range reaches their last known token sample.
         samples = [s.num_computed_tokens + c >= s.num_tokens for s, c in zip(states, counts)]
         result = self.sampler.sample(logits, states, samples, bucket[1])
