@@ -212,7 +212,11 @@ def check_correctness(small=False):
         res[f"decode_B{batch}_ctx{ctx}_p{page}"] = rel_err(ours_decode(md)(q, pool), want)
         res[f"ragged_on_decode_B{batch}_ctx{ctx}_p{page}"] = rel_err(ours_ragged(md)(q, pool), want)
     md, q, pool, _ = mixed_batch(16, seed=5, scale=1 / 16 if small else 0.25)
-    res["mixed_small"] = rel_err(ours_ragged(md)(q, pool[0]), ref_call(md)(q, pool[0]))
+    want = ref_call(md)(q, pool[0])
+    res["mixed_small"] = rel_err(ours_ragged(md)(q, pool[0]), want)
+    res["mixed_small_old"] = rel_err(ours_ragged(md, decode_tile=False, order="natural")(
+        q, pool[0]), want)
+    res["mixed_small_reverse"] = rel_err(ours_ragged(md, order="reverse")(q, pool[0]), want)
     batch, ctx = (2, 256) if small else (4, 2048)
     num_pages, md = decode_batch(batch, ctx, 16, seed=3)
     pool = make_pools(num_pages, 16, 1, 12)[0]
@@ -255,7 +259,8 @@ def mixed_batch(page_size, seed=0, scale=1.0):
 
 
 # ------------------------------------------------------------------------------------ bench
-def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None):
+def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None,
+                       ragged_cfgs=None):
     kv_bytes = batch * ctx * K * H * 2 * 2
     floor_s = kv_bytes / ceil["read_bw"]
     num_pages, md = decode_batch(batch, ctx, page, seed)
@@ -282,7 +287,9 @@ def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None)
             row[label] = record(label, (ours_decode(md, **cfg), qs, pools))
             row[label]["config"] = cfg
     if "ours_ragged" in variants:
-        row["ours_ragged"] = record("ours_ragged", (ours_ragged(md), qs, pools))
+        for label, cfg in (ragged_cfgs or {"ours_ragged": {}}).items():
+            row[label] = record(label, (ours_ragged(md, **cfg), qs, pools))
+            row[label]["config"] = cfg
     if "ours_two_launch" in variants:
         row["ours_two_launch"] = record("ours_two_launch", (ours_two_launch(md), qs, pools))
     if "reference" in variants and kv_bytes <= 2**31:
@@ -307,7 +314,7 @@ def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None)
 
 
 def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
-    md, q, pools, info = mixed_batch(page, seed=21)
+    md, q, pools, info = mixed_batch(page, seed=21, scale=1 / 16 if INTERPRET else 1.0)
     floor_bytes = info["kv_bytes"] / ceil["read_bw"]
     floor_flops = info["flops"] / ceil["matmul_flops"]
     row = dict(page=page, **{k: v for k, v in info.items() if k not in ("q_lens", "kv_lens")},
@@ -329,16 +336,23 @@ def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
             sm_scale=SM_SCALE, interpret=INTERPRET)
         pre = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
         calls["part_prefills_ragged"] = ours_ragged(pre)
-        calls["part_prefills_ragged_split_causal"] = ours_ragged(pre, split_causal=True)
-        calls["part_prefills_ragged_bm128_w8"] = ours_ragged(pre, block_m=128, num_warps=8)
-        calls["part_prefills_ragged_bm128_w4_s2"] = ours_ragged(pre, block_m=128, num_stages=2)
-        calls["part_prefills_ragged_bkv32"] = ours_ragged(pre, block_kv=32)
+        if breakdown == "full":
+            calls["part_prefills_ragged_split_causal"] = ours_ragged(pre, split_causal=True)
+            calls["part_prefills_ragged_bm128_w8"] = ours_ragged(pre, block_m=128, num_warps=8)
+            calls["part_prefills_ragged_bm128_w4_s2"] = ours_ragged(pre, block_m=128,
+                                                                    num_stages=2)
+            calls["part_prefills_ragged_bkv32"] = ours_ragged(pre, block_kv=32)
+    want = ref_call(md)(q, pools[0]) if ragged_cfgs else None
     for label, call in calls.items():
         if time.time() > DEADLINE:
             row[label] = dict(error="skipped: time budget")
             continue
         try:
+            err = None
+            if want is not None and label in ragged_cfgs:  # each candidate checked first
+                err = rel_err(call(q, pools[0]), want)
             row[label] = bench_calls(call, qs, pools)
+            row[label]["rel_err"] = err
             row[label]["x_floor"] = row[label]["time_us"] / row["floor_us"]
             row[label]["config"] = (ragged_cfgs or {}).get(label, {})
         except Exception as e:
@@ -397,10 +411,21 @@ def markdown(result):
                   f"floor {m['floor_us']:.0f} µs (bytes {m['floor_bytes_us']:.0f} µs, FLOPs "
                   f"{m['floor_flops_us']:.0f} µs; bytes + FLOPs "
                   f"{m['floor_bytes_us'] + m['floor_flops_us']:.0f} µs).", "",
-                  "| variant | µs | × floor |", "|---|---|---|"]
+                  "| variant | µs | × floor | spread | rel. err | config |",
+                  "|---|---|---|---|---|---|"]
         for k, v in m.items():
             if isinstance(v, dict) and "time_us" in v:
-                lines.append(f"| {k} | {v['time_us']:.0f} | {v['x_floor']:.2f} |")
+                err = "-" if v.get("rel_err") is None else f"{v['rel_err']:.4f}"
+                lines.append(f"| {k} | {v['time_us']:.0f} | {v['x_floor']:.2f} | "
+                             f"{v['spread']:.1%} | {err} | {v.get('config') or ''} |")
+    extra = sorted({k for r in result["decode"] for k in r if k.startswith("ragged_")})
+    if extra:  # --ragged-cfgs: the ragged kernel under several settings on the decode shapes
+        lines += ["", "Ragged kernel on the decode shapes, by setting (µs, % of read BW):", "",
+                  "| B | ctx | page | ours (decode) | " + " | ".join(extra) + " |",
+                  "|---|---|---|---|" + "---|" * len(extra)]
+        for r in result["decode"]:
+            lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | {fmt(r.get('ours'))} | "
+                         + " | ".join(fmt(r.get(k)) for k in extra) + " |")
     lines += ["", f"Correctness (max |ours - ref| / max |ref|, bf16): {result.get('correctness')}"]
     return "\n".join(lines) + "\n"
 
@@ -482,6 +507,14 @@ def main(argv=None):
     p.add_argument("--variants", default="ours,ours_ragged,ours_two_launch,reference,jax")
     p.add_argument("--sweep", action="store_true", help="run the tuning sweeps first")
     p.add_argument("--no-mixed", action="store_true")
+    p.add_argument("--mixed-first", action="store_true", help="time the mixed batch first")
+    p.add_argument("--mixed-cfgs", default=None,
+                   help="JSON {label: ragged kwargs} for the mixed batch (default: the tuning "
+                        "comparison below)")
+    p.add_argument("--ragged-cfgs", default=None,
+                   help="JSON {label: ragged kwargs} for the ragged kernel on decode shapes")
+    p.add_argument("--breakdown", default="full", choices=("full", "halves", "none"),
+                   help="mixed batch: time the halves alone (and the old prefill sweep)")
     p.add_argument("--ceiling-gib", type=float, default=4.0)
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes only)")
     p.add_argument("--time-budget", type=float, default=540.0,
@@ -506,27 +539,41 @@ def main(argv=None):
     dump(args.out, "kernels.json", result)
     if args.sweep:
         result["sweep"] = sweep(ceil, args.out)
+
+    def run_mixed():
+        if not args.no_mixed and time.time() - T0 < args.time_budget:
+            mixed_cfgs = json.loads(args.mixed_cfgs) if args.mixed_cfgs else {
+                "ours": {}, "ours_old": dict(decode_tile=False, order="natural"),
+                "ours_bm64_s2": dict(num_stages=2), "ours_bkv32": dict(block_kv=32),
+                "ours_bm128_w8": dict(block_m=128, num_warps=8),
+                "ours_split_causal": dict(split_causal=True)}
+            result["mixed"] = bench_mixed(ceil, ragged_cfgs=mixed_cfgs,
+                                          breakdown=None if args.breakdown == "none"
+                                          else args.breakdown)
+            log("mixed:", {k: (round(v["time_us"], 1), v.get("rel_err")) if "time_us" in v
+                           else v for k, v in result["mixed"].items() if isinstance(v, dict)},
+                f"floor {result['mixed']['floor_us']:.0f}us")
+
+    if args.mixed_first:
+        run_mixed()
     variants = tuple(args.variants.split(","))
+    ragged_cfgs = json.loads(args.ragged_cfgs) if args.ragged_cfgs else None
     for page in ints(args.pages):
         for batch in ints(args.batches):
             for ctx in ints(args.ctxs):
                 if time.time() - T0 > args.time_budget:
                     result["skipped"].append((batch, ctx, page))
                     continue
-                row = bench_decode_shape(batch, ctx, page, ceil, variants)
+                row = bench_decode_shape(batch, ctx, page, ceil, variants,
+                                         ragged_cfgs=ragged_cfgs)
                 result["decode"].append(row)
                 log(f"B={batch:4d} ctx={ctx:5d} page={page:3d} floor {row['floor_us']:7.1f}us | "
                     f"ours {fmt(row.get('ours'))} | ragged {fmt(row.get('ours_ragged'))} | "
                     f"two-launch {fmt(row.get('ours_two_launch'))} | "
                     f"jax {fmt(row.get('jax'))} | ref {fmt(row.get('reference'))}")
                 dump(args.out, "kernels.json", result)
-    if not args.no_mixed and time.time() - T0 < args.time_budget:
-        result["mixed"] = bench_mixed(ceil, ragged_cfgs={
-            "ours": {}, "ours_bm64_s2": dict(num_stages=2), "ours_bkv32": dict(block_kv=32),
-            "ours_bm128_w8": dict(block_m=128, num_warps=8),
-            "ours_split_causal": dict(split_causal=True)})
-        log("mixed:", {k: v.get("time_us") for k, v in result["mixed"].items()
-                       if isinstance(v, dict)}, f"floor {result['mixed']['floor_us']:.0f}us")
+    if not args.mixed_first:
+        run_mixed()
     dump(args.out, "kernels.json", result)
     md = markdown(result)
     with open(os.path.join(args.out, "kernels.md"), "w") as f:

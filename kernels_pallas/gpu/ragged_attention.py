@@ -36,6 +36,9 @@ class RaggedConfig:
     block_kv: int  # KV tokens per loop iteration (power of two)
     num_warps: int
     num_stages: int
+    decode_tile: bool = False  # single-token requests on a small tile of their own (a branch)
+    decode_block_kv: int = 64  # KV tokens per iteration on that path
+    order: str = "natural"  # or "reverse": the last query blocks of the batch start first
 
 
 # Tuned block sizes, keyed by head_dim. The 128 entry was chosen by measurement on an H100 (bf16,
@@ -43,9 +46,12 @@ class RaggedConfig:
 # {32, 64} x (warps, stages) {(4,2), (4,3), (8,3)}, 64/64/4/3 was fastest (378 µs; 128-row tiles
 # 472-549 µs). The 64 and 256 entries are untimed guesses (same tile, smaller KV block at 256).
 RAGGED_TUNING: dict[int, RaggedConfig] = {
-    64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3),
-    128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3),
-    256: RaggedConfig(block_m=64, block_kv=32, num_warps=8, num_stages=2),
+    64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
+                     decode_block_kv=128),
+    128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
+                      decode_block_kv=128),
+    256: RaggedConfig(block_m=64, block_kv=32, num_warps=8, num_stages=2, decode_tile=True,
+                      decode_block_kv=32),
 }
 
 
@@ -75,9 +81,16 @@ def _ragged_kernel(
     search_steps: int,
     split_causal: bool,
     skip_decode: bool,
+    decode_rows: int,  # 0: single-token requests take the prefill tile too
+    decode_block_kv: int,
+    order: str,
+    num_q_blocks: int,
 ):
     del o_init_ref  # same buffer as o_ref
-    i, kv_head = pl.program_id(0), pl.program_id(1)
+    pid, kv_head = pl.program_id(0), pl.program_id(1)
+    # "reverse": the last query blocks of the batch start first; in a batch laid out as
+    # prefills then decodes, that is the decodes, then each chunk's longest (last) blocks.
+    i = num_q_blocks - 1 - pid if order == "reverse" else pid
     num_reqs = block_tables_ref.shape[0]
     head_dim = q_ref.shape[2]
     block_m = block_q * group_padded
@@ -99,62 +112,96 @@ def _ragged_kernel(
         active &= q_len > 1
     kv_len = kv_lens_ref[req]
     ctx_len = kv_len - q_len  # position of the request's first query
-
-    r = jnp.arange(block_m, dtype=jnp.int32)  # (BM,)
-    tok_in_req = q_blk * block_q + r // group_padded  # (BM,)
-    g = r % group_padded  # (BM,)
-    row_mask = active & (tok_in_req < q_len) & (g < group)  # (BM,)
-    rows = q_start + tok_in_req  # (BM,) rows of q / o
-    heads = kv_head * group + g  # (BM,)
-    q_pos = ctx_len + tok_in_req  # (BM,) absolute position of each query
     cols, col_mask = cm.cols_and_mask(head_dim_padded, head_dim)
-    q = plgpu.load(q_ref.at[rows[:, None], heads[:, None], cols[None, :]],
-                   mask=cm.and_cols(row_mask, col_mask), other=0)  # (BM, Hp)
 
-    first_pos = ctx_len + q_blk * block_q
-    hi = jnp.where(active, jnp.minimum(kv_len, ctx_len + jnp.minimum(q_len, (q_blk + 1) * block_q)),
-                   0)
-    lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+    def prefill_path():
+        r = jnp.arange(block_m, dtype=jnp.int32)  # (BM,)
+        tok_in_req = q_blk * block_q + r // group_padded  # (BM,)
+        g = r % group_padded  # (BM,)
+        row_mask = active & (tok_in_req < q_len) & (g < group)  # (BM,)
+        rows = q_start + tok_in_req  # (BM,) rows of q / o
+        heads = kv_head * group + g  # (BM,)
+        q_pos = ctx_len + tok_in_req  # (BM,) absolute position of each query
+        q = plgpu.load(q_ref.at[rows[:, None], heads[:, None], cols[None, :]],
+                       mask=cm.and_cols(row_mask, col_mask), other=0)  # (BM, Hp)
 
-    def full_body(blk, carry):  # every key visible to every row: no masks at all
-        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
-        k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, None,
-                             cols, col_mask)  # (BK, Hp)
-        v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, None,
-                             cols, col_mask)  # (BK, Hp)
-        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
-        return cm.online_softmax_step(carry, s, v)
+        first_pos = ctx_len + q_blk * block_q
+        hi = jnp.where(active,
+                       jnp.minimum(kv_len, ctx_len + jnp.minimum(q_len, (q_blk + 1) * block_q)), 0)
+        lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
 
-    def body(blk, carry):
-        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
-        tok_mask = (tok >= lo) & (tok < hi)
-        k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
-                             cols, col_mask)  # (BK, Hp)
-        v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
-                             cols, col_mask)  # (BK, Hp)
-        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
-        mask = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])  # (BM, BK) causal
-        if sliding_window is not None:
-            mask &= tok[None, :] > q_pos[:, None] - sliding_window
-        s = jnp.where(mask, s, cm.NEG)
-        return cm.online_softmax_step(carry, s, v)
+        def full_body(blk, carry):  # every key visible to every row: no masks at all
+            tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
+            k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, None,
+                                 cols, col_mask)  # (BK, Hp)
+            v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, None,
+                                 cols, col_mask)  # (BK, Hp)
+            s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
+            return cm.online_softmax_step(carry, s, v)
 
-    carry = cm.init_carry(block_m, head_dim_padded)
-    first_blk = lo // block_kv
-    if split_causal and sliding_window is None:
-        # Blocks wholly at or before the block's first query position are visible to all of
-        # its rows and lie inside kv_len: run them without masks, then the diagonal masked.
-        first_blk = jnp.where(active, (first_pos + 1) // block_kv, 0)
-        carry = lax.fori_loop(0, first_blk, full_body, carry)
-    _, l, acc = lax.fori_loop(first_blk, pl.cdiv(hi, block_kv), body, carry)
-    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (BM, Hp)
-    plgpu.store(o_ref.at[rows[:, None], heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
-                mask=cm.and_cols(row_mask, col_mask))
+        def body(blk, carry):
+            tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
+            tok_mask = (tok >= lo) & (tok < hi)
+            k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
+                                 cols, col_mask)  # (BK, Hp)
+            v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
+                                 cols, col_mask)  # (BK, Hp)
+            s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
+            mask = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])  # (BM, BK) causal
+            if sliding_window is not None:
+                mask &= tok[None, :] > q_pos[:, None] - sliding_window
+            s = jnp.where(mask, s, cm.NEG)
+            return cm.online_softmax_step(carry, s, v)
+
+        carry = cm.init_carry(block_m, head_dim_padded)
+        first_blk = lo // block_kv
+        if split_causal and sliding_window is None:
+            # Blocks wholly at or before the block's first query position are visible to all
+            # of its rows and lie inside kv_len: run them without masks, then the diagonal.
+            first_blk = jnp.where(active, (first_pos + 1) // block_kv, 0)
+            carry = lax.fori_loop(0, first_blk, full_body, carry)
+        _, l, acc = lax.fori_loop(first_blk, pl.cdiv(hi, block_kv), body, carry)
+        out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (BM, Hp)
+        plgpu.store(o_ref.at[rows[:, None], heads[:, None], cols[None, :]],
+                    out.astype(o_ref.dtype), mask=cm.and_cols(row_mask, col_mask))
+
+    def decode_path():
+        # One query row (q_len == 1): a tile of decode_rows = max(16, Gp) rows holding the G
+        # q heads, as in the decode kernel, instead of block_m rows of which G would be live.
+        g = jnp.arange(decode_rows, dtype=jnp.int32)  # (DR,)
+        heads = kv_head * group + g
+        row_mask = active & (g < group)
+        q = plgpu.load(q_ref.at[q_start, heads[:, None], cols[None, :]],
+                       mask=cm.and_cols(row_mask, col_mask), other=0)  # (DR, Hp)
+        hi = jnp.where(active, kv_len, 0)  # the query sits at kv_len - 1: all keys visible
+        lo = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
+
+        def body(blk, carry):
+            tok = blk * decode_block_kv + jnp.arange(decode_block_kv, dtype=jnp.int32)
+            tok_mask = (tok >= lo) & (tok < hi)
+            k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
+                                 cols, col_mask)  # (BKd, Hp)
+            v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
+                                 cols, col_mask)  # (BKd, Hp)
+            s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (DR, BKd)
+            s = jnp.where(tok_mask[None, :], s, cm.NEG)
+            return cm.online_softmax_step(carry, s, v)
+
+        _, l, acc = lax.fori_loop(lo // decode_block_kv, pl.cdiv(hi, decode_block_kv), body,
+                                  cm.init_carry(decode_rows, head_dim_padded))
+        out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (DR, Hp)
+        plgpu.store(o_ref.at[q_start, heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
+                    mask=cm.and_cols(row_mask, col_mask))
+
+    if decode_rows:
+        lax.cond(q_len == 1, decode_path, prefill_path)
+    else:
+        prefill_path()
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_m", "block_kv", "num_warps", "num_stages",
-    "split_causal", "skip_decode", "interpret"))
+    "split_causal", "skip_decode", "decode_tile", "decode_block_kv", "order", "interpret"))
 def ragged_paged_attention(
     q: jax.Array,
     kv_pages: jax.Array,
@@ -172,6 +219,9 @@ def ragged_paged_attention(
     num_stages: int | None = None,
     split_causal: bool = False,
     skip_decode: bool = False,
+    decode_tile: bool | None = None,
+    decode_block_kv: int | None = None,
+    order: str | None = None,
     out_init: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -185,6 +235,10 @@ def ragged_paged_attention(
         split_causal: run key blocks below the diagonal in a second, unmasked loop. Off by
             default: measured slower on an H100 (prefill half of the mixed batch: 249 µs with
             it, 218 µs without), see docs/benchmarks/NOTES.md.
+        decode_tile: give single-token requests their own small tile (max(16, Gp) rows, the
+            decode kernel's) through a branch, instead of a block_m-row tile with G live rows.
+        decode_block_kv: KV tokens per iteration on that path.
+        order: "natural" (program i takes query block i) or "reverse" (the last blocks first).
         skip_decode: leave requests with exactly one query row alone (their rows keep
             ``out_init``): the decode kernel does them (``gpu.mixed_paged_attention``).
         out_init: (T, N, H) initial output, aliased; default zeros.
@@ -211,13 +265,24 @@ def ragged_paged_attention(
     head_dim_padded = cm.next_pow2(head_dim)
     # Blocks needed: Σ cdiv(q_len_b, block_q) <= T // block_q + num_seqs (see the diagram).
     num_q_blocks = num_tokens // block_q + num_reqs
+    decode_tile = cfg.decode_tile if decode_tile is None else decode_tile
+    decode_block_kv = decode_block_kv or cfg.decode_block_kv
+    order = order or cfg.order
+    if order not in ("natural", "reverse"):
+        raise ValueError(f"order must be 'natural' or 'reverse', got {order!r}")
+    if decode_block_kv != cm.next_pow2(decode_block_kv) or decode_block_kv < 16:
+        raise ValueError(f"decode_block_kv must be a power of two >= 16, got {decode_block_kv}")
+    decode_rows = max(16, group_padded)
+    if not decode_tile or skip_decode or decode_rows >= block_q * group_padded:
+        decode_rows = 0  # no smaller tile to gain (or nothing to decode here)
     search_steps = max(1, num_reqs.bit_length() + 1)
 
     kernel = functools.partial(
         _ragged_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, group_padded=group_padded, head_dim_padded=head_dim_padded,
         block_q=block_q, block_kv=block_kv, search_steps=search_steps,
-        split_causal=split_causal, skip_decode=skip_decode)
+        split_causal=split_causal, skip_decode=skip_decode, decode_rows=decode_rows,
+        decode_block_kv=decode_block_kv, order=order, num_q_blocks=num_q_blocks)
     return pl.pallas_call(
         kernel,
         grid=(num_q_blocks, num_kv_heads),

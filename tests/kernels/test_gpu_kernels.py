@@ -100,6 +100,17 @@ class TestGpuKernelsInterpret:
                                 split_causal=split_causal, interpret=self.interpret)
         assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
+    @pytest.mark.parametrize("variant", [
+        dict(decode_tile=False, order="natural"),  # single-token requests on the prefill tile
+        dict(decode_tile=True, order="reverse", decode_block_kv=16),
+    ], ids=["prefill-tile-natural", "decode-tile-reverse"])
+    def test_ragged_decode_tile_and_order(self, variant):
+        case = RAGGED_CASES[0]  # decodes, prefill chunks and an empty request mid-batch
+        x = case.inputs()
+        out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, **variant,
+                                interpret=self.interpret)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
     @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
     def test_decode_kernel(self, case):
         x = case.inputs()
