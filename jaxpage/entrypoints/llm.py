@@ -40,6 +40,10 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         self._counter = itertools.count()
 
+    def get_tokenizer(self):
+        """The model's tokenizer (None for a checkpoint without one, e.g. dummy weights)."""
+        return self.tokenizer
+
     # -- generation ---------------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's rule: the model's generation_config.json sampling defaults, else ours."""
