@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxpage.config import EngineArgs
 from jaxpage.default_model import cache_dir, resolve_model
 from jaxpage.engine.llm_engine import LLMEngine
-from jaxpage.models.loader import LoadedModel, load_model
+from jaxpage.models.loader import LoadedModel, load_model, resolve_dtype
 from jaxpage.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("jaxpage")
@@ -30,7 +30,7 @@ def enable_compilation_cache(path: str | None) -> None:
 def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
     platform = jax.default_backend()
     enable_compilation_cache(args.compilation_cache_dir)
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    dtype = jnp.dtype(resolve_dtype(args.dtype)).name  # "auto": bfloat16 on accelerators, f32 on CPU
     path = None if args.model is None else resolve_model(args.model)
     loaded = load_model(path, dtype=dtype, load_format=args.load_format, seed=args.seed,
                         hf_config=args.hf_config, tokenizer_path=args.tokenizer)
