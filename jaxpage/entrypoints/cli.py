@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import that torch is absent; jaxpage only uses its tokenizers.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
-                        format="[jaxpage] %(message)s")
+    logging.getLogger("jaxpage").setLevel(logging.INFO if ns.verbose else logging.WARNING)
     try:
         if ns.command in ("generate", "chat"):
             return _run_generate(ns, chat=ns.command == "chat")
