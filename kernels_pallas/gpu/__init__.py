@@ -1,6 +1,7 @@
 """Paged attention kernels for NVIDIA GPUs: Pallas with the Triton lowering.
 
-- ``ragged_attention.ragged_paged_attention``: the general mixed prefill + decode kernel.
+- ``ragged_attention.ragged_paged_attention``: the general mixed prefill + decode kernel
+  (single-token requests inside it take a small decode tile of their own, one launch).
 - ``decode_attention.decode_paged_attention``: the decode-only fast path (one query token per
   request, split-KV), chosen by the static hint ``max_q_len=1``.
 - ``mixed_paged_attention``: decode kernel on the single-token requests + ragged kernel on the

@@ -11,6 +11,9 @@ Query blocks are laid over the ragged batch so that no block straddles two reque
     an MMA tile of block_m = block_q·Gp rows (row r = token r // Gp, q head h·G + r % Gp),
     and runs causal flash attention over that request's pages, block_kv tokens per iteration.
 
+A request with exactly one query row (a decode) takes a branch (``decode_tile``) with a tile of
+max(16, Gp) rows, the decode kernel's, instead of the block_m-row tile with only G live rows.
+
 A program whose index falls past its request's last block does nothing. The KV range of a
 block is [lo, hi): hi = min(kv_len, position of its last query + 1), lo = 0 or the sliding
 window's start for its first query; loads outside it are masked off (never touched).
@@ -45,6 +48,10 @@ class RaggedConfig:
 # N/K = 32/8; the mixed batch of docs/benchmarks/kernels.md): of block_m {32, 64, 128} x block_kv
 # {32, 64} x (warps, stages) {(4,2), (4,3), (8,3)}, 64/64/4/3 was fastest (378 µs; 128-row tiles
 # 472-549 µs). The 64 and 256 entries are untimed guesses (same tile, smaller KV block at 256).
+# decode_tile / decode_block_kv=128 (H200, 2026-11-26, three interleaved runs each): mixed batch
+# 393 µs (old: single-token requests on the 64-row tile) -> 318 µs; decode_block_kv 64 gave
+# 330 µs and lost 10-20% against 128 on pure decode batches. order="reverse" (310 µs) and
+# num_stages=2 (305 µs) were inside the default's run-to-run spread (308-338 µs): selectable, off.
 RAGGED_TUNING: dict[int, RaggedConfig] = {
     64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
                      decode_block_kv=128),
