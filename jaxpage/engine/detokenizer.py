@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxpage.sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 # Prompt tokens kept as decoding context for the first output tokens (vLLM's value).
 INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET = 5

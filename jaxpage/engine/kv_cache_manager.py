@@ -20,8 +20,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from jaxpage.engine.block_pool import BlockPool, KVCacheBlock
-from jaxpage.engine.request import Request
+from .block_pool import BlockPool, KVCacheBlock
+from .request import Request
 
 # Parent "hash" of a prefix's first page. Fixed so hashes are reproducible across processes.
 NONE_HASH = hashlib.sha256(b"jaxpage-prefix-cache-v1").digest()

@@ -10,14 +10,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jaxpage.config import CacheConfig, SchedulerConfig
-from jaxpage.engine.detokenizer import IncrementalDetokenizer, TokenizerInfo
-from jaxpage.engine.kv_cache_manager import KVCacheManager
-from jaxpage.engine.request import Request, RequestStatus
-from jaxpage.engine.scheduler import RequestUpdate, Scheduler
-from jaxpage.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
-from jaxpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from jaxpage.sampling_params import SamplingParams
+from ..config import CacheConfig, SchedulerConfig
+from .detokenizer import IncrementalDetokenizer, TokenizerInfo
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+from .scheduler import RequestUpdate, Scheduler
+from .scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..sampling_params import SamplingParams
 
 logger = logging.getLogger("jaxpage")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 import time
 
-from jaxpage.outputs import RequestMetrics
-from jaxpage.sampling_params import SamplingParams
+from ..outputs import RequestMetrics
+from ..sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

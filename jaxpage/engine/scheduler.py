@@ -34,10 +34,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from jaxpage.config import SchedulerConfig
-from jaxpage.engine.kv_cache_manager import KVCacheManager
-from jaxpage.engine.request import Request, RequestStatus
-from jaxpage.engine.scheduler_output import (CachedRequestData, Logprobs, ModelRunnerOutput,
+from ..config import SchedulerConfig
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+from .scheduler_output import (CachedRequestData, Logprobs, ModelRunnerOutput,
                                              NewRequestData, SchedulerOutput)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jaxpage.sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 @dataclass
