@@ -1,0 +1,100 @@
+"""Markdown table and PNG plot of a ``tools/bench_kernels.py`` result (split out of it)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+def fmt(r, key="pct_read_bw"):
+    if not r:
+        return "-"
+    if "error" in r:
+        return "error"
+    return f"{r['time_us']:.1f} ({r[key]:.0f}%)"
+
+
+def markdown(result):
+    c = result["ceilings"]
+    lines = [
+        f"Card: **{result['device']}**, JAX {result['jax_version']}, {result['date']}",
+        f"Command: `{result['command']}`",
+        "",
+        f"Ceilings: HBM read (jnp.sum, 4 GiB bf16) **{c['read_bw'] / 1e12:.2f} TB/s**; copy "
+        f"(read + write) {c['copy_bw'] / 1e12:.2f} TB/s; bf16 matmul 8192^3 "
+        f"{c['matmul_flops'] / 1e12:.0f} TFLOP/s. % = floor / time with floor = KV bytes / "
+        "jnp.sum read bandwidth.",
+        "",
+        "Decode, bf16, N/K = 32/8, H = 128; time in µs per call (% of read BW):",
+        "",
+        "| B | ctx | page | floor µs | ours (decode) | ours (ragged) | ours (two-launch) | "
+        "jax paged_attention (best setting) | reference | ours vs jax |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["decode"]:
+        jx = r.get("jax") or {}
+        speed = "-"
+        if "time_us" in (r.get("ours") or {}) and "time_us" in jx:
+            speed = f"{jx['time_us'] / r['ours']['time_us']:.2f}x"
+        setting = jx.get("setting")
+        jtxt = fmt(jx) + (f" ppcb={setting['pages_per_compute_block']} ks={setting['k_splits']}"
+                          if setting else "")
+        lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['floor_us']:.1f} | "
+                     f"{fmt(r.get('ours'))} | {fmt(r.get('ours_ragged'))} | "
+                     f"{fmt(r.get('ours_two_launch'))} | {jtxt} | "
+                     f"{fmt(r.get('reference'))} | {speed} |")
+    if result.get("mixed"):
+        m = result["mixed"]
+        lines += ["", f"Mixed batch ({m['shape']}, page {m['page']}, T = {m['num_tokens']}): "
+                  f"floor {m['floor_us']:.0f} µs (bytes {m['floor_bytes_us']:.0f} µs, FLOPs "
+                  f"{m['floor_flops_us']:.0f} µs; bytes + FLOPs "
+                  f"{m['floor_bytes_us'] + m['floor_flops_us']:.0f} µs).", "",
+                  "| variant | µs | × floor | spread | rel. err | config |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in m.items():
+            if isinstance(v, dict) and "time_us" in v:
+                err = "-" if v.get("rel_err") is None else f"{v['rel_err']:.4f}"
+                lines.append(f"| {k} | {v['time_us']:.0f} | {v['x_floor']:.2f} | "
+                             f"{v['spread']:.1%} | {err} | {v.get('config') or ''} |")
+    extra = sorted({k for r in result["decode"] for k in r if k.startswith("ragged_")})
+    if extra:  # --ragged-cfgs: the ragged kernel under several settings on the decode shapes
+        lines += ["", "Ragged kernel on the decode shapes, by setting (µs, % of read BW):", "",
+                  "| B | ctx | page | ours (decode) | " + " | ".join(extra) + " |",
+                  "|---|---|---|---|" + "---|" * len(extra)]
+        for r in result["decode"]:
+            lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | {fmt(r.get('ours'))} | "
+                         + " | ".join(fmt(r.get(k)) for k in extra) + " |")
+    lines += ["", f"Correctness (max |ours - ref| / max |ref|, bf16): {result.get('correctness')}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pages = sorted({r["page"] for r in result["decode"]})
+    fig, axes = plt.subplots(1, len(pages), figsize=(6 * len(pages), 4.8), squeeze=False)
+    names = [("ours", "ours (decode)"), ("ours_ragged", "ours (ragged)"),
+             ("ours_two_launch", "ours (two-launch)"), ("jax", "jax paged_attention"),
+             ("reference", "reference")]
+    for ax, page in zip(axes[0], pages):
+        rows = [r for r in result["decode"] if r["page"] == page]
+        x = np.arange(len(rows))
+        w = 0.8 / len(names)
+        for j, (key, label) in enumerate(names):
+            vals = [(r.get(key) or {}).get("pct_read_bw", 0) for r in rows]
+            ax.bar(x + (j - (len(names) - 1) / 2) * w, vals, w, label=label)
+        ax.axhline(85, color="k", ls="--", lw=0.8)
+        ax.axhline(70, color="k", ls=":", lw=0.8)
+        ax.set_xticks(x, [f"B{r['B']}\nctx{r['ctx']}" for r in rows], fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_title(f"decode, page {page}")
+        ax.set_ylabel("% of HBM read bandwidth")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=9)
+    fig.suptitle(f"{result['device']} · JAX {result['jax_version']} · bf16 N/K=32/8 H=128 · "
+                 "dashed 85%, dotted 70%")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------------- sweeps
