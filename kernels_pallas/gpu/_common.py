@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
+from jaxpage.kernels_pallas.validation import check_paged_inputs
+
 NEG = -1e30  # masked-score value (finite on purpose, see the module docstring)
 LOG2E = math.log2(math.e)
 
@@ -115,22 +117,4 @@ def compiler_params(num_warps: int, num_stages: int):
 
 def check_common(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array, block_tables: jax.Array):
     """Shape checks shared by both wrappers; returns (T, N, H, K, S, R, Pmax)."""
-    if q.ndim != 3:
-        raise ValueError(f"q must be (T, N, H), got shape {q.shape}")
-    if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
-        raise ValueError(f"kv_pages must be (P, 2, K, S, H), got shape {kv_pages.shape}")
-    num_tokens, num_q_heads, head_dim = q.shape
-    _, _, num_kv_heads, page_size, kv_head_dim = kv_pages.shape
-    if kv_head_dim != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and kv_pages ({kv_head_dim}) differ")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    if block_tables.ndim != 2:
-        raise ValueError(f"block_tables must be (R, Pmax), got shape {block_tables.shape}")
-    num_reqs, max_pages = block_tables.shape
-    if kv_lens.shape != (num_reqs,):
-        raise ValueError(f"kv_lens must be ({num_reqs},), got shape {kv_lens.shape}")
-    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables)):
-        if not jnp.issubdtype(a.dtype, jnp.integer):
-            raise ValueError(f"{name} must be integer, got {a.dtype}")
-    return num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs, max_pages
+    return check_paged_inputs(q, kv_pages, kv_lens, block_tables)

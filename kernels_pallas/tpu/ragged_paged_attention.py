@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxpage.kernels_pallas.tpu import block_sizes as bsz
+from jaxpage.kernels_pallas.validation import check_paged_inputs
 
 LANES = bsz.LANES
 # Finite start for the running max: exp(m_prev - m_next) then never sees (-inf) - (-inf),
@@ -269,36 +270,19 @@ def _kernel(
 
 def _validate(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, soft_cap,
               sliding_window):
-    if q.ndim != 3:
-        raise ValueError(f"q must be (T, N, H), got shape {q.shape}")
-    if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
-        raise ValueError(f"kv_pages must be (P, 2, K, S, H), got shape {kv_pages.shape}")
-    num_tokens, num_q_heads, head_dim = q.shape
-    _, _, num_kv_heads, _, kv_head_dim = kv_pages.shape
-    if kv_head_dim != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and kv_pages ({kv_head_dim}) differ")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
-                         f"{num_kv_heads}")
-    if block_tables.ndim != 2:
-        raise ValueError(f"block_tables must be (R, Pmax), got shape {block_tables.shape}")
-    num_reqs = block_tables.shape[0]
-    if kv_lens.shape != (num_reqs,):
-        raise ValueError(f"kv_lens must be ({num_reqs},), got {kv_lens.shape}")
+    num_reqs = check_paged_inputs(q, kv_pages, kv_lens, block_tables, int32_only=True)[5]
     if query_start_loc.shape != (num_reqs + 1,):
         raise ValueError(f"query_start_loc must be ({num_reqs + 1},), got "
                          f"{query_start_loc.shape}")
     if jnp.shape(num_seqs) not in ((), (1,)):
         raise ValueError(f"num_seqs must be a scalar or (1,), got {jnp.shape(num_seqs)}")
-    for name, x in (("kv_lens", kv_lens), ("block_tables", block_tables),
-                    ("query_start_loc", query_start_loc), ("num_seqs", num_seqs)):
+    for name, x in (("query_start_loc", query_start_loc), ("num_seqs", num_seqs)):
         if jnp.result_type(x) != jnp.int32:
             raise ValueError(f"{name} must be int32, got {jnp.result_type(x)}")
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be positive, got {soft_cap}")
     if sliding_window is not None and not sliding_window > 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    del num_tokens
 
 
 @functools.partial(
