@@ -28,12 +28,11 @@ from jaxpage.runner.sampling import StepSampler
 logger = logging.getLogger("jaxpage")
 
 
-def _forward(state, kv_pages, packed, *, graphdef, layout: PackedLayout, backend: str,
-             all_logits: bool, decode_only: bool, state_treedef=None):
-    """One step. ``state`` is the model's nnx.State, or its flat leaves when ``state_treedef``
-    is given (the runner passes leaves: flattening a tuple per call is cheap, an nnx.State not)."""
-    if state_treedef is not None:
-        state = jax.tree.unflatten(state_treedef, state)
+def _forward(params, kv_pages, packed, *, graphdef, state_treedef, layout: PackedLayout,
+             backend: str, all_logits: bool, decode_only: bool):
+    """One step. ``params`` are the flat leaves of the model's nnx.State: flattening a tuple
+    per call is cheap, flattening an nnx.State is not."""
+    state = jax.tree.unflatten(state_treedef, params)
     a = layout.unpack(packed)
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
                            seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
@@ -70,8 +69,8 @@ class ModelRunner:
         if self.backend != "reference" and jax.default_backend() == "cpu":
             raise ValueError("attention_backend='pallas' needs a GPU or TPU; on CPU use 'auto' "
                              "or 'reference'.")
-        self.graphdef, self.state = nnx.split(model)
-        leaves, self.state_treedef = jax.tree.flatten(self.state)
+        self.graphdef, state = nnx.split(model)
+        leaves, self.state_treedef = jax.tree.flatten(state)
         self.params = tuple(leaves)  # what each step is called with
         self.spec = kv_cache.KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                          cache_config.page_size, jnp.dtype(kv_dtype))

@@ -31,11 +31,13 @@ def test_step_lowers_for_platform(model, platform, decode_only):
     layout = PackedLayout(num_tokens=16, num_reqs=8, pages_per_req=8)
     backend = kernels_pallas.resolve_backend("auto", platform=platform)
     assert backend == {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}[platform]
-    fn = jax.jit(functools.partial(_forward, graphdef=graphdef, layout=layout, backend=backend,
-                                   all_logits=False, decode_only=decode_only), donate_argnums=(1,))
+    leaves, treedef = jax.tree.flatten(state)
+    fn = jax.jit(functools.partial(_forward, graphdef=graphdef, state_treedef=treedef, layout=layout,
+                                   backend=backend, all_logits=False, decode_only=decode_only),
+                 donate_argnums=(1,))
     shape = kernels_pallas.kv_cache_shape(64, 16, cfg.num_key_value_heads, cfg.head_dim)
     kv = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)] * cfg.num_hidden_layers
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    abstract_state = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
     exp = jax.export.export(fn, platforms=(platform,), disabled_checks=[TRITON])(
         abstract_state, kv, jax.ShapeDtypeStruct((layout.total,), jnp.int32))
     text = exp.mlir_module()
