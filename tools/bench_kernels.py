@@ -220,6 +220,7 @@ def check_correctness(small=False):
     res["mixed_small_old"] = rel_err(ours_ragged(md, decode_tile=False, order="natural")(
         q, pool[0]), want)
     res["mixed_small_reverse"] = rel_err(ours_ragged(md, order="reverse")(q, pool[0]), want)
+    res["mixed_small_natural"] = rel_err(ours_ragged(md, order="natural")(q, pool[0]), want)
     batch, ctx = (2, 256) if small else (4, 2048)
     num_pages, md = decode_batch(batch, ctx, 16, seed=3)
     pool = make_pools(num_pages, 16, 1, 12)[0]
@@ -230,9 +231,10 @@ def check_correctness(small=False):
 
 
 # ----------------------------------------------------------------------------------- mixed
-def mixed_batch(page_size, seed=0, scale=1.0):
+def mixed_batch(page_size, seed=0, scale=1.0, shuffle=True):
     """4 prefill chunks of 512 tokens (with 0..1536 tokens of earlier context) + 60 decodes at
-    ctx 2048, as one ragged batch. ``scale`` shrinks it for the correctness check."""
+    ctx 2048, as one ragged batch. ``scale`` shrinks it for the correctness check; without
+    ``shuffle`` each request's pages are consecutive in the pool."""
     pre = [(int(512 * scale), int(512 * scale) * (i + 1)) for i in range(4)]  # (q_len, kv_len)
     dec = [(1, int(2048 * scale))] * (60 if scale >= 0.25 else 6)
     reqs = pre + dec
@@ -241,7 +243,7 @@ def mixed_batch(page_size, seed=0, scale=1.0):
     pps = max(-(-b // page_size) for b in kv_lens)
     rng = np.random.default_rng(seed)
     need = [-(-b // page_size) for b in kv_lens]
-    perm = rng.permutation(sum(need)) + 1
+    perm = (rng.permutation(sum(need)) if shuffle else np.arange(sum(need))) + 1
     tables = np.zeros((len(reqs), pps), np.int32)
     off = 0
     for i, n in enumerate(need):
@@ -340,11 +342,8 @@ def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
         pre = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
         calls["part_prefills_ragged"] = ours_ragged(pre)
         if breakdown == "full":
-            calls["part_prefills_ragged_split_causal"] = ours_ragged(pre, split_causal=True)
-            calls["part_prefills_ragged_bm128_w8"] = ours_ragged(pre, block_m=128, num_warps=8)
-            calls["part_prefills_ragged_bm128_w4_s2"] = ours_ragged(pre, block_m=128,
-                                                                    num_stages=2)
-            calls["part_prefills_ragged_bkv32"] = ours_ragged(pre, block_kv=32)
+            calls["part_prefills_ragged_natural_order"] = ours_ragged(pre, order="natural")
+            calls["part_prefills_ragged_index"] = ours_ragged(pre, prefetch="index")
     want = ref_call(md)(q, pools[0]) if ragged_cfgs else None
     for label, call in calls.items():
         if time.time() > DEADLINE:
@@ -452,10 +451,9 @@ def main(argv=None):
     def run_mixed():
         if not args.no_mixed and time.time() - T0 < args.time_budget:
             mixed_cfgs = json.loads(args.mixed_cfgs) if args.mixed_cfgs else {
-                "ours": {}, "ours_old": dict(decode_tile=False, order="natural"),
-                "ours_bm64_s2": dict(num_stages=2), "ours_bkv32": dict(block_kv=32),
-                "ours_bm128_w8": dict(block_m=128, num_warps=8),
-                "ours_split_causal": dict(split_causal=True)}
+                "ours": {}, "ours_natural_order": dict(order="natural"),
+                "ours_old": dict(decode_tile=False, order="natural"),
+                "ours_s2": dict(num_stages=2), "ours_index": dict(prefetch="index")}
             result["mixed"] = bench_mixed(ceil, ragged_cfgs=mixed_cfgs,
                                           breakdown=None if args.breakdown == "none"
                                           else args.breakdown)

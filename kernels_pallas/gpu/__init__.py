@@ -7,7 +7,7 @@
 - ``mixed_paged_attention``: decode kernel on the single-token requests + ragged kernel on the
   rest, two launches; measured slower than the ragged kernel alone, kept for benchmarks.
 
-Measured on an H100: docs/benchmarks/kernels.md (numbers) and NOTES.md (why).
+Measured on an H200 (docs/benchmarks/kernels.md) and an H100 (kernels_h100.md); NOTES.md says why.
 
 Both read the pool in the package's ``(P, 2, K, S, H)`` layout and run on CPU with
 ``interpret=True`` (the CI tests).

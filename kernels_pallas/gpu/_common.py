@@ -42,14 +42,26 @@ def and_cols(row_mask, col_mask):
     return row_mask[:, None] & col_mask[None, :]
 
 
-def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, kind, tok, tok_mask, cols,
-                  col_mask):
-    """Gathers K (kind=0) or V (kind=1) of tokens ``tok`` of request ``req`` from the pool.
+def block_page_ids(block_tables_ref, req, tok, tok_mask, page_size: int):
+    """(BK,) int32 page id holding each token ``tok`` of request ``req`` (0 where masked).
+
+    Split from the K/V load so that a loop can fetch the ids of a later block ahead of time:
+    a K/V load whose addresses come from a load *in the same iteration* defeats Triton's
+    software pipeliner (it waits for every copy before the math; see docs/benchmarks/NOTES.md).
+    """
+    max_pages = block_tables_ref.shape[1]
+    if tok_mask is None:  # caller guarantees every token is live (< kv_len)
+        return plgpu.load(block_tables_ref.at[req, tok // page_size])
+    page_idx = jnp.minimum(tok // page_size, max_pages - 1)  # (BK,) index into the block table
+    return plgpu.load(block_tables_ref.at[req, page_idx], mask=tok_mask, other=0)
+
+
+def load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_mask):
+    """Gathers K (kind=0) or V (kind=1) rows of tokens ``tok`` living in pages ``pages``.
 
     Args:
         kv_pages_ref: (P, 2, K, S, H) the pool.
-        block_tables_ref: (R, Pmax) int32 page ids.
-        req, kv_head: int32 scalars.
+        pages: (BK,) int32 page id of each token (``block_page_ids``).
         tok: (BK,) int32 absolute token positions; tok_mask: (BK,) which of them to read, or
             None when all of them are live (no masks: the unmasked main loop of prefill).
         cols: (Hp,) int32 column iota; col_mask: None or (Hp,) bool.
@@ -58,21 +70,51 @@ def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, kind, tok, tok_m
         (BK, Hp) block; rows outside ``tok_mask`` are 0 and their memory is never touched, so
         stale or NaN KV past kv_len cannot leak in.
     """
-    page_size = kv_pages_ref.shape[3]
-    max_pages = block_tables_ref.shape[1]
-    offset = tok % page_size  # (BK,)
-    if tok_mask is None:  # caller guarantees every token is live (< kv_len)
-        pages = plgpu.load(block_tables_ref.at[req, tok // page_size])  # (BK,)
-        ref = kv_pages_ref.at[pages[:, None], kind, kv_head, offset[:, None], cols[None, :]]
+    offset = tok % kv_pages_ref.shape[3]  # (BK,)
+    ref = kv_pages_ref.at[pages[:, None], kind, kv_head, offset[:, None], cols[None, :]]
+    if tok_mask is None:
         if col_mask is None:
             return plgpu.load(ref)  # (BK, Hp)
         return plgpu.load(ref, mask=jnp.broadcast_to(col_mask[None, :], (tok.shape[0],
                                                                          cols.shape[0])), other=0)
-    page_idx = jnp.minimum(tok // page_size, max_pages - 1)  # (BK,) index into the block table
-    pages = plgpu.load(block_tables_ref.at[req, page_idx], mask=tok_mask, other=0)  # (BK,)
-    return plgpu.load(
-        kv_pages_ref.at[pages[:, None], kind, kv_head, offset[:, None], cols[None, :]],
-        mask=and_cols(tok_mask, col_mask), other=0)  # (BK, Hp)
+    return plgpu.load(ref, mask=and_cols(tok_mask, col_mask), other=0)  # (BK, Hp)
+
+
+def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, tok, tok_mask, cols, col_mask):
+    """K and V blocks ((BK, Hp) each) of tokens ``tok`` of request ``req``: one page-id gather
+    shared by both loads. Arguments as ``block_page_ids`` and ``load_kv_rows``."""
+    pages = block_page_ids(block_tables_ref, req, tok, tok_mask, kv_pages_ref.shape[3])
+    return tuple(load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_mask)
+                 for kind in (0, 1))
+
+
+def kv_loop(first_blk, last_blk, carry, *, page_ids, load_kv, attend, prefetch: str):
+    """Runs ``attend`` over KV blocks [first_blk, last_blk); returns the final carry.
+
+    Args:
+        page_ids(blk) -> pages: the block's page ids (a load from the block table).
+        load_kv(blk, pages) -> (k, v): the block's K/V gathered from those pages.
+        attend(carry, blk, k, v) -> carry: the math of one block.
+        prefetch: how the loads are laid over the iterations —
+            "none": ids, K/V and math of a block in one iteration. The K/V addresses come
+                from a load of the same iteration, and Triton's pipeliner then waits for every
+                copy before the math (measured: no overlap of copies and MMAs).
+            "index": the ids are fetched one block ahead (a loop-carried value), so Triton
+                pipelines the K/V copies as if their addresses were direct.
+        Blocks past ``last_blk`` are fetched fully masked: they touch no memory.
+    """
+    if prefetch == "index":
+        def body(blk, c):
+            *c, pages = c
+            next_pages = page_ids(blk + 1)
+            return (*attend(tuple(c), blk, *load_kv(blk, pages)), next_pages)
+
+        *carry, _ = lax.fori_loop(first_blk, last_blk, body, (*carry, page_ids(first_blk)))
+        return tuple(carry)
+    if prefetch != "none":
+        raise ValueError(f"prefetch must be 'none' or 'index', got {prefetch!r}")
+    return lax.fori_loop(first_blk, last_blk,
+                         lambda blk, c: attend(c, blk, *load_kv(blk, page_ids(blk))), carry)
 
 
 def _precision(dtype):

@@ -39,10 +39,11 @@ class DecodeConfig:
     block_kv: int  # KV tokens per loop iteration (power of two; may span several pages)
     num_warps: int
     num_stages: int
+    prefetch: str = "none"  # "index": page ids fetched a block ahead (``cm.kv_loop``)
 
 
 # Tuned block sizes, keyed by head_dim; other head dims take the nearest entry. The 128 entry was
-# chosen by measurement on an H100 (bf16, N/K = 32/8, docs/benchmarks/kernels.md): of block_kv
+# chosen by measurement on an H100 (bf16, N/K = 32/8, docs/benchmarks/kernels_h100.md): of block_kv
 # {32, 64, 128} x (warps, stages) {(4,2), (4,3), (4,4), (8,3)}, 64/4/3 was best or within noise
 # of it at B=64 ctx 2048 (89%), B=256 ctx 8192 (96%) and B=16 ctx 2048 (75% vs best 76%), for
 # pages 16 and 128; 32-token blocks lost 5-15 points. The 64 and 256 entries are untimed guesses.
@@ -93,6 +94,7 @@ def _decode_kernel(
     block_kv: int,
     num_splits: int,
     by_request: bool,
+    prefetch: str,
 ):
     p, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_reqs = block_tables_ref.shape[0]
@@ -124,18 +126,25 @@ def _decode_kernel(
     q = plgpu.load(q_ref.at[row, heads[:, None], cols[None, :]],
                    mask=cm.and_cols(g_mask & valid, col_mask), other=0)  # (Gp, Hp)
 
-    def body(blk, carry):
-        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
-        tok_mask = (tok < kv_len) & (tok >= lo)
-        k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
-                             cols, col_mask)  # (BK, Hp)
-        v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
-                             cols, col_mask)  # (BK, Hp)
-        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (Gp, BK)
-        s = jnp.where(tok_mask[None, :], s, cm.NEG)
-        return cm.online_softmax_step(carry, s, v)
+    def tokens(blk):  # (BK,) positions of block blk and which of them to read
+        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+        return tok, (tok < kv_len) & (tok >= lo)
 
-    m, l, acc = lax.fori_loop(start, end, body, cm.init_carry(group_padded, head_dim_padded))
+    def page_ids(blk):
+        return cm.block_page_ids(block_tables_ref, req, *tokens(blk), kv_pages_ref.shape[3])
+
+    def load_kv(blk, pages):  # (BK, Hp) each
+        tok, tok_mask = tokens(blk)
+        return tuple(cm.load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols,
+                                     col_mask) for kind in (0, 1))
+
+    def attend(carry, blk, k, v):
+        _, tok_mask = tokens(blk)
+        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (Gp, BK)
+        return cm.online_softmax_step(carry, jnp.where(tok_mask[None, :], s, cm.NEG), v)
+
+    m, l, acc = cm.kv_loop(start, end, cm.init_carry(group_padded, head_dim_padded),
+                           page_ids=page_ids, load_kv=load_kv, attend=attend, prefetch=prefetch)
     has_keys = l > 0  # (Gp,) False for empty splits and padding rows
     out = acc / jnp.where(has_keys, l, 1.0)[:, None]  # (Gp, Hp)
     if num_splits == 1:
@@ -187,7 +196,7 @@ def _combine_kernel(
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "num_splits", "num_warps", "num_stages",
-    "interpret"))
+    "prefetch", "interpret"))
 def decode_paged_attention(
     q: jax.Array,
     kv_pages: jax.Array,
@@ -204,6 +213,7 @@ def decode_paged_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefetch: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention: one query row per request.
@@ -222,6 +232,7 @@ def decode_paged_attention(
         query_start_loc, out_init: (R + 1,) int32 and (T, N, H), see above (both or neither).
         sm_scale, soft_cap, sliding_window: as in ``reference.ragged_paged_attention``.
         block_kv, num_splits, num_warps, num_stages: overrides of the tuned table (benchmarks).
+        prefetch: "none" or "index": page ids fetched a block ahead (``_common.kv_loop``).
         interpret: run the Pallas interpreter (CPU tests).
 
     Returns:
@@ -242,6 +253,7 @@ def decode_paged_attention(
         raise ValueError(f"block_kv must be a power of two >= 16, got {block_kv}")
     num_warps = num_warps or cfg.num_warps
     num_stages = num_stages or cfg.num_stages
+    prefetch = prefetch or cfg.prefetch
     num_rows = num_reqs if by_request else num_tokens  # programs along grid axis 0
     if num_splits is None:
         num_splits = choose_num_splits(num_rows, num_kv_heads, max_pages * page_size, block_kv)
@@ -257,7 +269,7 @@ def decode_paged_attention(
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, group_padded=group_padded, head_dim_padded=head_dim_padded,
-        block_kv=block_kv, num_splits=num_splits, by_request=by_request)
+        block_kv=block_kv, num_splits=num_splits, by_request=by_request, prefetch=prefetch)
     args = [num_seqs, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32), qsl, q, kv_pages]
     aliases = {}
     if num_splits == 1:

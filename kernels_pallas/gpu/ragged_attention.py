@@ -41,24 +41,28 @@ class RaggedConfig:
     num_stages: int
     decode_tile: bool = False  # single-token requests on a small tile of their own (a branch)
     decode_block_kv: int = 64  # KV tokens per iteration on that path
-    order: str = "natural"  # or "reverse": the last query blocks of the batch start first
+    order: str = "natural"  # "reverse": last query blocks first; "lpt": longest KV span first
+    prefetch: str = "none"  # prefill tile: "index" = page ids a block ahead (see cm.kv_loop)
+    decode_prefetch: str = "none"  # the same for the decode tile
 
 
 # Tuned block sizes, keyed by head_dim. The 128 entry was chosen by measurement on an H100 (bf16,
-# N/K = 32/8; the mixed batch of docs/benchmarks/kernels.md): of block_m {32, 64, 128} x block_kv
-# {32, 64} x (warps, stages) {(4,2), (4,3), (8,3)}, 64/64/4/3 was fastest (378 µs; 128-row tiles
-# 472-549 µs). The 64 and 256 entries are untimed guesses (same tile, smaller KV block at 256).
-# decode_tile / decode_block_kv=128 (H200, 2026-11-26, three interleaved runs each): mixed batch
-# 393 µs (old: single-token requests on the 64-row tile) -> 318 µs; decode_block_kv 64 gave
-# 330 µs and lost 10-20% against 128 on pure decode batches. order="reverse" (310 µs) and
-# num_stages=2 (305 µs) were inside the default's run-to-run spread (308-338 µs): selectable, off.
+# N/K = 32/8; the mixed batch of docs/benchmarks/kernels_h100.md): of block_m {32, 64, 128} x
+# block_kv {32, 64} x (warps, stages) {(4,2), (4,3), (8,3)}, 64/64/4/3 was fastest (378 µs;
+# 128-row tiles 472-549 µs). The 64 and 256 entries are untimed guesses (same tile, smaller KV block at 256).
+# decode_tile / decode_block_kv=128 (H200, three interleaved runs each): mixed batch 393 µs
+# (single-token requests on the 64-row tile) -> 318 µs; decode_block_kv 64 gave 330 µs.
+# order="lpt" (H200, tools/study_prefill.py): the 4 prefill chunks alone 228 -> 181 µs (the
+# longest programs no longer start last); the mixed batch unchanged (306-325 vs 313 µs).
+# prefetch="index" gives the 3-deep copy pipeline jax's dense kernel has, but measured no
+# faster (222 vs 227 µs) and is off; see docs/benchmarks/NOTES.md for both.
 RAGGED_TUNING: dict[int, RaggedConfig] = {
     64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
-                     decode_block_kv=128),
+                     decode_block_kv=128, order="lpt"),
     128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
-                      decode_block_kv=128),
+                      decode_block_kv=128, order="lpt"),
     256: RaggedConfig(block_m=64, block_kv=32, num_warps=8, num_stages=2, decode_tile=True,
-                      decode_block_kv=32),
+                      decode_block_kv=32, order="lpt"),
 }
 
 
@@ -72,6 +76,7 @@ def _ragged_kernel(
     kv_lens_ref,  # (R,) int32
     block_tables_ref,  # (R, Pmax) int32
     query_start_loc_ref,  # (R + 1,) int32
+    schedule_ref,  # (num_q_blocks,) int32 query-block order ("lpt"), else unused (1,)
     q_ref,  # (T, N, H)
     kv_pages_ref,  # (P, 2, K, S, H)
     o_init_ref,  # (T, N, H) zeros, aliased to o_ref (padding rows stay 0)
@@ -92,12 +97,20 @@ def _ragged_kernel(
     decode_block_kv: int,
     order: str,
     num_q_blocks: int,
+    prefetch: str,
+    decode_prefetch: str,
 ):
     del o_init_ref  # same buffer as o_ref
-    pid, kv_head = pl.program_id(0), pl.program_id(1)
-    # "reverse": the last query blocks of the batch start first; in a batch laid out as
-    # prefills then decodes, that is the decodes, then each chunk's longest (last) blocks.
-    i = num_q_blocks - 1 - pid if order == "reverse" else pid
+    if order == "lpt":
+        # Grid (K, slots), kv heads fastest: the launch walks the slots in the order of
+        # ``schedule`` (query blocks by decreasing KV span), every kv head of a block together.
+        kv_head, pid = pl.program_id(0), pl.program_id(1)
+        i = schedule_ref[pid]
+    else:
+        pid, kv_head = pl.program_id(0), pl.program_id(1)
+        # "reverse": the last query blocks of the batch start first; in a batch laid out as
+        # prefills then decodes, that is the decodes, then each chunk's longest (last) blocks.
+        i = num_q_blocks - 1 - pid if order == "reverse" else pid
     num_reqs = block_tables_ref.shape[0]
     head_dim = q_ref.shape[2]
     block_m = block_q * group_padded
@@ -139,20 +152,27 @@ def _ragged_kernel(
 
         def full_body(blk, carry):  # every key visible to every row: no masks at all
             tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
-            k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, None,
-                                 cols, col_mask)  # (BK, Hp)
-            v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, None,
-                                 cols, col_mask)  # (BK, Hp)
+            k, v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, tok, None,
+                                    cols, col_mask)  # (BK, Hp) each
             s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
             return cm.online_softmax_step(carry, s, v)
 
-        def body(blk, carry):
-            tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
-            tok_mask = (tok >= lo) & (tok < hi)
-            k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
-                                 cols, col_mask)  # (BK, Hp)
-            v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
-                                 cols, col_mask)  # (BK, Hp)
+        page_size = kv_pages_ref.shape[3]
+
+        def tokens(blk):  # (BK,) positions of block blk and which of them to read
+            tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+            return tok, (tok >= lo) & (tok < hi)
+
+        def page_ids(blk):  # (BK,) page of each token of block blk (0 where masked)
+            return cm.block_page_ids(block_tables_ref, req, *tokens(blk), page_size)
+
+        def load_kv(blk, pages):  # (BK, Hp) K and V of block blk from its page ids
+            tok, tok_mask = tokens(blk)
+            return tuple(cm.load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask,
+                                         cols, col_mask) for kind in (0, 1))
+
+        def attend(carry, blk, k, v):
+            tok, tok_mask = tokens(blk)
             s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
             mask = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])  # (BM, BK) causal
             if sliding_window is not None:
@@ -167,7 +187,8 @@ def _ragged_kernel(
             # of its rows and lie inside kv_len: run them without masks, then the diagonal.
             first_blk = jnp.where(active, (first_pos + 1) // block_kv, 0)
             carry = lax.fori_loop(0, first_blk, full_body, carry)
-        _, l, acc = lax.fori_loop(first_blk, pl.cdiv(hi, block_kv), body, carry)
+        _, l, acc = cm.kv_loop(first_blk, pl.cdiv(hi, block_kv), carry, page_ids=page_ids,
+                               load_kv=load_kv, attend=attend, prefetch=prefetch)
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (BM, Hp)
         plgpu.store(o_ref.at[rows[:, None], heads[:, None], cols[None, :]],
                     out.astype(o_ref.dtype), mask=cm.and_cols(row_mask, col_mask))
@@ -183,19 +204,26 @@ def _ragged_kernel(
         hi = jnp.where(active, kv_len, 0)  # the query sits at kv_len - 1: all keys visible
         lo = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
 
-        def body(blk, carry):
+        def tokens(blk):  # (BKd,) positions of block blk and which of them to read
             tok = blk * decode_block_kv + jnp.arange(decode_block_kv, dtype=jnp.int32)
-            tok_mask = (tok >= lo) & (tok < hi)
-            k = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 0, tok, tok_mask,
-                                 cols, col_mask)  # (BKd, Hp)
-            v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, 1, tok, tok_mask,
-                                 cols, col_mask)  # (BKd, Hp)
-            s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (DR, BKd)
-            s = jnp.where(tok_mask[None, :], s, cm.NEG)
-            return cm.online_softmax_step(carry, s, v)
+            return tok, (tok >= lo) & (tok < hi)
 
-        _, l, acc = lax.fori_loop(lo // decode_block_kv, pl.cdiv(hi, decode_block_kv), body,
-                                  cm.init_carry(decode_rows, head_dim_padded))
+        def page_ids(blk):
+            return cm.block_page_ids(block_tables_ref, req, *tokens(blk), kv_pages_ref.shape[3])
+
+        def load_kv(blk, pages):  # (BKd, Hp) each
+            tok, tok_mask = tokens(blk)
+            return tuple(cm.load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask,
+                                         cols, col_mask) for kind in (0, 1))
+
+        def attend(carry, blk, k, v):
+            _, tok_mask = tokens(blk)
+            s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (DR, BKd)
+            return cm.online_softmax_step(carry, jnp.where(tok_mask[None, :], s, cm.NEG), v)
+
+        _, l, acc = cm.kv_loop(lo // decode_block_kv, pl.cdiv(hi, decode_block_kv),
+                               cm.init_carry(decode_rows, head_dim_padded), page_ids=page_ids,
+                               load_kv=load_kv, attend=attend, prefetch=decode_prefetch)
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (DR, Hp)
         plgpu.store(o_ref.at[q_start, heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
                     mask=cm.and_cols(row_mask, col_mask))
@@ -208,7 +236,8 @@ def _ragged_kernel(
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_m", "block_kv", "num_warps", "num_stages",
-    "split_causal", "skip_decode", "decode_tile", "decode_block_kv", "order", "interpret"))
+    "split_causal", "skip_decode", "decode_tile", "decode_block_kv", "order", "prefetch",
+    "decode_prefetch", "interpret"))
 def ragged_paged_attention(
     q: jax.Array,
     kv_pages: jax.Array,
@@ -229,6 +258,8 @@ def ragged_paged_attention(
     decode_tile: bool | None = None,
     decode_block_kv: int | None = None,
     order: str | None = None,
+    prefetch: str | None = None,
+    decode_prefetch: str | None = None,
     out_init: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -245,7 +276,14 @@ def ragged_paged_attention(
         decode_tile: give single-token requests their own small tile (max(16, Gp) rows, the
             decode kernel's) through a branch, instead of a block_m-row tile with G live rows.
         decode_block_kv: KV tokens per iteration on that path.
-        order: "natural" (program i takes query block i) or "reverse" (the last blocks first).
+        order: "natural" (program i takes query block i), "reverse" (the last blocks first)
+            or "lpt" (longest KV span first within decodes and within prefill blocks, the two
+            interleaved, every kv head of a block together; small sorts on device, see
+            ``lpt_schedule``).
+        prefetch: prefill tile's loop: "none" (page ids, K/V and math of a block in one
+            iteration) or "index" (page ids fetched one block ahead, so Triton pipelines the
+            K/V copies three deep). See ``_common.kv_loop``.
+        decode_prefetch: the same for the decode tile.
         skip_decode: leave requests with exactly one query row alone (their rows keep
             ``out_init``): the decode kernel does them (``gpu.mixed_paged_attention``).
         out_init: (T, N, H) initial output, aliased; default zeros.
@@ -275,10 +313,15 @@ def ragged_paged_attention(
     decode_tile = cfg.decode_tile if decode_tile is None else decode_tile
     decode_block_kv = decode_block_kv or cfg.decode_block_kv
     order = order or cfg.order
-    if order not in ("natural", "reverse"):
-        raise ValueError(f"order must be 'natural' or 'reverse', got {order!r}")
+    if order not in ("natural", "reverse", "lpt"):
+        raise ValueError(f"order must be 'natural', 'reverse' or 'lpt', got {order!r}")
     if decode_block_kv != cm.next_pow2(decode_block_kv) or decode_block_kv < 16:
         raise ValueError(f"decode_block_kv must be a power of two >= 16, got {decode_block_kv}")
+    prefetch = prefetch or cfg.prefetch
+    decode_prefetch = decode_prefetch or cfg.decode_prefetch
+    for name, val in (("prefetch", prefetch), ("decode_prefetch", decode_prefetch)):
+        if val not in ("none", "index"):
+            raise ValueError(f"{name} must be 'none' or 'index', got {val!r}")
     decode_rows = max(16, group_padded)
     if not decode_tile or skip_decode or decode_rows >= block_q * group_padded:
         decode_rows = 0  # no smaller tile to gain (or nothing to decode here)
@@ -289,16 +332,62 @@ def ragged_paged_attention(
         group=group, group_padded=group_padded, head_dim_padded=head_dim_padded,
         block_q=block_q, block_kv=block_kv, search_steps=search_steps,
         split_causal=split_causal, skip_decode=skip_decode, decode_rows=decode_rows,
-        decode_block_kv=decode_block_kv, order=order, num_q_blocks=num_q_blocks)
+        decode_block_kv=decode_block_kv, order=order, num_q_blocks=num_q_blocks,
+        prefetch=prefetch, decode_prefetch=decode_prefetch)
+    num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
+    kv_lens, query_start_loc = kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32)
+    if order == "lpt":
+        schedule = lpt_schedule(kv_lens, query_start_loc, num_seqs[0], block_q=block_q,
+                                num_q_blocks=num_q_blocks, sliding_window=sliding_window)
+        grid = (num_kv_heads, num_q_blocks)
+    else:
+        schedule = jnp.zeros((1,), jnp.int32)
+        grid = (num_q_blocks, num_kv_heads)
     return pl.pallas_call(
         kernel,
-        grid=(num_q_blocks, num_kv_heads),
+        grid=grid,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        input_output_aliases={6: 0},
+        input_output_aliases={7: 0},
         compiler_params=cm.compiler_params(num_warps or cfg.num_warps,
                                            num_stages or cfg.num_stages),
         interpret=interpret,
         name=f"jaxpage_ragged_bm{block_q * group_padded}_bkv{block_kv}",
-    )(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
-      block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), q, kv_pages,
+    )(num_seqs, kv_lens, block_tables.astype(jnp.int32), query_start_loc, schedule, q, kv_pages,
       jnp.zeros_like(q) if out_init is None else out_init.astype(q.dtype))
+
+
+def lpt_schedule(kv_lens, query_start_loc, num_seqs, *, block_q: int, num_q_blocks: int,
+                 sliding_window: int | None = None):
+    """Query-block slots in launch order, as (num_q_blocks,) int32.
+
+    Slot i is the kernel's natural index (request b's blocks start at qsl[b] // block_q + b).
+    Two classes of programs share the launch: decodes (one query row: memory-bound) and
+    prefill blocks (compute-bound). Within each class the longest KV span goes first (LPT list
+    scheduling: one late long program would otherwise be the kernel's tail — a 512-token
+    chunk behind 1.5k tokens of context is ~30 KV blocks in one program). The two classes are
+    then interleaved evenly, so that memory-bound and compute-bound programs share the SMs at
+    every moment instead of running as two phases. Empty slots go last. A few tiny XLA ops,
+    identical in every layer, so XLA computes them once per step.
+    """
+    num_reqs = kv_lens.shape[0]
+    starts = query_start_loc[:-1]
+    q_lens = query_start_loc[1:] - starts
+    first = starts // block_q + jnp.arange(num_reqs, dtype=jnp.int32)  # (R,) non-decreasing
+    slots = jnp.arange(num_q_blocks, dtype=jnp.int32)
+    # Largest live request b with first[b] <= slot (the kernel's binary search, vectorized).
+    live_first = jnp.where(jnp.arange(num_reqs) < num_seqs, first, jnp.iinfo(jnp.int32).max)
+    req = jnp.clip(jnp.sum(live_first[None, :] <= slots[:, None], axis=1) - 1, 0, num_reqs - 1)
+    blk = slots - first[req]
+    q_len, kv_len = q_lens[req], kv_lens[req]
+    ctx = kv_len - q_len
+    hi = jnp.minimum(kv_len, ctx + jnp.minimum(q_len, (blk + 1) * block_q))
+    lo = 0 if sliding_window is None else jnp.maximum(ctx + blk * block_q - sliding_window + 1, 0)
+    live = (req < num_seqs) & (blk >= 0) & (blk * block_q < q_len)
+    by_cost = jnp.argsort(-jnp.where(live, hi - lo, -1), stable=True)  # longest first
+    # Rank of each slot within its class (decode / prefill) in that order, then interleave:
+    # key = (rank + 1/2) / class size, so each class is spread evenly over [0, 1).
+    decode = (q_len == 1)[by_cost]
+    rank = jnp.where(decode, jnp.cumsum(decode) - 1, jnp.cumsum(~decode) - 1)
+    size = jnp.where(decode, jnp.sum(decode & live[by_cost]), jnp.sum(~decode & live[by_cost]))
+    key = (rank + 0.5) / jnp.maximum(size, 1) + jnp.where(live[by_cost], 0.0, 2.0)
+    return by_cost[jnp.argsort(key, stable=True)].astype(jnp.int32)

@@ -19,6 +19,7 @@ import pytest
 
 from jaxpage import kernels_pallas
 from jaxpage.kernels_pallas import gpu, reference
+from jaxpage.kernels_pallas.gpu import ragged_attention
 from tests.kernels.paged_inputs import assert_close, make_inputs
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -111,6 +112,42 @@ class TestGpuKernelsInterpret:
                                 interpret=self.interpret)
         assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
+    @pytest.mark.parametrize("case_idx", [0, 3, 4, 5])
+    @pytest.mark.parametrize("decode_tile", [True, False])
+    def test_ragged_lpt_order(self, case_idx, decode_tile):
+        # Query blocks run longest first, kv heads innermost; 16-row tiles give many blocks.
+        case = RAGGED_CASES[case_idx]
+        x = case.inputs()
+        out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, order="lpt", block_m=16,
+                                decode_tile=decode_tile, interpret=self.interpret)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("variant", [
+        dict(prefetch="index"), dict(prefetch="index", num_stages=1),
+        dict(decode_prefetch="index"), dict(decode_prefetch="index", prefetch="index"),
+    ], ids=["index-ahead", "index-ahead-unpipelined", "decode-index-ahead", "both-index-ahead"])
+    @pytest.mark.parametrize("case_idx", [0, 3, 4])  # pages 16 (decodes) / 128 (window, cap) / 16
+    def test_ragged_prefetch_variants(self, variant, case_idx):
+        # 16-token blocks: many loop iterations, blocks at page edges, fetches past the end.
+        case = RAGGED_CASES[case_idx]
+        x = case.inputs()
+        out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, block_m=16, block_kv=16,
+                                decode_block_kv=16, **variant, interpret=self.interpret)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("prefetch", ["none", "index"])
+    @pytest.mark.parametrize("case_idx", [0, 2])  # ragged lengths 1..300; window + cap
+    def test_decode_prefetch_variants(self, prefetch, case_idx):
+        case = DECODE_CASES[case_idx]
+        x = case.inputs()
+        for splits in (1, 4):
+            out = gpu.decode_paged_attention(x.q, x.kv_pages, x.kv_lens, x.block_tables,
+                                             x.num_seqs, **case.attn_kwargs, block_kv=16,
+                                             num_splits=splits, prefetch=prefetch,
+                                             interpret=self.interpret)
+            assert_close(out, _expected(case, x), dtype=case.dtype,
+                         num_valid_rows=x.num_valid_rows)
+
     @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
     def test_decode_kernel(self, case):
         x = case.inputs()
@@ -191,6 +228,25 @@ def test_export_lowers_for_cuda(kernel):
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*x.args())
     assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+def test_lpt_schedule_orders_blocks_by_kv_span():
+    # Requests (q_len, kv_len): a chunk with context, a decode, a fresh prompt, another decode,
+    # padding. block_q 4: slots (first block of request b = qsl[b] // 4 + b) are req 0 -> 0, 1
+    # (spans 16, 20); req 1 -> 3 (decode, 30); req 2 -> 4, 5 (spans 4, 5); req 3 -> 6 (decode, 9).
+    kv_lens = jnp.asarray([20, 30, 5, 9, 0], jnp.int32)
+    qsl = jnp.asarray([0, 8, 9, 14, 15, 15], jnp.int32)
+    num_q_blocks = 16 // 4 + 5
+    sched = ragged_attention.lpt_schedule(kv_lens, qsl, jnp.int32(4), block_q=4,
+                                          num_q_blocks=num_q_blocks).tolist()
+    assert sorted(sched) == list(range(num_q_blocks))  # a permutation of the slots
+    # Prefill blocks longest first (1, 0, 5, 4) and decodes longest first (3, 6), the decodes
+    # spread evenly among them: keys 1/8, 3/8, 5/8, 7/8 vs 1/4, 3/4.
+    assert sched[:6] == [1, 3, 0, 5, 6, 4]
+    window = ragged_attention.lpt_schedule(kv_lens, qsl, jnp.int32(4), block_q=4,
+                                           num_q_blocks=num_q_blocks, sliding_window=3).tolist()
+    # Window spans: prefill slots 0, 1 -> 6 each, 4 -> 4, 5 -> 3; decodes 3, 6 -> 3 each.
+    assert window[:6] == [0, 3, 1, 4, 6, 5]
 
 
 def test_wrapper_validates_shapes():
