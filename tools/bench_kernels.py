@@ -392,7 +392,8 @@ def sweep(ceil, out):
                        if "time_us" in row.get(k, {})))
         dump(out, "sweep.json", res)
     rcfg = {f"bm{m}_bkv{b}_w{w}_s{s}": dict(block_m=m, block_kv=b, num_warps=w, num_stages=s)
-            for m in (32, 64, 128) for b in (32, 64) for (w, s) in ((4, 2), (4, 3), (8, 3))}
+            for m in (32, 64, 128) for b in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (8, 3))}
+    rcfg.update({f"default_dec{d}": dict(decode_block_kv=d) for d in (32, 64, 128, 256)})
     row = bench_mixed(ceil, 16, ragged_cfgs=rcfg, with_ref=False, breakdown=False)
     res["ragged"].append(row)
     log("sweep ragged mixed: " + " ".join(
@@ -423,13 +424,15 @@ def main(argv=None):
                    help="JSON {label: ragged kwargs} for the ragged kernel on decode shapes")
     p.add_argument("--breakdown", default="full", choices=("full", "halves", "none"),
                    help="mixed batch: time the halves alone (and the old prefill sweep)")
+    p.add_argument("--head-dim", type=int, default=128, help="H (N/K stay 32/8)")
     p.add_argument("--ceiling-gib", type=float, default=4.0)
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes only)")
     p.add_argument("--time-budget", type=float, default=540.0,
                    help="seconds; remaining shapes are skipped past it")
     args = p.parse_args(argv)
-    global INTERPRET, DEADLINE
+    global INTERPRET, DEADLINE, H, SM_SCALE
     INTERPRET = args.interpret
+    H, SM_SCALE = args.head_dim, args.head_dim ** -0.5
     DEADLINE = T0 + args.time_budget
     os.makedirs(args.out, exist_ok=True)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
@@ -437,7 +440,7 @@ def main(argv=None):
     result = dict(device=getattr(dev, "device_kind", str(dev)), jax_version=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                   command="python tools/bench_kernels.py " + " ".join(sys.argv[1:]),
-                  decode=[], skipped=[])
+                  decode=[], skipped=[], head_dim=H)
     log(f"device {result['device']}, jax {jax.__version__}")
     result["ceilings"] = ceil = ceilings(args.ceiling_gib)
     log("ceilings: read {:.2f} TB/s, copy {:.2f} TB/s, matmul {:.0f} TFLOP/s".format(

@@ -23,7 +23,8 @@ def markdown(result):
         f"{c['matmul_flops'] / 1e12:.0f} TFLOP/s. % = floor / time with floor = KV bytes / "
         "jnp.sum read bandwidth.",
         "",
-        "Decode, bf16, N/K = 32/8, H = 128; time in µs per call (% of read BW):",
+        f"Decode, bf16, N/K = 32/8, H = {result.get('head_dim', 128)}; time in µs per call "
+        "(% of read BW):",
         "",
         "| B | ctx | page | floor µs | ours (decode) | ours (ragged) | ours (two-launch) | "
         "jax paged_attention (best setting) | reference | ours vs jax |",
@@ -91,8 +92,9 @@ def plot(result, path):
         ax.set_ylabel("% of HBM read bandwidth")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=9)
-    fig.suptitle(f"{result['device']} · JAX {result['jax_version']} · bf16 N/K=32/8 H=128 · "
-                 "dashed 85%, dotted 70%")
+    head_dim = result.get("head_dim", 128)
+    fig.suptitle(f"{result['device']} · JAX {result['jax_version']} · bf16 N/K=32/8 "
+                 f"H={head_dim} · dashed 85%, dotted 70%")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 

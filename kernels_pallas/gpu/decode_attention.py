@@ -43,15 +43,20 @@ class DecodeConfig:
 
 
 # Tuned block sizes, keyed by head_dim; other head dims take the nearest entry. The 128 entry was
-# chosen by measurement on an H100 (bf16, N/K = 32/8, docs/benchmarks/kernels_h100.md): of block_kv
-# {32, 64, 128} x (warps, stages) {(4,2), (4,3), (4,4), (8,3)}, 64/4/3 was best or within noise
-# of it at B=64 ctx 2048 (89%), B=256 ctx 8192 (96%) and B=16 ctx 2048 (75% vs best 76%), for
-# pages 16 and 128; 32-token blocks lost 5-15 points. The 64 and 256 entries are untimed guesses.
+# chosen by measurement on an H100 (bf16, N/K = 32/8, docs/benchmarks/kernels_h100.md): of
+# block_kv {32, 64, 128} x (warps, stages) {(4,2), (4,3), (4,4), (8,3)}, 64/4/3 was best or within
+# noise of it at B=64 ctx 2048 (89%), B=256 ctx 8192 (96%) and B=16 ctx 2048 (75% vs best 76%),
+# for pages 16 and 128; 32-token blocks lost 5-15 points. The 64 entry by the same sweep on an
+# H200 at H = 64 (docs/benchmarks/kernels_h64.md): 128/4/2 best at B=64 ctx 2048 (88% page 16,
+# 90% page 128; 3 stages 82/88%), within 1 point of the best at B=16 ctx 2048 (58 vs 59%) and
+# B=256 ctx 8192 (99 vs 100%). The 256 entry is an untimed guess.
 DECODE_TUNING: dict[int, DecodeConfig] = {
-    64: DecodeConfig(block_kv=128, num_warps=4, num_stages=3),
+    64: DecodeConfig(block_kv=128, num_warps=4, num_stages=2),
     128: DecodeConfig(block_kv=64, num_warps=4, num_stages=3),
     256: DecodeConfig(block_kv=32, num_warps=4, num_stages=2),
 }
+
+
 # Split-KV until rows × kv heads × splits reaches this many programs (~4 per SM of an H100's
 # 132), but keep at least MIN_BLOCKS_PER_SPLIT blocks in each split. Measured (H100, page 16):
 # B=16 ctx 2048 -> 8 splits 76% of read BW vs 60% unsplit; B=64 (512 programs) best unsplit.

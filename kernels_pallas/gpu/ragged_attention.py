@@ -49,7 +49,10 @@ class RaggedConfig:
 # Tuned block sizes, keyed by head_dim. The 128 entry was chosen by measurement on an H100 (bf16,
 # N/K = 32/8; the mixed batch of docs/benchmarks/kernels_h100.md): of block_m {32, 64, 128} x
 # block_kv {32, 64} x (warps, stages) {(4,2), (4,3), (8,3)}, 64/64/4/3 was fastest (378 µs;
-# 128-row tiles 472-549 µs). The 64 and 256 entries are untimed guesses (same tile, smaller KV block at 256).
+# 128-row tiles 472-549 µs). The 64 entry by the same sweep at H = 64 on an H200 (27 tiles, plus
+# decode_block_kv 32..256; docs/benchmarks/kernels_h64.md): 64/64/4/2 178 µs, the same tile with
+# 3 stages 197-206 µs (two entries of the sweep), 64/32/4/2 194 µs, 128-row tiles >= 198 µs;
+# decode_block_kv 128 best (64: 227, 256: 234). The 256 entry is an untimed guess.
 # decode_tile / decode_block_kv=128 (H200, three interleaved runs each): mixed batch 393 µs
 # (single-token requests on the 64-row tile) -> 318 µs; decode_block_kv 64 gave 330 µs.
 # order="lpt" (H200, tools/study_prefill.py): the 4 prefill chunks alone 228 -> 181 µs (the
@@ -57,7 +60,7 @@ class RaggedConfig:
 # prefetch="index" gives the 3-deep copy pipeline jax's dense kernel has, but measured no
 # faster (222 vs 227 µs) and is off; see docs/benchmarks/NOTES.md for both.
 RAGGED_TUNING: dict[int, RaggedConfig] = {
-    64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
+    64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=2, decode_tile=True,
                      decode_block_kv=128, order="lpt"),
     128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
                       decode_block_kv=128, order="lpt"),
