@@ -12,6 +12,7 @@ by the rescale factor ``exp2(NEG - m) = 0`` as soon as a real score arrives.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -88,12 +89,53 @@ def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, tok, tok_mask, c
                  for kind in (0, 1))
 
 
-def kv_loop(first_blk, last_blk, carry, *, page_ids, load_kv, attend, prefetch: str):
+@dataclasses.dataclass(frozen=True)
+class KvBlocks:
+    """One request's KV range [lo, hi) of one kv head, in blocks of ``block_kv`` tokens.
+
+    ``tokens``, ``page_ids`` and ``load_kv`` are the three steps of fetching a block, kept apart
+    so that ``kv_loop`` can issue them in different iterations.
+    """
+    kv_pages_ref: object  # (P, 2, K, S, H)
+    block_tables_ref: object  # (R, Pmax)
+    req: jax.Array
+    kv_head: jax.Array
+    lo: jax.Array | int
+    hi: jax.Array
+    block_kv: int
+    cols: jax.Array
+    col_mask: jax.Array | None
+
+    def tokens(self, blk):
+        """(BK,) positions of block ``blk`` and which of them lie in [lo, hi)."""
+        tok = blk * self.block_kv + jnp.arange(self.block_kv, dtype=jnp.int32)
+        return tok, (tok >= self.lo) & (tok < self.hi)
+
+    def page_ids(self, blk):
+        """(BK,) page of each token of block ``blk`` (0 where masked)."""
+        return block_page_ids(self.block_tables_ref, self.req, *self.tokens(blk),
+                              self.kv_pages_ref.shape[3])
+
+    def load_kv(self, blk, pages):
+        """(BK, Hp) K and V of block ``blk`` from its page ids."""
+        tok, tok_mask = self.tokens(blk)
+        return tuple(load_kv_rows(self.kv_pages_ref, pages, kind, self.kv_head, tok, tok_mask,
+                                  self.cols, self.col_mask) for kind in (0, 1))
+
+    def decode_attend(self, q, *, sm_scale: float, soft_cap: float | None):
+        """The ``attend`` of a single query position that sees every key in [lo, hi)."""
+        def attend(carry, blk, k, v):
+            _, tok_mask = self.tokens(blk)
+            s = scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (M, BK)
+            return online_softmax_step(carry, jnp.where(tok_mask[None, :], s, NEG), v)
+        return attend
+
+
+def kv_loop(first_blk, last_blk, carry, *, blocks: KvBlocks, attend, prefetch: str):
     """Runs ``attend`` over KV blocks [first_blk, last_blk); returns the final carry.
 
     Args:
-        page_ids(blk) -> pages: the block's page ids (a load from the block table).
-        load_kv(blk, pages) -> (k, v): the block's K/V gathered from those pages.
+        blocks: where the blocks come from (page ids, then K/V from those pages).
         attend(carry, blk, k, v) -> carry: the math of one block.
         prefetch: how the loads are laid over the iterations —
             "none": ids, K/V and math of a block in one iteration. The K/V addresses come
@@ -106,15 +148,17 @@ def kv_loop(first_blk, last_blk, carry, *, page_ids, load_kv, attend, prefetch: 
     if prefetch == "index":
         def body(blk, c):
             *c, pages = c
-            next_pages = page_ids(blk + 1)
-            return (*attend(tuple(c), blk, *load_kv(blk, pages)), next_pages)
+            next_pages = blocks.page_ids(blk + 1)
+            return (*attend(tuple(c), blk, *blocks.load_kv(blk, pages)), next_pages)
 
-        *carry, _ = lax.fori_loop(first_blk, last_blk, body, (*carry, page_ids(first_blk)))
+        *carry, _ = lax.fori_loop(first_blk, last_blk, body,
+                                  (*carry, blocks.page_ids(first_blk)))
         return tuple(carry)
     if prefetch != "none":
         raise ValueError(f"prefetch must be 'none' or 'index', got {prefetch!r}")
-    return lax.fori_loop(first_blk, last_blk,
-                         lambda blk, c: attend(c, blk, *load_kv(blk, page_ids(blk))), carry)
+    return lax.fori_loop(
+        first_blk, last_blk,
+        lambda blk, c: attend(c, blk, *blocks.load_kv(blk, blocks.page_ids(blk))), carry)
 
 
 def _precision(dtype):

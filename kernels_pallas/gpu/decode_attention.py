@@ -131,25 +131,11 @@ def _decode_kernel(
     q = plgpu.load(q_ref.at[row, heads[:, None], cols[None, :]],
                    mask=cm.and_cols(g_mask & valid, col_mask), other=0)  # (Gp, Hp)
 
-    def tokens(blk):  # (BK,) positions of block blk and which of them to read
-        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-        return tok, (tok < kv_len) & (tok >= lo)
-
-    def page_ids(blk):
-        return cm.block_page_ids(block_tables_ref, req, *tokens(blk), kv_pages_ref.shape[3])
-
-    def load_kv(blk, pages):  # (BK, Hp) each
-        tok, tok_mask = tokens(blk)
-        return tuple(cm.load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols,
-                                     col_mask) for kind in (0, 1))
-
-    def attend(carry, blk, k, v):
-        _, tok_mask = tokens(blk)
-        s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (Gp, BK)
-        return cm.online_softmax_step(carry, jnp.where(tok_mask[None, :], s, cm.NEG), v)
-
+    blocks = cm.KvBlocks(kv_pages_ref, block_tables_ref, req, kv_head, lo, kv_len, block_kv,
+                         cols, col_mask)
     m, l, acc = cm.kv_loop(start, end, cm.init_carry(group_padded, head_dim_padded),
-                           page_ids=page_ids, load_kv=load_kv, attend=attend, prefetch=prefetch)
+                           blocks=blocks, prefetch=prefetch,
+                           attend=blocks.decode_attend(q, sm_scale=sm_scale, soft_cap=soft_cap))
     has_keys = l > 0  # (Gp,) False for empty splits and padding rows
     out = acc / jnp.where(has_keys, l, 1.0)[:, None]  # (Gp, Hp)
     if num_splits == 1:

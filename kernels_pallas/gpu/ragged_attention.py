@@ -160,22 +160,11 @@ def _ragged_kernel(
             s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
             return cm.online_softmax_step(carry, s, v)
 
-        page_size = kv_pages_ref.shape[3]
-
-        def tokens(blk):  # (BK,) positions of block blk and which of them to read
-            tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-            return tok, (tok >= lo) & (tok < hi)
-
-        def page_ids(blk):  # (BK,) page of each token of block blk (0 where masked)
-            return cm.block_page_ids(block_tables_ref, req, *tokens(blk), page_size)
-
-        def load_kv(blk, pages):  # (BK, Hp) K and V of block blk from its page ids
-            tok, tok_mask = tokens(blk)
-            return tuple(cm.load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask,
-                                         cols, col_mask) for kind in (0, 1))
+        blocks = cm.KvBlocks(kv_pages_ref, block_tables_ref, req, kv_head, lo, hi, block_kv,
+                             cols, col_mask)
 
         def attend(carry, blk, k, v):
-            tok, tok_mask = tokens(blk)
+            tok, tok_mask = blocks.tokens(blk)
             s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
             mask = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])  # (BM, BK) causal
             if sliding_window is not None:
@@ -190,8 +179,8 @@ def _ragged_kernel(
             # of its rows and lie inside kv_len: run them without masks, then the diagonal.
             first_blk = jnp.where(active, (first_pos + 1) // block_kv, 0)
             carry = lax.fori_loop(0, first_blk, full_body, carry)
-        _, l, acc = cm.kv_loop(first_blk, pl.cdiv(hi, block_kv), carry, page_ids=page_ids,
-                               load_kv=load_kv, attend=attend, prefetch=prefetch)
+        _, l, acc = cm.kv_loop(first_blk, pl.cdiv(hi, block_kv), carry, blocks=blocks,
+                               attend=attend, prefetch=prefetch)
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (BM, Hp)
         plgpu.store(o_ref.at[rows[:, None], heads[:, None], cols[None, :]],
                     out.astype(o_ref.dtype), mask=cm.and_cols(row_mask, col_mask))
@@ -207,26 +196,13 @@ def _ragged_kernel(
         hi = jnp.where(active, kv_len, 0)  # the query sits at kv_len - 1: all keys visible
         lo = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
 
-        def tokens(blk):  # (BKd,) positions of block blk and which of them to read
-            tok = blk * decode_block_kv + jnp.arange(decode_block_kv, dtype=jnp.int32)
-            return tok, (tok >= lo) & (tok < hi)
-
-        def page_ids(blk):
-            return cm.block_page_ids(block_tables_ref, req, *tokens(blk), kv_pages_ref.shape[3])
-
-        def load_kv(blk, pages):  # (BKd, Hp) each
-            tok, tok_mask = tokens(blk)
-            return tuple(cm.load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask,
-                                         cols, col_mask) for kind in (0, 1))
-
-        def attend(carry, blk, k, v):
-            _, tok_mask = tokens(blk)
-            s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (DR, BKd)
-            return cm.online_softmax_step(carry, jnp.where(tok_mask[None, :], s, cm.NEG), v)
-
+        blocks = cm.KvBlocks(kv_pages_ref, block_tables_ref, req, kv_head, lo, hi,
+                             decode_block_kv, cols, col_mask)
         _, l, acc = cm.kv_loop(lo // decode_block_kv, pl.cdiv(hi, decode_block_kv),
-                               cm.init_carry(decode_rows, head_dim_padded), page_ids=page_ids,
-                               load_kv=load_kv, attend=attend, prefetch=decode_prefetch)
+                               cm.init_carry(decode_rows, head_dim_padded), blocks=blocks,
+                               attend=blocks.decode_attend(q, sm_scale=sm_scale,
+                                                           soft_cap=soft_cap),
+                               prefetch=decode_prefetch)
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # (DR, Hp)
         plgpu.store(o_ref.at[q_start, heads[:, None], cols[None, :]], out.astype(o_ref.dtype),
                     mask=cm.and_cols(row_mask, col_mask))
