@@ -455,6 +455,7 @@ def main(argv=None):
         if not args.no_mixed and time.time() - T0 < args.time_budget:
             mixed_cfgs = json.loads(args.mixed_cfgs) if args.mixed_cfgs else {
                 "ours": {}, "ours_natural_order": dict(order="natural"),
+                "ours_lpt": dict(order="lpt"),
                 "ours_old": dict(decode_tile=False, order="natural"),
                 "ours_s2": dict(num_stages=2), "ours_index": dict(prefetch="index")}
             result["mixed"] = bench_mixed(ceil, ragged_cfgs=mixed_cfgs,

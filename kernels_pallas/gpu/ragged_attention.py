@@ -41,7 +41,7 @@ class RaggedConfig:
     num_stages: int
     decode_tile: bool = False  # single-token requests on a small tile of their own (a branch)
     decode_block_kv: int = 64  # KV tokens per iteration on that path
-    order: str = "natural"  # "reverse": last query blocks first; "lpt": longest KV span first
+    order: str = "natural"  # "reverse", "lpt" (longest KV span first) or "auto" (see kernel)
     prefetch: str = "none"  # prefill tile: "index" = page ids a block ahead (see cm.kv_loop)
     decode_prefetch: str = "none"  # the same for the decode tile
 
@@ -55,17 +55,18 @@ class RaggedConfig:
 # decode_block_kv 128 best (64: 227, 256: 234). The 256 entry is an untimed guess.
 # decode_tile / decode_block_kv=128 (H200, three interleaved runs each): mixed batch 393 µs
 # (single-token requests on the 64-row tile) -> 318 µs; decode_block_kv 64 gave 330 µs.
-# order="lpt" (H200, tools/study_prefill.py): the 4 prefill chunks alone 228 -> 181 µs (the
-# longest programs no longer start last); the mixed batch unchanged (306-325 vs 313 µs).
+# order="lpt" (H200, tools/study_prefill.py): the 4 prefill chunks alone 228 -> 181-196 µs (the
+# longest programs no longer start last), but the mixed batch ~5% slower than natural in 5 of 6
+# paired runs; "auto" takes LPT only for batches without decodes (``launch_schedule``).
 # prefetch="index" gives the 3-deep copy pipeline jax's dense kernel has, but measured no
 # faster (222 vs 227 µs) and is off; see docs/benchmarks/NOTES.md for both.
 RAGGED_TUNING: dict[int, RaggedConfig] = {
     64: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=2, decode_tile=True,
-                     decode_block_kv=128, order="lpt"),
+                     decode_block_kv=128, order="auto"),
     128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
-                      decode_block_kv=128, order="lpt"),
+                      decode_block_kv=128, order="auto"),
     256: RaggedConfig(block_m=64, block_kv=32, num_warps=8, num_stages=2, decode_tile=True,
-                      decode_block_kv=32, order="lpt"),
+                      decode_block_kv=32, order="auto"),
 }
 
 
@@ -79,7 +80,7 @@ def _ragged_kernel(
     kv_lens_ref,  # (R,) int32
     block_tables_ref,  # (R, Pmax) int32
     query_start_loc_ref,  # (R + 1,) int32
-    schedule_ref,  # (num_q_blocks,) int32 query-block order ("lpt"), else unused (1,)
+    schedule_ref,  # (num_q_blocks * K,) int32 launch order ("lpt", "auto"), else unused (1,)
     q_ref,  # (T, N, H)
     kv_pages_ref,  # (P, 2, K, S, H)
     o_init_ref,  # (T, N, H) zeros, aliased to o_ref (padding rows stay 0)
@@ -100,15 +101,17 @@ def _ragged_kernel(
     decode_block_kv: int,
     order: str,
     num_q_blocks: int,
+    num_kv_heads: int,
     prefetch: str,
     decode_prefetch: str,
 ):
     del o_init_ref  # same buffer as o_ref
-    if order == "lpt":
-        # Grid (K, slots), kv heads fastest: the launch walks the slots in the order of
-        # ``schedule`` (query blocks by decreasing KV span), every kv head of a block together.
-        kv_head, pid = pl.program_id(0), pl.program_id(1)
-        i = schedule_ref[pid]
+    if order in ("lpt", "auto"):
+        # A 1-D grid over (query block, kv head) pairs in the order of ``schedule`` (entries
+        # slot * K + kv head; see ``launch_schedule``).
+        entry = schedule_ref[pl.program_id(0)]  # >= 0: truncating div/rem (jnp's floor forms
+        heads = jnp.int32(num_kv_heads)          # of scalars fail to lower for Triton)
+        i, kv_head = lax.div(entry, heads), lax.rem(entry, heads)
     else:
         pid, kv_head = pl.program_id(0), pl.program_id(1)
         # "reverse": the last query blocks of the batch start first; in a batch laid out as
@@ -256,9 +259,10 @@ def ragged_paged_attention(
             decode kernel's) through a branch, instead of a block_m-row tile with G live rows.
         decode_block_kv: KV tokens per iteration on that path.
         order: "natural" (program i takes query block i), "reverse" (the last blocks first)
-            or "lpt" (longest KV span first within decodes and within prefill blocks, the two
+            "lpt" (longest KV span first within decodes and within prefill blocks, the two
             interleaved, every kv head of a block together; small sorts on device, see
-            ``lpt_schedule``).
+            ``lpt_schedule``) or "auto" ("lpt" when no request is a single-token decode, else
+            the natural order; ``launch_schedule``).
         prefetch: prefill tile's loop: "none" (page ids, K/V and math of a block in one
             iteration) or "index" (page ids fetched one block ahead, so Triton pipelines the
             K/V copies three deep). See ``_common.kv_loop``.
@@ -292,8 +296,8 @@ def ragged_paged_attention(
     decode_tile = cfg.decode_tile if decode_tile is None else decode_tile
     decode_block_kv = decode_block_kv or cfg.decode_block_kv
     order = order or cfg.order
-    if order not in ("natural", "reverse", "lpt"):
-        raise ValueError(f"order must be 'natural', 'reverse' or 'lpt', got {order!r}")
+    if order not in ("natural", "reverse", "lpt", "auto"):
+        raise ValueError(f"order must be 'natural', 'reverse', 'lpt' or 'auto', got {order!r}")
     if decode_block_kv != cm.next_pow2(decode_block_kv) or decode_block_kv < 16:
         raise ValueError(f"decode_block_kv must be a power of two >= 16, got {decode_block_kv}")
     prefetch = prefetch or cfg.prefetch
@@ -312,13 +316,15 @@ def ragged_paged_attention(
         block_q=block_q, block_kv=block_kv, search_steps=search_steps,
         split_causal=split_causal, skip_decode=skip_decode, decode_rows=decode_rows,
         decode_block_kv=decode_block_kv, order=order, num_q_blocks=num_q_blocks,
+        num_kv_heads=num_kv_heads,
         prefetch=prefetch, decode_prefetch=decode_prefetch)
     num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
     kv_lens, query_start_loc = kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32)
-    if order == "lpt":
-        schedule = lpt_schedule(kv_lens, query_start_loc, num_seqs[0], block_q=block_q,
-                                num_q_blocks=num_q_blocks, sliding_window=sliding_window)
-        grid = (num_kv_heads, num_q_blocks)
+    if order in ("lpt", "auto"):
+        schedule = launch_schedule(kv_lens, query_start_loc, num_seqs[0], block_q=block_q,
+                                   num_q_blocks=num_q_blocks, num_kv_heads=num_kv_heads,
+                                   sliding_window=sliding_window, auto=order == "auto")
+        grid = (num_q_blocks * num_kv_heads,)
     else:
         schedule = jnp.zeros((1,), jnp.int32)
         grid = (num_q_blocks, num_kv_heads)
@@ -370,3 +376,26 @@ def lpt_schedule(kv_lens, query_start_loc, num_seqs, *, block_q: int, num_q_bloc
     size = jnp.where(decode, jnp.sum(decode & live[by_cost]), jnp.sum(~decode & live[by_cost]))
     key = (rank + 0.5) / jnp.maximum(size, 1) + jnp.where(live[by_cost], 0.0, 2.0)
     return by_cost[jnp.argsort(key, stable=True)].astype(jnp.int32)
+
+
+def launch_schedule(kv_lens, query_start_loc, num_seqs, *, block_q: int, num_q_blocks: int,
+                    num_kv_heads: int, sliding_window: int | None = None, auto: bool = False):
+    """(num_q_blocks * K,) int32 launch order of (query block, kv head) pairs: slot * K + head.
+
+    "lpt": ``lpt_schedule``'s slot order, every kv head of a slot launched together. "auto":
+    the same when no live request is a single-token decode, else the natural order (kv head
+    outermost, slots in batch order). Measured on an H200 (docs/benchmarks/NOTES.md): LPT takes
+    a prefill-only batch from ~230 to ~190 µs, but on a mixed prefill + decode batch the natural
+    order was ~5% faster in 5 of 6 paired runs.
+    """
+    slots = lpt_schedule(kv_lens, query_start_loc, num_seqs, block_q=block_q,
+                         num_q_blocks=num_q_blocks, sliding_window=sliding_window)
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
+    lpt = (slots[:, None] * num_kv_heads + heads[None, :]).reshape(-1)
+    if not auto:
+        return lpt
+    natural = (jnp.arange(num_q_blocks, dtype=jnp.int32)[None, :] * num_kv_heads
+               + heads[:, None]).reshape(-1)  # kv head outermost, as the 2-D natural grid
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    live = jnp.arange(kv_lens.shape[0]) < num_seqs
+    return jnp.where(jnp.any(live & (q_lens == 1)), natural, lpt)

@@ -112,13 +112,14 @@ class TestGpuKernelsInterpret:
                                 interpret=self.interpret)
         assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
-    @pytest.mark.parametrize("case_idx", [0, 3, 4, 5])
-    @pytest.mark.parametrize("decode_tile", [True, False])
-    def test_ragged_lpt_order(self, case_idx, decode_tile):
-        # Query blocks run longest first, kv heads innermost; 16-row tiles give many blocks.
+    @pytest.mark.parametrize("case_idx", [0, 1, 3, 4, 5])  # 1: prefill only ("auto" -> lpt)
+    @pytest.mark.parametrize("order,decode_tile", [("lpt", True), ("lpt", False),
+                                                   ("auto", True)])
+    def test_ragged_scheduled_order(self, case_idx, order, decode_tile):
+        # Query blocks longest first, kv heads innermost; 16-row tiles give many blocks.
         case = RAGGED_CASES[case_idx]
         x = case.inputs()
-        out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, order="lpt", block_m=16,
+        out = gpu.ragged_kernel(*x.args(), **case.attn_kwargs, order=order, block_m=16,
                                 decode_tile=decode_tile, interpret=self.interpret)
         assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
@@ -247,6 +248,22 @@ def test_lpt_schedule_orders_blocks_by_kv_span():
                                            num_q_blocks=num_q_blocks, sliding_window=3).tolist()
     # Window spans: prefill slots 0, 1 -> 6 each, 4 -> 4, 5 -> 3; decodes 3, 6 -> 3 each.
     assert window[:6] == [0, 3, 1, 4, 6, 5]
+
+
+def test_launch_schedule_auto_takes_lpt_only_without_decodes():
+    kv_lens = jnp.asarray([20, 30, 5, 0], jnp.int32)
+    prefill_only = jnp.asarray([0, 8, 12, 17, 17], jnp.int32)  # q_lens 8, 4, 5
+    with_decode = jnp.asarray([0, 8, 9, 14, 14], jnp.int32)  # q_lens 8, 1, 5
+    kw = dict(block_q=4, num_q_blocks=8, num_kv_heads=2)
+    for qsl in (prefill_only, with_decode):
+        lpt = ragged_attention.launch_schedule(kv_lens, qsl, jnp.int32(3), **kw).tolist()
+        slots = ragged_attention.lpt_schedule(kv_lens, qsl, jnp.int32(3), block_q=4,
+                                              num_q_blocks=8).tolist()
+        assert lpt == [s * 2 + h for s in slots for h in (0, 1)]  # heads innermost
+        auto = ragged_attention.launch_schedule(kv_lens, qsl, jnp.int32(3), auto=True,
+                                                **kw).tolist()
+        natural = [s * 2 + h for h in (0, 1) for s in range(8)]  # kv head outermost
+        assert auto == (natural if qsl is with_decode else lpt)
 
 
 def test_wrapper_validates_shapes():
