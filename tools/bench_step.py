@@ -53,22 +53,69 @@ def _time(fn, iters: int) -> float:
     return statistics.median(ts)
 
 
-def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
-    kw = dict(model=None, load_format="dummy", hf_config=PRESETS[ns.model.split(":", 1)[1]]) \
-        if ns.model.startswith("preset:") else dict(model=ns.model)
+def make_llm(model: str, dtype: str, backend: str, max_num_seqs: int,
+             max_num_batched_tokens: int, ctx: int, block_size: int = 16):
+    """An engine for ``model`` (``preset:NAME`` = random weights of a standard shape) whose pool
+    holds ``max_num_seqs`` requests of ``ctx`` tokens, filled with fresh random KV."""
+    kw = dict(model=None, load_format="dummy", hf_config=PRESETS[model.split(":", 1)[1]]) \
+        if model.startswith("preset:") else dict(model=model)
     # A pool just big enough for the largest decode batch: the card's memory stays free for
     # the next backend, and filling the pool with random values stays cheap.
-    num_pages = ns.max_num_seqs * math.ceil((ns.ctx + 16) / ns.block_size) + 1
-    llm = LLM(**kw, dtype=ns.dtype, attention_backend=backend, max_model_len=ns.ctx + 16,
-              max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-              block_size=ns.block_size, num_pages=num_pages, compile_all_buckets=False)
+    num_pages = max_num_seqs * math.ceil((ctx + 16) / block_size) + 1
+    llm = LLM(**kw, dtype=dtype, attention_backend=backend, max_model_len=ctx + 16,
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+              block_size=block_size, num_pages=num_pages, compile_all_buckets=False)
+    runner = llm.engine.model_runner
+    # Fresh random KV (never zeros): timings on zeros can flatter the hardware.
+    for i, x in enumerate(runner.kv_pages):
+        runner.kv_pages[i] = jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+    return llm
+
+
+def stage_batch(runner, kind: str, num_reqs: int, q_len: int, ctx: int, rng):
+    """Puts ``num_reqs`` requests (``q_len`` new tokens after ``ctx - q_len`` cached ones, pages
+    shuffled over the pool) into the runner's batch. Returns (step, bucket, release): ``step``
+    runs the jitted forward once and waits for it; ``release`` empties the batch again."""
+    pages_per_seq = math.ceil((ctx + 1) / runner.spec.page_size)
+    pages = rng.permutation(np.arange(1, runner.num_pages))[:num_reqs * pages_per_seq]
+    new = [NewRequestData(f"b{i}", rng.integers(0, runner.vocab_size, ctx).tolist(), ctx,
+                          SamplingParams(temperature=0.0), 0,
+                          pages[i * pages_per_seq:(i + 1) * pages_per_seq].tolist(), ctx - q_len)
+           for i in range(num_reqs)]
+    so = SchedulerOutput(new, CachedRequestData(), {n.req_id: q_len for n in new},
+                         num_reqs * q_len, set())
+    runner.input_batch.update(so)
+    bucket = runner.buckets.pick(num_reqs * q_len, num_reqs)
+    packed = jax.device_put(runner.input_batch.prepare(
+        so, [n.req_id for n in new], PackedLayout(*bucket, runner.pages_per_req)))
+    exe = runner._executable(bucket, decode_only=kind == "decode")
+
+    def step():
+        logits, runner.kv_pages, _ = exe(runner.params, runner.kv_pages, packed)
+        logits.block_until_ready()
+
+    def release():
+        runner.input_batch.update(SchedulerOutput([], CachedRequestData(), {}, 0,
+                                                  {n.req_id for n in new}))
+    return step, bucket, release
+
+
+def decode_step_fn(model: str, dtype: str, backend: str, reqs: int, ctx: int):
+    """One decode step of ``reqs`` requests at ``ctx`` tokens, as a blocking callable."""
+    llm = make_llm(model, dtype, backend, reqs, max(reqs, 256), ctx)
+    step, _, _ = stage_batch(llm.engine.model_runner, "decode", reqs, 1, ctx,
+                             np.random.default_rng(0))
+    step.llm = llm  # keep the engine (and its pool) alive with the callable
+    return step
+
+
+def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
+    llm = make_llm(ns.model, ns.dtype, backend, ns.max_num_seqs, ns.max_num_batched_tokens,
+                   ns.ctx, ns.block_size)
     runner = llm.engine.model_runner
     cfg = runner.spec
     weight_bytes = sum(x.size * x.dtype.itemsize for x in runner.params)
     rng = np.random.default_rng(0)
-    # Fresh random KV (never zeros): timings on zeros can flatter the hardware.
-    for i, x in enumerate(runner.kv_pages):
-        runner.kv_pages[i] = jax.random.normal(jax.random.key(i), x.shape, x.dtype)
     rows = []
     pages_per_seq = math.ceil((ns.ctx + 1) / cfg.page_size)
     for kind in ("decode", "prefill"):
@@ -82,26 +129,9 @@ def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
             ctx = ns.ctx if kind == "decode" else t_bucket
             if num_reqs * pages_per_seq >= runner.num_pages or ctx > ns.ctx:
                 continue
-            pages = rng.permutation(np.arange(1, runner.num_pages))[:num_reqs * pages_per_seq]
-            new = [NewRequestData(f"b{i}", rng.integers(0, runner.vocab_size, ctx).tolist(), ctx,
-                                  SamplingParams(temperature=0.0), 0,
-                                  pages[i * pages_per_seq:(i + 1) * pages_per_seq].tolist(), ctx - q_len)
-                   for i in range(num_reqs)]
-            so = SchedulerOutput(new, CachedRequestData(), {n.req_id: q_len for n in new},
-                                 num_reqs * q_len, set())
-            runner.input_batch.update(so)
-            bucket = runner.buckets.pick(num_reqs * q_len, num_reqs)
-            packed = jax.device_put(runner.input_batch.prepare(
-                so, [n.req_id for n in new], PackedLayout(*bucket, runner.pages_per_req)))
-            exe = runner._executable(bucket, decode_only=kind == "decode")
-
-            def step():
-                logits, runner.kv_pages, _ = exe(runner.params, runner.kv_pages, packed)
-                logits.block_until_ready()
-
+            step, bucket, release = stage_batch(runner, kind, num_reqs, q_len, ctx, rng)
             sec = _time(step, ns.iters)
-            runner.input_batch.update(SchedulerOutput([], CachedRequestData(), {}, 0,
-                                                      {n.req_id for n in new}))
+            release()
             kv_read = num_reqs * ctx * cfg.page_bytes / cfg.page_size
             floor = (weight_bytes + kv_read) / bw if bw else None
             rows.append(dict(backend=runner.backend, kind=kind, T=bucket[0], R=bucket[1],
