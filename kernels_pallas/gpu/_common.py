@@ -139,10 +139,12 @@ def kv_loop(first_blk, last_blk, carry, *, blocks: KvBlocks, attend, prefetch: s
         attend(carry, blk, k, v) -> carry: the math of one block.
         prefetch: how the loads are laid over the iterations —
             "none": ids, K/V and math of a block in one iteration. The K/V addresses come
-                from a load of the same iteration, and Triton's pipeliner then waits for every
-                copy before the math (measured: no overlap of copies and MMAs).
+                from a load of the same iteration, and Triton's pipeliner then keeps two
+                buffers and waits for every copy before the math.
             "index": the ids are fetched one block ahead (a loop-carried value), so Triton
-                pipelines the K/V copies as if their addresses were direct.
+                pipelines the K/V copies three deep, as in jax's dense attention kernel. With
+                two CTAs per SM hiding each other's copies this measured no faster
+                (docs/benchmarks/NOTES.md), so "none" is the default.
         Blocks past ``last_blk`` are fetched fully masked: they touch no memory.
     """
     if prefetch == "index":

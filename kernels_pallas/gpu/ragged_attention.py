@@ -258,7 +258,7 @@ def ragged_paged_attention(
         decode_tile: give single-token requests their own small tile (max(16, Gp) rows, the
             decode kernel's) through a branch, instead of a block_m-row tile with G live rows.
         decode_block_kv: KV tokens per iteration on that path.
-        order: "natural" (program i takes query block i), "reverse" (the last blocks first)
+        order: "natural" (program i takes query block i), "reverse" (the last blocks first),
             "lpt" (longest KV span first within decodes and within prefill blocks, the two
             interleaved, every kv head of a block together; small sorts on device, see
             ``lpt_schedule``) or "auto" ("lpt" when no request is a single-token decode, else
