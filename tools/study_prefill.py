@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -117,11 +118,7 @@ def dense_baselines(ceil):
             out[label] = dict(error="skipped: time budget")
             return
         try:
-            f = jax.jit(fn)
-            r = dict(time_us=float("nan"))
-            jax.block_until_ready(f(*args))
-            import statistics
-            t = statistics.median(bk.time_runs(f, args, 20))
+            t = statistics.median(bk.time_runs(jax.jit(fn), args, 20))  # warms up itself
             r = dict(time_us=t * 1e6, tflops=out["flops"] / t / 1e12)
             r["pct_matmul"] = 100 * r["tflops"] * 1e12 / ceil["matmul_flops"]
         except Exception as e:
