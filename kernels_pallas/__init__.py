@@ -62,7 +62,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs,
             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     if backend == "pallas_gpu":
-        from jaxpage.kernels_pallas import gpu  # imported lazily: Triton-specific Pallas APIs
+        from jaxpage.kernels_pallas import gpu  # imported lazily: Triton / Mosaic GPU Pallas APIs
         return gpu.ragged_paged_attention(
             q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
             soft_cap=soft_cap, sliding_window=sliding_window, max_q_len=max_q_len,

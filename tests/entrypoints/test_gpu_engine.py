@@ -12,9 +12,18 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_pallas_matches_reference_on_gpu(dtype):
-    cfg = dict(PRESETS["smollm2-135m"], max_position_embeddings=1024)
+# SmolLM2's shape (H = 64, G = 3: the Triton kernels), and a small Llama with H = 128, G = 4 in
+# bf16, whose mixed and prefill steps take the Mosaic GPU kernel on Hopper (``mosaic_applies``).
+H128 = dict(PRESETS["llama3.2-1b"], hidden_size=1024, intermediate_size=2048,
+            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+            vocab_size=32000, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("model,dtype", [("smollm2-135m", "float32"),
+                                         ("smollm2-135m", "bfloat16"), ("h128", "bfloat16")])
+def test_pallas_matches_reference_on_gpu(model, dtype):
+    base = H128 if model == "h128" else PRESETS[model]
+    cfg = dict(base, max_position_embeddings=1024)
     prompts = random_prompts(24, cfg["vocab_size"], 1, 300, seed=2, shared_prefix=40)
     outs = {}
     for backend in ("reference", "pallas"):
@@ -24,4 +33,4 @@ def test_pallas_matches_reference_on_gpu(dtype):
         outs[backend] = llm.generate(prompts, greedy(32), use_tqdm=False)
         del llm
     n = assert_close(outs["reference"], outs["pallas"], min_identical=0.75)
-    print(f"GPU {dtype}: pallas vs reference {n}/{len(prompts)} bit-identical")
+    print(f"GPU {model} {dtype}: pallas vs reference {n}/{len(prompts)} bit-identical")

@@ -1,0 +1,159 @@
+"""The Mosaic GPU (Hopper) ragged kernel against the reference.
+
+CPU (CI): a few cases in Mosaic GPU's interpreter — it runs the kernel's real protocol (TMA
+copies, barriers between the memory and compute warpgroups, the K/V ring, ladder stores) with
+plain dots in place of wgmma, which the interpreter cannot take in this form — and the export
+of the real kernel for ``cuda``. GPU (marker ``gpu``): every case compiled on a Hopper card.
+Every unused KV slot is NaN (``paged_inputs.make_inputs``), so a read past ``kv_len`` fails.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxpage.kernels_pallas import gpu
+from jaxpage.kernels_pallas.gpu import ragged_mosaic
+from tests.kernels.paged_inputs import assert_close
+from tests.kernels.test_gpu_kernels import Case, _expected
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+
+CASES = [
+    # prefill chunks with context, decodes, an empty request mid-batch, padding rows + requests;
+    # requests start at rows that are not multiples of 8, T is not one either
+    Case("m-mixed-g4-h64-s16", (5, 1, 20, 0, 1), (9, 17, 40, 0, 3), 2, 4, 64, 16, BF16,
+         num_tokens=30, num_reqs=7),
+    # lengths at page edges, G = 8 (8-token query blocks), page 64 (one TMA copy per block)
+    Case("m-edges-g8-h128-s64", (1, 1, 3, 2, 9), (1, 63, 64, 65, 200), 1, 8, 128, 64, BF16,
+         num_reqs=8),
+    # G = 1 (64-token blocks), several KV blocks, float16
+    Case("m-prefill-g1-h128-s32", (70, 33), (70, 100), 2, 1, 128, 32, F16, num_tokens=110),
+    # soft cap + sliding window, page 128 (blocks are slices of a page)
+    Case("m-cap-window-g4-h64-s128", (7, 1, 20), (130, 129, 20), 1, 4, 64, 128, BF16,
+         num_tokens=32, soft_cap=20.0, sliding_window=50),
+    # G = 2, long chunk behind a long context: many unmasked blocks, then the diagonal
+    Case("m-long-g2-h64-s16", (90, 1), (300, 257), 2, 2, 64, 16, BF16, num_tokens=96),
+    # decode-only batch, ragged lengths
+    Case("m-dec-g4-h128-s16", (1,) * 5, (1, 15, 16, 17, 300), 2, 4, 128, 16, BF16,
+         num_tokens=8, num_reqs=6),
+]
+INTERPRET_CASES = [CASES[0], CASES[3]]  # the interpreter takes ~20 s per small case
+
+
+def _run(case, x, interpret, **kw):
+    return ragged_mosaic.ragged_paged_attention(*x.args(), **case.attn_kwargs,
+                                                interpret=interpret, **kw)
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: c.id)
+def test_interpret_matches_reference(case):
+    x = case.inputs()
+    out = _run(case, x, interpret=True)
+    assert out.shape == x.q.shape and out.dtype == x.q.dtype
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
+def test_interpret_shallow_ring_many_blocks():
+    # depth 2: the ring of 64-token blocks wraps (300 keys = 5 blocks) before the diagonal.
+    case = CASES[4]
+    x = case.inputs()
+    out = _run(case, x, interpret=True, depth=2)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
+def test_interpret_two_compute_warpgroups():
+    # KV blocks alternate between two compute warpgroups, whose partial softmax states merge.
+    case = CASES[4]
+    x = case.inputs()
+    out = _run(case, x, interpret=True, compute_wgs=2, depth=2)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
+def test_export_lowers_for_cuda():
+    """The real kernel (wgmma, TMA) lowers to Mosaic GPU's custom call from a CPU machine."""
+    case = CASES[3]
+    x = case.inputs()
+    fn = functools.partial(ragged_mosaic.ragged_paged_attention, **case.attn_kwargs)
+    exported = jax.export.export(jax.jit(fn), platforms=("cuda",))(*x.args())
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("args,why", [
+    ((32, 8, 128, 16, jnp.float32), "dtype"),
+    ((32, 8, 96, 16, BF16), "head_dim"),
+    ((32, 2, 128, 16, BF16), "group"),  # G = 16: 4-token blocks
+    ((24, 8, 128, 16, BF16), "group"),  # G = 3
+    ((32, 8, 128, 4, BF16), "page_size"),
+])
+def test_supported_says_why_not(args, why):
+    assert why in ragged_mosaic.supported(*args)
+    assert ragged_mosaic.supported(32, 8, 128, 16, BF16) is None
+
+
+def test_rejects_unsupported_shapes_with_a_clear_error():
+    case = CASES[0]
+    x = case.inputs()
+    with pytest.raises(ValueError, match="does not take dtype float32"):
+        ragged_mosaic.ragged_paged_attention(x.q.astype(jnp.float32),
+                                             x.kv_pages.astype(jnp.float32), *x.args()[2:],
+                                             sm_scale=0.1)
+
+
+def test_dispatch_takes_mosaic_when_asked():
+    case = CASES[3]
+    x = case.inputs()
+    out = gpu.ragged_paged_attention(*x.args(), **case.attn_kwargs, ragged_impl="mosaic",
+                                     interpret=True)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+    with pytest.raises(ValueError, match="ragged_impl"):
+        gpu.ragged_paged_attention(*x.args(), **case.attn_kwargs, ragged_impl="cuda")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU answer")
+def test_auto_never_picks_mosaic_off_gpu():
+    x = CASES[0].inputs()
+    assert not gpu.mosaic_applies(x.q, x.kv_pages)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+class TestMosaicCompiled:
+    def test_auto_dispatch_on_hopper(self):
+        case = CASES[5]  # head_dim 128
+        x = case.inputs()
+        hopper = str(jax.devices()[0].compute_capability).startswith("9")
+        assert gpu.mosaic_applies(x.q, x.kv_pages) == hopper
+        y = CASES[0].inputs()  # head_dim 64: measured slower there, so Triton
+        assert not gpu.mosaic_applies(y.q, y.kv_pages)
+        assert not gpu.mosaic_applies(x.q.astype(jnp.float32), x.kv_pages.astype(jnp.float32))
+        out = gpu.ragged_paged_attention(*x.args(), **case.attn_kwargs)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+    def test_matches_reference(self, case):
+        x = case.inputs()
+        out = _run(case, x, interpret=False)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+    @pytest.mark.parametrize("kw", [
+        dict(block_kv=64, depth=2), dict(block_kv=64, depth=4), dict(block_kv=192, depth=1),
+        dict(compute_wgs=1), dict(compute_wgs=2), dict(compute_wgs=2, block_kv=64, depth=4),
+        dict(compute_wgs=2, compute_regs=232)], ids=str)
+    def test_configs(self, kw):
+        for case in (CASES[0], CASES[1], CASES[4], CASES[5]):
+            x = case.inputs()
+            out = _run(case, x, interpret=False, **kw)
+            assert_close(out, _expected(case, x), dtype=case.dtype,
+                         num_valid_rows=x.num_valid_rows)
+
+    def test_large_mixed_batch(self):
+        case = Case("m-gpu-big", (512, 1, 300, 1) + (1,) * 12,
+                    (1024, 4000, 300, 17) + tuple(range(100, 1300, 100)), 8, 4, 128, 16, BF16,
+                    num_tokens=1024)
+        x = case.inputs()
+        out = _run(case, x, interpret=False)
+        assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)

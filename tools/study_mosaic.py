@@ -1,0 +1,185 @@
+"""The Mosaic GPU (Hopper) ragged kernel beside the Triton-lowered one: one GPU call, one card.
+
+Times, side by side in one run:
+  * ceilings (HBM read, bf16 matmul);
+  * the prefill half of ``bench_kernels``' mixed batch (4 chunks x 512, ctx 512..2048);
+  * the full mixed batch (+ 60 decodes at ctx 2048): Triton default vs Mosaic configs;
+  * decode-only batches (B x ctx): the Triton decode kernel vs the Mosaic kernel;
+every candidate checked against the reference first (max error relative to max |ref|).
+
+    python tools/study_mosaic.py --out /tmp/mosaic                # on a Hopper GPU
+    python tools/study_mosaic.py --cfgs '{"d4": {"depth": 4}}'    # Mosaic candidates (JSON)
+    python tools/study_mosaic.py --report docs/benchmarks/kernels_mosaic_runs.md runs/*.json
+
+Writes ``mosaic.json`` and prints one line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kernels as bk  # noqa: E402  (tools/ is not a package)
+import study_prefill as sp  # noqa: E402
+
+from jaxpage.kernels_pallas.gpu import ragged_mosaic  # noqa: E402
+
+DEFAULT_CFGS = {"mosaic": {}, "wg1": dict(compute_wgs=1, block_kv=128, depth=2),
+                "wg2": dict(compute_wgs=2, block_kv=128, depth=2),
+                "wg2_bkv64_d4": dict(compute_wgs=2, block_kv=64, depth=4),
+                "wg2_regs232": dict(compute_wgs=2, block_kv=128, depth=2, compute_regs=232)}
+DECODE_SHAPES = ((16, 2048), (64, 2048), (256, 2048))
+
+
+def mosaic_call(md, **cfg):
+    return lambda q, pool: ragged_mosaic.ragged_paged_attention(
+        q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
+        sm_scale=bk.SM_SCALE, **cfg)
+
+
+def timed(label, call, q, qs, pools, want, extra):
+    """Check against ``want``, then time; one log line."""
+    try:
+        err = bk.rel_err(call(q, pools[0]), want) if want is not None else None
+    except Exception as e:  # keep going; the record shows the failure
+        bk.log(f"  {label} failed: {type(e).__name__}: {str(e)[:400]}")
+        return dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+    r = sp.time_call(call, qs, pools)
+    r["rel_err"] = err
+    if "time_us" in r:
+        r.update({k: f(r["time_us"]) for k, f in extra.items()})
+    bk.log(f"  {label:22s} " + (f"{r['time_us']:8.1f} us err {err} "
+                                + " ".join(f"{k}={r[k]:.3g}" for k in extra)
+                                if "time_us" in r else r.get("error", "")))
+    return r
+
+
+def batch_rows(md, q, pools, ceil, cfgs, triton, extra):
+    qs = (q,) + bk.make_qs(q.shape[0], 3, 77)
+    want = bk.ref_call(md)(q, pools[0])
+    rows = {"triton": timed("triton", triton, q, qs, pools, want, extra)}
+    for label, cfg in cfgs.items():
+        rows[label] = timed(label, mosaic_call(md, **cfg), q, qs, pools, want, extra)
+        rows[label]["config"] = cfg
+    return rows
+
+
+def report(md_path, json_paths):
+    """One Markdown table (+ a PNG of the mixed batch) over several ``mosaic.json`` runs."""
+    runs = [(os.path.basename(p), json.load(open(p))) for p in json_paths]
+    lines = ["| run | card | H | batch | floor µs | candidate | config | µs | metric |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs:
+        for key, val in r.items():
+            if not key.startswith(("prefill_", "mixed_", "decode_")):
+                continue
+            rows, floor = (val["rows"], f"{val['floor_us']:.1f}") if "rows" in val else (val, "")
+            for label, row in rows.items():
+                if not isinstance(row, dict):
+                    continue
+                metric = next((f"{k} {row[k]:.3g}" for k in ("x_floor", "tflops", "pct_read_bw")
+                               if k in row), row.get("error", "")[:60])
+                cfg = json.dumps(row.get("config", {}))
+                lines.append(f"| {name} | {r['device']} | {r.get('head_dim', 128)} | {key} | "
+                             f"{floor} | {label} | `{cfg}` | {row.get('time_us', float('nan')):.1f}"
+                             f" | {metric} |")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    xs, names = 0, []
+    for name, r in runs:
+        for key in [k for k in r if k.startswith(("mixed_", "prefill_"))]:
+            rows = r[key]["rows"] if "rows" in r[key] else r[key]
+            labels = [k for k in rows if isinstance(rows[k], dict) and "time_us" in rows[k]]
+            for j, label in enumerate(labels):
+                if label not in names:
+                    names.append(label)
+                color = "tab:gray" if label == "triton" else plt.cm.tab20(names.index(label) % 20)
+                ax.bar(xs + j * 0.8 / len(labels), rows[label]["time_us"], 0.8 / len(labels),
+                       color=color, label=label if names.count(label) == 1 and
+                       label not in ax.get_legend_handles_labels()[1] else None)
+            ax.text(xs + 0.35, 5, f"{name[:-5]}\nH={r.get('head_dim', 128)} {key[:-4]}",
+                    ha="center", fontsize=6, rotation=90, color="white")
+            xs += 1
+    ax.set_ylabel("µs (lower is better)")
+    ax.set_xticks([])
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title("Ragged kernel: Triton lowering (gray) vs Mosaic GPU candidates, "
+                 f"{runs[0][1]['device']}, JAX {runs[0][1]['jax_version']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.splitext(md_path)[0] + ".png", dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="study_mosaic_out")
+    p.add_argument("--cfgs", default=None, help="JSON {label: kwargs} Mosaic candidates")
+    p.add_argument("--pages", default="16", help="comma list of page sizes for the batches")
+    p.add_argument("--time-budget", type=float, default=480.0)
+    p.add_argument("--skip", default="", help="comma list of: prefill,mixed,decode")
+    p.add_argument("--head-dim", type=int, default=128, help="H (N/K stay 32/8)")
+    p.add_argument("--report", nargs="+", default=None, metavar=("OUT_MD", "JSON"),
+                   help="no GPU work: tabulate mosaic.json runs into OUT_MD (+ .png)")
+    args = p.parse_args(argv)
+    if args.report:
+        report(args.report[0], args.report[1:])
+        return
+    bk.H, bk.SM_SCALE = args.head_dim, args.head_dim ** -0.5
+    bk.DEADLINE = bk.T0 + args.time_budget
+    cfgs = json.loads(args.cfgs) if args.cfgs else DEFAULT_CFGS
+    skip = set(args.skip.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    dev = jax.devices()[0]
+    res = dict(device=getattr(dev, "device_kind", str(dev)), jax_version=jax.__version__,
+               head_dim=bk.H,
+               command="python tools/study_mosaic.py " + " ".join(sys.argv[1:]))
+    bk.log(f"device {res['device']}, jax {jax.__version__}")
+    res["ceilings"] = ceil = bk.ceilings(4.0)
+    bk.log("ceilings: read {:.2f} TB/s, matmul {:.0f} TFLOP/s".format(
+        ceil["read_bw"] / 1e12, ceil["matmul_flops"] / 1e12))
+    save = lambda: bk.dump(args.out, "mosaic.json", res)  # noqa: E731
+    for page in map(int, args.pages.split(",")):
+        md, q, pools, info = bk.mixed_batch(page, seed=21)
+        if "prefill" not in skip:
+            pre = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
+            flops = sp.causal_flops(info["q_lens"][:4], info["kv_lens"][:4], bk.N, bk.H)
+            bk.log(f"prefill half, page {page}: {flops / 1e9:.1f} GFLOP")
+            res[f"prefill_p{page}"] = batch_rows(
+                pre, q, pools, ceil, cfgs, bk.ours_ragged(pre), dict(
+                    tflops=lambda t, f=flops: f / (t * 1e-6) / 1e12))
+            save()
+        if "mixed" not in skip:
+            floor = max(info["kv_bytes"] / ceil["read_bw"], info["flops"] / ceil["matmul_flops"])
+            bk.log(f"mixed batch, page {page}: floor {floor * 1e6:.1f} us")
+            res[f"mixed_p{page}"] = dict(floor_us=floor * 1e6, rows=batch_rows(
+                md, q, pools, ceil, cfgs, bk.ours_ragged(md), dict(
+                    x_floor=lambda t, f=floor: t * 1e-6 / f)))
+            save()
+    if "decode" not in skip:
+        for batch, ctx in DECODE_SHAPES:
+            page = 16
+            num_pages, md = bk.decode_batch(batch, ctx, page)
+            pools = bk.make_pools(num_pages, page, 2, 100)
+            q = bk.make_qs(batch, 1, 5)[0]
+            floor = batch * ctx * bk.K * bk.H * 4 / ceil["read_bw"]
+            bk.log(f"decode B={batch} ctx={ctx}: floor {floor * 1e6:.1f} us")
+            res[f"decode_b{batch}_c{ctx}"] = dict(floor_us=floor * 1e6, rows=batch_rows(
+                md, q, pools, ceil, cfgs, bk.ours_decode(md), dict(
+                    pct_read_bw=lambda t, f=floor: 100 * f / (t * 1e-6))))
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
