@@ -206,3 +206,14 @@ def compiler_params(num_warps: int, num_stages: int):
 def check_common(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array, block_tables: jax.Array):
     """Shape checks shared by both wrappers; returns (T, N, H, K, S, R, Pmax)."""
     return check_paged_inputs(q, kv_pages, kv_lens, block_tables)
+
+
+def check_ragged(q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window):
+    """``check_common`` plus the ragged kernels' own arguments; returns (T, N, H, K, S, R)."""
+    num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs, _ = check_common(
+        q, kv_pages, kv_lens, block_tables)
+    if query_start_loc.shape != (num_reqs + 1,):
+        raise ValueError(f"query_start_loc must be ({num_reqs + 1},), got {query_start_loc.shape}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    return num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs

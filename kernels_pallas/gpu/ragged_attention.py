@@ -275,12 +275,8 @@ def ragged_paged_attention(
     Returns:
         (T, N, H) in q's dtype; padding rows are zero.
     """
-    num_tokens, num_q_heads, head_dim, num_kv_heads, _, num_reqs, _ = cm.check_common(
-        q, kv_pages, kv_lens, block_tables)
-    if query_start_loc.shape != (num_reqs + 1,):
-        raise ValueError(f"query_start_loc must be ({num_reqs + 1},), got {query_start_loc.shape}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    num_tokens, num_q_heads, head_dim, num_kv_heads, _, num_reqs = cm.check_ragged(
+        q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
     cfg = ragged_config(head_dim)
     block_m = block_m or cfg.block_m
     block_kv = block_kv or cfg.block_kv

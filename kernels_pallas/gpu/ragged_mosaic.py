@@ -385,14 +385,10 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``compute_wgs``, ``compute_regs`` override the tuned
-    table (benchmarks);
-    ``interpret``: run in Mosaic GPU's interpreter on CPU (the CI tests; see ``_interpreter``)."""
-    num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs, _ = cm.check_common(
-        q, kv_pages, kv_lens, block_tables)
-    if query_start_loc.shape != (num_reqs + 1,):
-        raise ValueError(f"query_start_loc must be ({num_reqs + 1},), got {query_start_loc.shape}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    table (benchmarks); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
+    ``_interpreter``)."""
+    num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
+        q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
     why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype)
     if why:
         raise ValueError(f"Mosaic GPU ragged kernel does not take {why}")

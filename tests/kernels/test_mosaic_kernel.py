@@ -82,6 +82,20 @@ def test_export_lowers_for_cuda():
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+@pytest.mark.parametrize("num_tokens,num_reqs,group", [(8, 1, 4), (8, 8, 8), (16, 32, 1),
+                                                       (512, 32, 4), (136, 3, 2)])
+def test_export_engine_bucket_shapes(num_tokens, num_reqs, group):
+    """Lowering is shape-dependent (grid size, TMA boxes wider than a tiny batch): the Mosaic
+    kernel lowers for cuda at engine-like buckets, H = 128, bf16, page 16."""
+    q = jax.ShapeDtypeStruct((num_tokens, 2 * group, 128), BF16)
+    pool = jax.ShapeDtypeStruct((64, 2, 2, 16, 128), BF16)
+    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    fn = functools.partial(ragged_mosaic.ragged_paged_attention, sm_scale=0.1)
+    exported = jax.export.export(jax.jit(fn), platforms=("cuda",))(
+        q, pool, i32((num_reqs,)), i32((num_reqs, 20)), i32((num_reqs + 1,)), i32((1,)))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
 @pytest.mark.parametrize("args,why", [
     ((32, 8, 128, 16, jnp.float32), "dtype"),
     ((32, 8, 96, 16, BF16), "head_dim"),
