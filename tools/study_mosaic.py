@@ -30,10 +30,9 @@ import study_prefill as sp  # noqa: E402
 
 from jaxpage.kernels_pallas.gpu import ragged_mosaic  # noqa: E402
 
-DEFAULT_CFGS = {"mosaic": {}, "wg1": dict(compute_wgs=1, block_kv=128, depth=2),
-                "wg2": dict(compute_wgs=2, block_kv=128, depth=2),
-                "wg2_bkv64_d4": dict(compute_wgs=2, block_kv=64, depth=4),
-                "wg2_regs232": dict(compute_wgs=2, block_kv=128, depth=2, compute_regs=232)}
+DEFAULT_CFGS = {"mosaic": {}, "overlap": dict(overlap=True),
+                "overlap_bkv64_d3": dict(overlap=True, block_kv=64, depth=3),
+                "wg2": dict(compute_wgs=2, block_kv=128, depth=2)}
 DECODE_SHAPES = ((16, 2048), (64, 2048), (256, 2048))
 
 

@@ -47,6 +47,7 @@ class MosaicConfig:
     depth: int = 3  # K/V ring depth (pipeline stages)
     compute_wgs: int = 1  # compute warpgroups splitting each tile's KV blocks (1 or 2)
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
+    overlap: bool = False  # next block's QKᵀ in flight during this block's softmax (1 wg)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -85,7 +86,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
             q_smem, o_smem, k_smem, v_smem, acc_smem, m_smem, l_smem,  # scratch buffers
             q_bar, k_bar, v_bar, k_free, v_free, q_ready, merge_bar,  # scratch barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            num_slots, search_steps, compute_wgs, compute_regs, interpret):
+            num_slots, search_steps, compute_wgs, compute_regs, overlap, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     num_tokens, _, head_dim = q_ref.shape
     dtype = q_ref.dtype
@@ -161,17 +162,21 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
             row, col = iota(rows_shape, 0), iota(rows_shape, 1)
             q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
 
-            def step(i, carry, masked):
-                acc, m_i, l_i = carry
-                s = wg + nc * i
-                buf = lax.rem(s, jnp.int32(depth))
-                blk = lo_blk + s
-                plgpu.barrier_wait(k_bar.at[buf])
-
-                def qk(acc_ref):
+            def qk(buf):
+                def body(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[buf], (1, 0)))
                     return acc_ref[...]
+                return body
 
+            def scale(sc):
+                if soft_cap is None:
+                    return sc * (sm_scale * cm.LOG2E)
+                return jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
+
+            def scores(s):
+                """Scaled QKᵀ of KV block s (waits for its K, then frees the K slot)."""
+                buf = lax.rem(s, jnp.int32(depth))
+                plgpu.barrier_wait(k_bar.at[buf])
                 # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a register
                 # wgmma operand, nor run_state: there both products are plain dots.
                 if interpret:
@@ -179,12 +184,15 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
                                              (((1,), (1,)), ((), ())),
                                              preferred_element_type=jnp.float32)
                 else:
-                    sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
+                    sc = pl.run_scoped(qk(buf), plgpu.ACC(rows_shape, jnp.float32))
                 plgpu.barrier_arrive(k_free.at[buf])
-                if soft_cap is None:
-                    sc = sc * (sm_scale * cm.LOG2E)
-                else:
-                    sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
+                return scale(sc)
+
+            def update(s, sc, carry, masked):
+                """Online softmax over block s's scores and PV (waits for its V, frees it)."""
+                acc, m_i, l_i = carry
+                buf = lax.rem(s, jnp.int32(depth))
+                blk = lo_blk + s
                 if masked:
                     kv_pos = blk * block_kv + col
                     mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
@@ -219,19 +227,53 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
                 plgpu.barrier_arrive(v_free.at[buf])
                 return acc, m_new, l_i
 
+            def step(i, carry, masked):
+                s = wg + nc * i
+                return update(s, scores(s), carry, masked)
+
+            def overlapped_step(i, carry, masked):
+                """Block i's softmax and PV while the tensor cores compute block i + 1's QKᵀ
+                (issued first, asynchronously; read after PV)."""
+                *carry, sc = carry
+                if interpret:  # no async wgmma there: the same order of barrier events
+                    carry = update(i, sc, carry, masked)
+                    return (*carry, scores(i + 1))
+                nxt = lax.rem(i + 1, jnp.int32(depth))
+                plgpu.barrier_wait(k_bar.at[nxt])
+
+                def body(qk_ref):
+                    plgpu.wgmma(qk_ref, q_smem, plgpu.transpose_ref(k_smem.at[nxt], (1, 0)))
+                    return (*update(i, sc, carry, masked), qk_ref[...])
+
+                *carry, sc = pl.run_scoped(body, plgpu.ACC(rows_shape, jnp.float32))
+                plgpu.barrier_arrive(k_free.at[nxt])
+                return (*carry, scale(sc))
+
             carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
                                plgpu.Layout.WGMMA),
                      in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
                                plgpu.Layout.WGMMA.reduce(1)),
                      in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
                                plgpu.Layout.WGMMA.reduce(1)))
-            # This warpgroup's blocks s = wg + nc * i: the unmasked ones (s < n_full), then
-            # the rest (the diagonal and the kv_len tail, masked).
-            n_mine_full = lax.div(jnp.maximum(n_full - wg, 0) + nc - 1, jnp.int32(nc))
-            n_mine = lax.div(jnp.maximum(n_blk - wg, 0) + nc - 1, jnp.int32(nc))
-            carry = lax.fori_loop(0, n_mine_full, functools.partial(step, masked=False), carry)
-            acc, m_i, l_i = lax.fori_loop(n_mine_full, n_mine,
-                                          functools.partial(step, masked=True), carry)
+            if overlap:  # one compute warpgroup: n_blk > 0 blocks, all its own
+                # Blocks 0 .. n_blk - 2 overlapped (unmasked ones first), the last one alone,
+                # masked (a superset mask is exact for a block that needs none).
+                n_ov_full = jnp.minimum(n_full, n_blk - 1)
+                carry = (*carry, scores(jnp.int32(0)))
+                carry = lax.fori_loop(0, n_ov_full,
+                                      functools.partial(overlapped_step, masked=False), carry)
+                *carry, sc = lax.fori_loop(n_ov_full, n_blk - 1,
+                                           functools.partial(overlapped_step, masked=True), carry)
+                acc, m_i, l_i = update(n_blk - 1, sc, carry, masked=True)
+            else:
+                # This warpgroup's blocks s = wg + nc * i: the unmasked ones (s < n_full), then
+                # the rest (the diagonal and the kv_len tail, masked).
+                n_mine_full = lax.div(jnp.maximum(n_full - wg, 0) + nc - 1, jnp.int32(nc))
+                n_mine = lax.div(jnp.maximum(n_blk - wg, 0) + nc - 1, jnp.int32(nc))
+                carry = lax.fori_loop(0, n_mine_full, functools.partial(step, masked=False),
+                                      carry)
+                acc, m_i, l_i = lax.fori_loop(n_mine_full, n_mine,
+                                              functools.partial(step, masked=True), carry)
 
             if nc > 1:  # warpgroup 1 hands its partial softmax state to warpgroup 0
                 @pl.when(wg == 1)
@@ -376,16 +418,16 @@ def _store_rows(o_smem, o_ref, row0, n_rows, kv_head, group, block_q):
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "compute_wgs", "compute_regs",
-    "interpret"))
+    "overlap", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, compute_wgs: int | None = None,
-                           compute_regs: int | None = None,
+                           compute_regs: int | None = None, overlap: bool | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``compute_wgs``, ``compute_regs`` override the tuned
-    table (benchmarks); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
+    it takes. ``block_kv``, ``depth``, ``compute_wgs``, ``compute_regs``, ``overlap`` override
+    the tuned table (benchmarks); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
     ``_interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
@@ -400,6 +442,9 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     if compute_wgs not in (1, 2) or depth % compute_wgs:
         raise ValueError(f"compute_wgs must be 1 or 2 and divide depth, got {compute_wgs} "
                          f"(depth {depth})")
+    overlap = cfg.overlap if overlap is None else overlap
+    if overlap and compute_wgs != 1:
+        raise ValueError("overlap takes one compute warpgroup (compute_wgs=1)")
     if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
         # 64: wgmma's K step for 16-bit operands in 128-byte swizzled tiles (P·V has K = block_kv)
         raise ValueError(f"block_kv must be a multiple of 64 (<= 256) and of the page chunk, "
@@ -415,7 +460,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
         num_slots=num_slots, search_steps=max(1, (num_reqs + 1).bit_length() + 1),
-        compute_wgs=compute_wgs, compute_regs=compute_regs, interpret=interpret)
+        compute_wgs=compute_wgs, compute_regs=compute_regs, overlap=overlap, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,

@@ -73,6 +73,24 @@ def test_interpret_two_compute_warpgroups():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
+@pytest.mark.parametrize("case", [CASES[4], CASES[3]], ids=lambda c: c.id)
+def test_interpret_overlapped_qk(case):
+    # The next block's QKᵀ issued before this block's softmax: the barrier protocol in that
+    # order (unmasked blocks, the diagonal, a last block alone; a sliding window).
+    x = case.inputs()
+    out = _run(case, x, interpret=True, overlap=True, depth=2)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
+@pytest.mark.parametrize("kw", [dict(overlap=True), dict(compute_wgs=2)], ids=str)
+def test_export_variants_lower_for_cuda(kw):
+    case = CASES[4]
+    x = case.inputs()
+    fn = functools.partial(ragged_mosaic.ragged_paged_attention, **case.attn_kwargs, **kw)
+    assert "mosaic_gpu" in jax.export.export(jax.jit(fn), platforms=("cuda",))(
+        *x.args()).mlir_module()
+
+
 def test_export_lowers_for_cuda():
     """The real kernel (wgmma, TMA) lowers to Mosaic GPU's custom call from a CPU machine."""
     case = CASES[3]
@@ -156,7 +174,8 @@ class TestMosaicCompiled:
     @pytest.mark.parametrize("kw", [
         dict(block_kv=64, depth=2), dict(block_kv=64, depth=4), dict(block_kv=192, depth=1),
         dict(compute_wgs=1), dict(compute_wgs=2), dict(compute_wgs=2, block_kv=64, depth=4),
-        dict(compute_wgs=2, compute_regs=232)], ids=str)
+        dict(compute_wgs=2, compute_regs=232), dict(overlap=True),
+        dict(overlap=True, block_kv=64, depth=3)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5]):
             x = case.inputs()
