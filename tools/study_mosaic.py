@@ -32,7 +32,8 @@ from jaxpage.kernels_pallas.gpu import ragged_mosaic  # noqa: E402
 
 DEFAULT_CFGS = {"mosaic": {}, "overlap": dict(overlap=True),
                 "overlap_bkv64_d3": dict(overlap=True, block_kv=64, depth=3),
-                "wg2": dict(compute_wgs=2, block_kv=128, depth=2)}
+                "decode_tile": dict(decode_tile=True),
+                "decode_tile_overlap": dict(decode_tile=True, overlap=True)}
 DECODE_SHAPES = ((16, 2048), (64, 2048), (256, 2048))
 
 

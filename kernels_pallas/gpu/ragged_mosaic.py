@@ -23,6 +23,10 @@ Work items (one CTA each) are the Triton kernel's (query block slot, kv head) pa
 Key rows at or past kv_len may hold anything (NaN in the tests): K rows are masked in the
 scores; the V rows of the last block are zeroed in shared memory before PV, since 0 * NaN is
 NaN inside the MMA.
+
+Options built but not yet measured (off; docs/benchmarks/NOTES.md has their predictions):
+``overlap`` (the next block's QKᵀ in flight during this block's softmax) and ``decode_tile``
+(single-token requests on a transposed tile, ``_decode_tile``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class MosaicConfig:
     compute_wgs: int = 1  # compute warpgroups splitting each tile's KV blocks (1 or 2)
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     overlap: bool = False  # next block's QKᵀ in flight during this block's softmax (1 wg)
+    decode_tile: bool = False  # single-token requests on a transposed tile (32-byte swizzle)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -83,10 +88,12 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 
 def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,  # inputs
             o_ref,  # output
-            q_smem, o_smem, k_smem, v_smem, acc_smem, m_smem, l_smem,  # scratch buffers
+            q_smem, o_smem, k_smem, v_smem, acc_smem, m_smem, l_smem,  # scratch (None: unused)
+            q16_smem, p_smem, ot_smem,  # decode tile buffers (None without it)
             q_bar, k_bar, v_bar, k_free, v_free, q_ready, merge_bar,  # scratch barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            num_slots, search_steps, compute_wgs, compute_regs, overlap, interpret):
+            num_slots, search_steps, compute_wgs, compute_regs, overlap, decode_tile,
+            interpret):
     num_reqs, max_pages = block_tables_ref.shape
     num_tokens, _, head_dim = q_ref.shape
     dtype = q_ref.dtype
@@ -126,6 +133,12 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
         lax.div(first_pos + 1, jnp.int32(block_kv)), n_blk)
     wg = lax.axis_index("wg")
     iota, in_layout, load_tile, load_row = _register_ops(interpret)
+    # Single-token requests on the transposed decode tile (``_decode_tile``), if enabled.
+    # (TMA boxes of 16 heads: only where the model has at least 16 q heads.)
+    use_tile = decode_tile and q_ref.shape[1] >= 16
+    decode_here = (n_blk > 0) & (q_len == 1) if use_tile else None
+    # Items the 64-row tile takes (every live item without the decode tile).
+    tile_items = (n_blk > 0) & ~decode_here if use_tile else n_blk > 0
 
     nc = compute_wgs  # compute warpgroups 0..nc-1 take KV blocks s = wg, wg + nc, ...; then
     # the memory warpgroup nc. A ring slot is always read by the same warpgroup (depth % nc ==
@@ -137,7 +150,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
             plgpu.set_max_registers(compute_regs, action="increase")
         rows_shape = (TILE_ROWS, block_kv)
 
-        @pl.when(n_blk > 0)
+        @pl.when(tile_items)
         def _attend():
             @pl.when(wg == 0)
             def _load_q():
@@ -297,12 +310,26 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
                 l_safe = jnp.where(l_0 > 0, l_0, jnp.ones_like(l_0))
                 o_smem[...] = (acc_0 / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
 
+        if use_tile:
+            @pl.when(decode_here)
+            def _decode():
+                off = _decode_tile(
+                    q_ref, o_smem, q16_smem, p_smem, ot_smem, k_smem, v_smem, q_bar, k_bar,
+                    v_bar, k_free, v_free, q_start=q_start, kv_head=kv_head, kv_len=kv_len,
+                    lo_blk=lo_blk, n_blk=n_blk, group=group, block_kv=block_kv, depth=depth,
+                    sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                    interpret=interpret)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(off, group)],
+                                        o_ref.at[q_start, pl.ds(kv_head * group, group)])
+                plgpu.wait_smem_to_gmem(0)
+
         @pl.when((wg == 0) & (n_blk == 0) & is_pad)
         def _zeros():  # padding rows: the output is defined as zero there
             o_smem[...] = in_layout(jnp.zeros((TILE_ROWS, head_dim), dtype),
                                     plgpu.Layout.WGMMA)
 
-        @pl.when((wg == 0) & ((n_blk > 0) | is_pad))
+        @pl.when((wg == 0) & (tile_items | is_pad))
         def _store():
             plgpu.commit_smem()
             _store_rows(o_smem, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
@@ -348,6 +375,106 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
             buf = lax.rem(s, jnp.int32(depth))
             plgpu.barrier_wait(k_free.at[buf])
             plgpu.barrier_wait(v_free.at[buf])
+
+
+def _decode_tile(q_ref, o_smem, q16_smem, p_smem, ot_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
+                 k_free, v_free, *, q_start, kv_head, kv_len, lo_blk, n_blk, group, block_kv,
+                 depth, sm_scale, soft_cap, sliding_window, interpret):
+    """One query token, G heads: keys are wgmma's M and the heads its N (16 columns, G live),
+    instead of a 64-row tile with G live rows — 4x the waste instead of 16x::
+
+        Sᵀ (block_kv, 16) = K · Qᵀ     softmax down each column (one per head)
+        Oᵀ (H, 16)       += Vᵀ · P      P stored as is; K, V, Q, P in 32-byte swizzled tiles
+        O (64, H)         = E · (Oᵀ)ᵀ   E = identity (64, 16): Oᵀ back to rows, exactly
+
+    Leaves O in ``o_smem``, the G heads at rows off .. off + G - 1 (returns off). Same ring
+    protocol as the 64-row tile.
+    """
+    head_dim = q_ref.shape[2]
+    dtype = q_ref.dtype
+    cols = q16_smem.shape[0]  # 16
+    iota, in_layout, load_tile, _ = _register_ops(interpret)
+    # A TMA copy into a tiled tile needs a tile-aligned start: take the 16 heads from the
+    # 8-aligned one below this group's first; this group's heads are columns off .. off + G - 1.
+    off = lax.rem(kv_head * group, jnp.int32(8))
+    plgpu.copy_gmem_to_smem(q_ref.at[q_start, pl.ds(kv_head * group - off, cols)], q16_smem,
+                            q_bar)
+    for _ in range(group - 1):  # q_bar counts G arrivals, as for the 64-row tile
+        plgpu.barrier_arrive(q_bar)
+    plgpu.barrier_wait(q_bar)
+    q_pos = kv_len - 1
+    key = iota((block_kv, cols), 0)
+
+    def step(s, carry):
+        acc_t, m_i, l_i = carry  # (H, 16), (16,), (16,)
+        buf = lax.rem(s, jnp.int32(depth))
+        blk = lo_blk + s
+        plgpu.barrier_wait(k_bar.at[buf])
+        if interpret:  # the interpreter's wgmma takes no transposed operand: plain dots
+            st = jnp.dot(k_smem.at[buf][...], q16_smem[...].T,
+                         preferred_element_type=jnp.float32)
+        else:
+            def qk(ref):
+                plgpu.wgmma(ref, k_smem.at[buf], plgpu.transpose_ref(q16_smem, (1, 0)))
+                return ref[...]
+            st = pl.run_scoped(qk, plgpu.ACC((block_kv, cols), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[buf])
+        if soft_cap is None:
+            st = st * (sm_scale * cm.LOG2E)
+        else:
+            st = jnp.tanh(st * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
+        kv_pos = blk * block_kv + key
+        mask = kv_pos < kv_len
+        if sliding_window is not None:
+            mask = mask & (kv_pos > q_pos - sliding_window)
+        st = jnp.where(mask, st, cm.NEG)
+        m_new = jnp.maximum(m_i, st.max(axis=0))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(st - lax.broadcast_in_dim(m_new, st.shape, [1]))
+        l_i = l_i * alpha + p.sum(axis=0)
+        acc_t = acc_t * lax.broadcast_in_dim(alpha, acc_t.shape, [1])
+        p_smem[...] = p.astype(dtype)
+        plgpu.barrier_wait(v_bar.at[buf])
+
+        @pl.when(blk * block_kv + block_kv > kv_len)
+        def _zero_tail():  # 0 * NaN is NaN inside the MMA
+            vrow = iota((block_kv, head_dim), 0)
+            v = load_tile(v_smem.at[buf])
+            v_smem.at[buf][...] = jnp.where(blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
+
+        plgpu.commit_smem()  # P (and a zeroed tail) visible to the tensor cores
+        if interpret:
+            acc_t = acc_t + jnp.dot(v_smem.at[buf][...].T, p_smem[...],
+                                    preferred_element_type=jnp.float32)
+        else:
+            def pv(ref):
+                plgpu.wgmma(ref, plgpu.transpose_ref(v_smem.at[buf], (1, 0)), p_smem)
+            acc_t = pl.run_state(pv)(plgpu.ACC.init(acc_t))
+        plgpu.barrier_arrive(v_free.at[buf])
+        return acc_t, m_new, l_i
+
+    carry = (in_layout(jnp.zeros((head_dim, cols), jnp.float32), plgpu.Layout.WGMMA),
+             in_layout(jnp.full((cols,), cm.NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(0)),
+             in_layout(jnp.zeros((cols,), jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
+    acc_t, _, l_i = lax.fori_loop(0, n_blk, step, carry)
+    l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+    ot = acc_t / lax.broadcast_in_dim(l_safe, acc_t.shape, [1])
+    # Columns of other heads (or past the last head) go to zero: E · (Oᵀ)ᵀ sums over every
+    # column, and 0 * NaN would reach the live rows.
+    head = iota(acc_t.shape, 1)
+    ot_smem[...] = jnp.where((head >= off) & (head < off + group), ot,
+                             jnp.zeros_like(ot)).astype(dtype)
+    plgpu.commit_smem()
+    eye = (iota((64, cols), 0) == iota((64, cols), 1)).astype(dtype)
+    if interpret:
+        out = jnp.dot(eye, ot_smem[...].T, preferred_element_type=jnp.float32)
+    else:
+        def rows(ref):
+            plgpu.wgmma(ref, eye, plgpu.transpose_ref(ot_smem, (1, 0)))
+            return ref[...]
+        out = pl.run_scoped(rows, plgpu.ACC((64, head_dim), jnp.float32))
+    o_smem[...] = out.astype(dtype)
+    return off
 
 
 def _register_ops(interpret: bool):
@@ -418,16 +545,17 @@ def _store_rows(o_smem, o_ref, row0, n_rows, kv_head, group, block_q):
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "compute_wgs", "compute_regs",
-    "overlap", "interpret"))
+    "overlap", "decode_tile", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, compute_wgs: int | None = None,
                            compute_regs: int | None = None, overlap: bool | None = None,
+                           decode_tile: bool | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``compute_wgs``, ``compute_regs``, ``overlap`` override
-    the tuned table (benchmarks); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
+    it takes. ``block_kv``, ``depth``, ``compute_wgs``, ``compute_regs``, ``overlap``,
+    ``decode_tile`` override the tuned table (benchmarks); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
     ``_interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
@@ -443,8 +571,9 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         raise ValueError(f"compute_wgs must be 1 or 2 and divide depth, got {compute_wgs} "
                          f"(depth {depth})")
     overlap = cfg.overlap if overlap is None else overlap
-    if overlap and compute_wgs != 1:
-        raise ValueError("overlap takes one compute warpgroup (compute_wgs=1)")
+    decode_tile = cfg.decode_tile if decode_tile is None else decode_tile
+    if (overlap or decode_tile) and compute_wgs != 1:
+        raise ValueError("overlap and decode_tile take one compute warpgroup (compute_wgs=1)")
     if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
         # 64: wgmma's K step for 16-bit operands in 128-byte swizzled tiles (P·V has K = block_kv)
         raise ValueError(f"block_kv must be a multiple of 64 (<= 256) and of the page chunk, "
@@ -453,14 +582,19 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, block_q) over live requests + the padding pseudo request's blocks.
     num_slots = num_tokens // block_q + num_reqs + 1
-    swizzle = 128
+    # The decode tile's transposed operands lower only with 32-byte swizzle (NOTES.md), and the
+    # ring is shared by both tiles.
+    swizzle = 32 if decode_tile else 128
     tiled = (plgpu.TilingTransform((8, swizzle // q.dtype.itemsize)),
              plgpu.SwizzleTransform(swizzle))
+    dec = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))
+    dec_cols = 16  # the decode tile's N: G heads, padded
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
         num_slots=num_slots, search_steps=max(1, (num_reqs + 1).bit_length() + 1),
-        compute_wgs=compute_wgs, compute_regs=compute_regs, overlap=overlap, interpret=interpret)
+        compute_wgs=compute_wgs, compute_regs=compute_regs, overlap=overlap,
+        decode_tile=decode_tile, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,
@@ -470,11 +604,16 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             plgpu.SMEM((TILE_ROWS, head_dim), q.dtype),  # q in, o out: untiled, any row
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # k ring
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # v ring
-            # warpgroup 1's partial (acc, m, l) for the merge (unused with one warpgroup)
-            plgpu.SMEM((TILE_ROWS, head_dim) if compute_wgs > 1 else (8, 32), jnp.float32,
-                       transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
-            plgpu.SMEM((TILE_ROWS,), jnp.float32),
-            plgpu.SMEM((TILE_ROWS,), jnp.float32),
+            # warpgroup 1's partial (acc, m, l) for the merge (none with one warpgroup)
+            *([plgpu.SMEM((TILE_ROWS, head_dim), jnp.float32,
+                          transforms=(plgpu.TilingTransform((8, 32)),
+                                      plgpu.SwizzleTransform(128))),
+               plgpu.SMEM((TILE_ROWS,), jnp.float32), plgpu.SMEM((TILE_ROWS,), jnp.float32)]
+              if compute_wgs > 1 else [None, None, None]),
+            # decode tile: Q (16 x H), P (block_kv x 16), Oᵀ (H x 16); none without it
+            plgpu.SMEM((dec_cols, head_dim), q.dtype, transforms=dec) if decode_tile else None,
+            plgpu.SMEM((block_kv, dec_cols), q.dtype, transforms=dec) if decode_tile else None,
+            plgpu.SMEM((head_dim, dec_cols), q.dtype, transforms=dec) if decode_tile else None,
             plgpu.Barrier(num_arrivals=group),
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),

@@ -40,6 +40,11 @@ CASES = [
     # decode-only batch, ragged lengths
     Case("m-dec-g4-h128-s16", (1,) * 5, (1, 15, 16, 17, 300), 2, 4, 128, 16, BF16,
          num_tokens=8, num_reqs=6),
+    # >= 16 q heads (the decode tile's TMA box): decodes at page edges beside a prefill chunk
+    Case("m-dec16-g8-h64-s16", (1, 1, 3, 1), (1, 130, 20, 64), 2, 8, 64, 16, BF16,
+         num_tokens=8, num_reqs=5),
+    Case("m-dec16-g4-h128-s32", (1, 1, 9, 1), (33, 300, 9, 2), 4, 4, 128, 32, BF16,
+         num_tokens=16, soft_cap=30.0, sliding_window=100),
 ]
 INTERPRET_CASES = [CASES[0], CASES[3]]  # the interpreter takes ~20 s per small case
 
@@ -82,9 +87,20 @@ def test_interpret_overlapped_qk(case):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("kw", [dict(overlap=True), dict(compute_wgs=2)], ids=str)
+def test_interpret_decode_tile():
+    # Single-token requests on the transposed tile (keys as M, heads as N), 32-byte swizzle;
+    # group 8 over 2 kv heads: the second group's heads start at an 8-aligned row.
+    case = CASES[6]
+    x = case.inputs()
+    out = _run(case, x, interpret=True, decode_tile=True)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
+@pytest.mark.parametrize("kw", [dict(overlap=True), dict(compute_wgs=2),
+                                dict(decode_tile=True), dict(decode_tile=True, overlap=True)],
+                         ids=str)
 def test_export_variants_lower_for_cuda(kw):
-    case = CASES[4]
+    case = CASES[7]
     x = case.inputs()
     fn = functools.partial(ragged_mosaic.ragged_paged_attention, **case.attn_kwargs, **kw)
     assert "mosaic_gpu" in jax.export.export(jax.jit(fn), platforms=("cuda",))(
@@ -175,9 +191,10 @@ class TestMosaicCompiled:
         dict(block_kv=64, depth=2), dict(block_kv=64, depth=4), dict(block_kv=192, depth=1),
         dict(compute_wgs=1), dict(compute_wgs=2), dict(compute_wgs=2, block_kv=64, depth=4),
         dict(compute_wgs=2, compute_regs=232), dict(overlap=True),
-        dict(overlap=True, block_kv=64, depth=3)], ids=str)
+        dict(overlap=True, block_kv=64, depth=3), dict(decode_tile=True),
+        dict(decode_tile=True, overlap=True)], ids=str)
     def test_configs(self, kw):
-        for case in (CASES[0], CASES[1], CASES[4], CASES[5]):
+        for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
             out = _run(case, x, interpret=False, **kw)
             assert_close(out, _expected(case, x), dtype=case.dtype,
