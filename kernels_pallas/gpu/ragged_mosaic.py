@@ -26,7 +26,7 @@ NaN inside the MMA.
 
 Options built but not yet measured (off; docs/benchmarks/NOTES.md has their predictions):
 ``overlap`` (the next block's QKᵀ in flight during this block's softmax) and ``decode_tile``
-(single-token requests on a transposed tile, ``_decode_tile``).
+(single-token requests on a transposed tile, ``_mosaic_decode``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpage.kernels_pallas.gpu import _common as cm
+from jaxpage.kernels_pallas.gpu._mosaic_common import interpreter, register_ops, store_rows
+from jaxpage.kernels_pallas.gpu._mosaic_decode import decode_tile as run_decode_tile
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
 
@@ -132,8 +134,8 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
     n_full = 0 if sliding_window is not None else jnp.minimum(
         lax.div(first_pos + 1, jnp.int32(block_kv)), n_blk)
     wg = lax.axis_index("wg")
-    iota, in_layout, load_tile, load_row = _register_ops(interpret)
-    # Single-token requests on the transposed decode tile (``_decode_tile``), if enabled.
+    iota, in_layout, load_tile, load_row = register_ops(interpret)
+    # Single-token requests on the transposed decode tile (``_mosaic_decode``), if enabled.
     # (TMA boxes of 16 heads: only where the model has at least 16 q heads.)
     use_tile = decode_tile and q_ref.shape[1] >= 16
     decode_here = (n_blk > 0) & (q_len == 1) if use_tile else None
@@ -313,7 +315,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
         if use_tile:
             @pl.when(decode_here)
             def _decode():
-                off = _decode_tile(
+                off = run_decode_tile(
                     q_ref, o_smem, q16_smem, p_smem, ot_smem, k_smem, v_smem, q_bar, k_bar,
                     v_bar, k_free, v_free, q_start=q_start, kv_head=kv_head, kv_len=kv_len,
                     lo_blk=lo_blk, n_blk=n_blk, group=group, block_kv=block_kv, depth=depth,
@@ -332,7 +334,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
         @pl.when((wg == 0) & (tile_items | is_pad))
         def _store():
             plgpu.commit_smem()
-            _store_rows(o_smem, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
+            store_rows(o_smem, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
             plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == nc)
@@ -377,172 +379,6 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
             plgpu.barrier_wait(v_free.at[buf])
 
 
-def _decode_tile(q_ref, o_smem, q16_smem, p_smem, ot_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
-                 k_free, v_free, *, q_start, kv_head, kv_len, lo_blk, n_blk, group, block_kv,
-                 depth, sm_scale, soft_cap, sliding_window, interpret):
-    """One query token, G heads: keys are wgmma's M and the heads its N (16 columns, G live),
-    instead of a 64-row tile with G live rows — 4x the waste instead of 16x::
-
-        Sᵀ (block_kv, 16) = K · Qᵀ     softmax down each column (one per head)
-        Oᵀ (H, 16)       += Vᵀ · P      P stored as is; K, V, Q, P in 32-byte swizzled tiles
-        O (64, H)         = E · (Oᵀ)ᵀ   E = identity (64, 16): Oᵀ back to rows, exactly
-
-    Leaves O in ``o_smem``, the G heads at rows off .. off + G - 1 (returns off). Same ring
-    protocol as the 64-row tile.
-    """
-    head_dim = q_ref.shape[2]
-    dtype = q_ref.dtype
-    cols = q16_smem.shape[0]  # 16
-    iota, in_layout, load_tile, _ = _register_ops(interpret)
-    # A TMA copy into a tiled tile needs a tile-aligned start: take the 16 heads from the
-    # 8-aligned one below this group's first; this group's heads are columns off .. off + G - 1.
-    off = lax.rem(kv_head * group, jnp.int32(8))
-    plgpu.copy_gmem_to_smem(q_ref.at[q_start, pl.ds(kv_head * group - off, cols)], q16_smem,
-                            q_bar)
-    for _ in range(group - 1):  # q_bar counts G arrivals, as for the 64-row tile
-        plgpu.barrier_arrive(q_bar)
-    plgpu.barrier_wait(q_bar)
-    q_pos = kv_len - 1
-    key = iota((block_kv, cols), 0)
-
-    def step(s, carry):
-        acc_t, m_i, l_i = carry  # (H, 16), (16,), (16,)
-        buf = lax.rem(s, jnp.int32(depth))
-        blk = lo_blk + s
-        plgpu.barrier_wait(k_bar.at[buf])
-        if interpret:  # the interpreter's wgmma takes no transposed operand: plain dots
-            st = jnp.dot(k_smem.at[buf][...], q16_smem[...].T,
-                         preferred_element_type=jnp.float32)
-        else:
-            def qk(ref):
-                plgpu.wgmma(ref, k_smem.at[buf], plgpu.transpose_ref(q16_smem, (1, 0)))
-                return ref[...]
-            st = pl.run_scoped(qk, plgpu.ACC((block_kv, cols), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[buf])
-        if soft_cap is None:
-            st = st * (sm_scale * cm.LOG2E)
-        else:
-            st = jnp.tanh(st * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
-        kv_pos = blk * block_kv + key
-        mask = kv_pos < kv_len
-        if sliding_window is not None:
-            mask = mask & (kv_pos > q_pos - sliding_window)
-        st = jnp.where(mask, st, cm.NEG)
-        m_new = jnp.maximum(m_i, st.max(axis=0))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(st - lax.broadcast_in_dim(m_new, st.shape, [1]))
-        l_i = l_i * alpha + p.sum(axis=0)
-        acc_t = acc_t * lax.broadcast_in_dim(alpha, acc_t.shape, [1])
-        p_smem[...] = p.astype(dtype)
-        plgpu.barrier_wait(v_bar.at[buf])
-
-        @pl.when(blk * block_kv + block_kv > kv_len)
-        def _zero_tail():  # 0 * NaN is NaN inside the MMA
-            vrow = iota((block_kv, head_dim), 0)
-            v = load_tile(v_smem.at[buf])
-            v_smem.at[buf][...] = jnp.where(blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
-
-        plgpu.commit_smem()  # P (and a zeroed tail) visible to the tensor cores
-        if interpret:
-            acc_t = acc_t + jnp.dot(v_smem.at[buf][...].T, p_smem[...],
-                                    preferred_element_type=jnp.float32)
-        else:
-            def pv(ref):
-                plgpu.wgmma(ref, plgpu.transpose_ref(v_smem.at[buf], (1, 0)), p_smem)
-            acc_t = pl.run_state(pv)(plgpu.ACC.init(acc_t))
-        plgpu.barrier_arrive(v_free.at[buf])
-        return acc_t, m_new, l_i
-
-    carry = (in_layout(jnp.zeros((head_dim, cols), jnp.float32), plgpu.Layout.WGMMA),
-             in_layout(jnp.full((cols,), cm.NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(0)),
-             in_layout(jnp.zeros((cols,), jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
-    acc_t, _, l_i = lax.fori_loop(0, n_blk, step, carry)
-    l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-    ot = acc_t / lax.broadcast_in_dim(l_safe, acc_t.shape, [1])
-    # Columns of other heads (or past the last head) go to zero: E · (Oᵀ)ᵀ sums over every
-    # column, and 0 * NaN would reach the live rows.
-    head = iota(acc_t.shape, 1)
-    ot_smem[...] = jnp.where((head >= off) & (head < off + group), ot,
-                             jnp.zeros_like(ot)).astype(dtype)
-    plgpu.commit_smem()
-    eye = (iota((64, cols), 0) == iota((64, cols), 1)).astype(dtype)
-    if interpret:
-        out = jnp.dot(eye, ot_smem[...].T, preferred_element_type=jnp.float32)
-    else:
-        def rows(ref):
-            plgpu.wgmma(ref, eye, plgpu.transpose_ref(ot_smem, (1, 0)))
-            return ref[...]
-        out = pl.run_scoped(rows, plgpu.ACC((64, head_dim), jnp.float32))
-    o_smem[...] = out.astype(dtype)
-    return off
-
-
-def _register_ops(interpret: bool):
-    """(iota, in_layout, load_tile, load_row) in wgmma's register layout, or — for Mosaic GPU's
-    interpreter, which knows no register layouts — their plain jnp forms."""
-    if interpret:
-        def iota(shape, dim):
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-
-        def in_layout(x, layout):
-            del layout
-            return x
-
-        def load_tile(ref, fast=True):
-            del fast
-            return ref[...]
-
-        return iota, in_layout, load_tile, load_tile
-
-    def iota(shape, dim):
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-    def load_tile(ref, fast=True):  # fast=False: allow a bank-conflicted transfer (untiled)
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=fast)
-
-    def load_row(ref):
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
-
-    return iota, plgpu.layout_cast, load_tile, load_row
-
-
-def _interpreter():
-    """Mosaic GPU's CPU interpreter (private in JAX 0.10). Reads past an array's end return the
-    interpreter's fill value (NaN) where the TMA unit would return zeros: only query rows of a
-    tile's dead tail read there, and nothing of them is stored."""
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError as e:  # pragma: no cover - depends on the installed JAX
-        raise NotImplementedError("this JAX has no Mosaic GPU interpreter") from e
-    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
-
-
-def _store_rows(o_smem, o_ref, row0, n_rows, kv_head, group, block_q):
-    """TMA stores of the first ``n_rows`` rows of each head's block_q-row band of ``o_smem``
-    to ``o_ref[row0 : row0 + n_rows, head]``. TMA boxes are static, so a partial band goes out
-    as a ladder of power-of-two pieces (n_rows = 13: 8 + 4 + 1)."""
-    for g in range(group):
-        head = kv_head * group + g
-
-        @pl.when(n_rows == block_q)
-        def _full():
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(g * block_q, block_q)],
-                                    o_ref.at[pl.ds(row0, block_q), head])
-
-        @pl.when(n_rows < block_q)
-        def _ladder():
-            done = jnp.int32(0)
-            size = block_q // 2
-            while size:
-                @pl.when(lax.bitwise_and(n_rows, jnp.int32(size)) != 0)
-                def _piece():
-                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(g * block_q + done, size)],
-                                            o_ref.at[pl.ds(row0 + done, size), head])
-
-                done = done + lax.bitwise_and(n_rows, jnp.int32(size))
-                size //= 2
-
-
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "compute_wgs", "compute_regs",
     "overlap", "decode_tile", "interpret"))
@@ -556,7 +392,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``compute_wgs``, ``compute_regs``, ``overlap``,
     ``decode_tile`` override the tuned table (benchmarks); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
-    ``_interpreter``)."""
+    ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
     why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype)
@@ -630,7 +466,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         # warpgroup dialect with layout inference) compiles the same program.
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=_interpreter() if interpret else None,
+        interpret=interpreter() if interpret else None,
     )
     return call(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
                 block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), q, kv_pages)
