@@ -60,7 +60,7 @@ def timed(label, call, q, qs, pools, want, extra):
     return r
 
 
-def batch_rows(md, q, pools, ceil, cfgs, triton, extra):
+def batch_rows(md, q, pools, cfgs, triton, extra):
     qs = (q,) + bk.make_qs(q.shape[0], 3, 77)
     want = bk.ref_call(md)(q, pools[0])
     rows = {"triton": timed("triton", triton, q, qs, pools, want, extra)}
@@ -72,7 +72,10 @@ def batch_rows(md, q, pools, ceil, cfgs, triton, extra):
 
 def report(md_path, json_paths):
     """One Markdown table (+ a PNG of the mixed batch) over several ``mosaic.json`` runs."""
-    runs = [(os.path.basename(p), json.load(open(p))) for p in json_paths]
+    runs = []
+    for path in json_paths:
+        with open(path) as f:
+            runs.append((os.path.basename(path), json.load(f)))
     lines = ["| run | card | H | batch | floor µs | candidate | config | µs | metric |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs:
@@ -156,14 +159,14 @@ def main(argv=None):
             flops = sp.causal_flops(info["q_lens"][:4], info["kv_lens"][:4], bk.N, bk.H)
             bk.log(f"prefill half, page {page}: {flops / 1e9:.1f} GFLOP")
             res[f"prefill_p{page}"] = batch_rows(
-                pre, q, pools, ceil, cfgs, bk.ours_ragged(pre), dict(
+                pre, q, pools, cfgs, bk.ours_ragged(pre), dict(
                     tflops=lambda t, f=flops: f / (t * 1e-6) / 1e12))
             save()
         if "mixed" not in skip:
             floor = max(info["kv_bytes"] / ceil["read_bw"], info["flops"] / ceil["matmul_flops"])
             bk.log(f"mixed batch, page {page}: floor {floor * 1e6:.1f} us")
             res[f"mixed_p{page}"] = dict(floor_us=floor * 1e6, rows=batch_rows(
-                md, q, pools, ceil, cfgs, bk.ours_ragged(md), dict(
+                md, q, pools, cfgs, bk.ours_ragged(md), dict(
                     x_floor=lambda t, f=floor: t * 1e-6 / f)))
             save()
     if "decode" not in skip:
@@ -175,7 +178,7 @@ def main(argv=None):
             floor = batch * ctx * bk.K * bk.H * 4 / ceil["read_bw"]
             bk.log(f"decode B={batch} ctx={ctx}: floor {floor * 1e6:.1f} us")
             res[f"decode_b{batch}_c{ctx}"] = dict(floor_us=floor * 1e6, rows=batch_rows(
-                md, q, pools, ceil, cfgs, bk.ours_decode(md), dict(
+                md, q, pools, cfgs, bk.ours_decode(md), dict(
                     pct_read_bw=lambda t, f=floor: 100 * f / (t * 1e-6))))
             save()
     save()

@@ -121,7 +121,8 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
     tok0 = q_blk * block_q
     n_tok = jnp.clip(q_len - tok0, 0, block_q)  # live query rows of this block (per head)
     live = (~is_pad) & (n_tok > 0)
-    kv_len = jnp.where(live, kv_lens_ref[jnp.minimum(req, num_reqs - 1)], 0)
+    req_row = jnp.minimum(req, num_reqs - 1)  # req = num_seqs (padding) reads no real row
+    kv_len = jnp.where(live, kv_lens_ref[req_row], 0)
     ctx_len = kv_len - q_len
     first_pos = ctx_len + tok0
     hi = jnp.where(live, jnp.minimum(kv_len, first_pos + n_tok), 0)
@@ -349,8 +350,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
             for c in range(block_kv // chunk):
                 pos = (lo_blk + s) * block_kv + c * chunk
                 idx = jnp.minimum(lax.div(pos, jnp.int32(page_size)), max_pages - 1)
-                row = jnp.minimum(req, num_reqs - 1)  # req = num_seqs (padding) reads nothing
-                out.append((block_tables_ref[row, idx], lax.rem(pos, jnp.int32(page_size))))
+                out.append((block_tables_ref[req_row, idx], lax.rem(pos, jnp.int32(page_size))))
             return tuple(out)
 
         def fetch(s, ids):
