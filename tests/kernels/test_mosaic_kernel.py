@@ -40,7 +40,7 @@ CASES = [
     # decode-only batch, ragged lengths
     Case("m-dec-g4-h128-s16", (1,) * 5, (1, 15, 16, 17, 300), 2, 4, 128, 16, BF16,
          num_tokens=8, num_reqs=6),
-    # >= 16 q heads (the decode tile's TMA box): decodes at page edges beside a prefill chunk
+    # G = 8 over 2 kv heads: decodes at page edges beside a short prefill chunk
     Case("m-dec16-g8-h64-s16", (1, 1, 3, 1), (1, 130, 20, 64), 2, 8, 64, 16, BF16,
          num_tokens=8, num_reqs=5),
     Case("m-dec16-g4-h128-s32", (1, 1, 9, 1), (33, 300, 9, 2), 4, 4, 128, 32, BF16,
@@ -70,34 +70,25 @@ def test_interpret_shallow_ring_many_blocks():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-def test_interpret_two_compute_warpgroups():
-    # KV blocks alternate between two compute warpgroups, whose partial softmax states merge.
-    case = CASES[4]
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=lambda c: c.id)
+def test_interpret_two_tiles_pingpong(case):
+    # Two 64-row tiles per item on one K/V stream, taking turns on the tensor cores: the
+    # earlier tile has fewer blocks (causal) and releases the rest unread; decodes leave the
+    # second tile empty (no turns then); padding spans; an empty request mid-batch.
     x = case.inputs()
-    out = _run(case, x, interpret=True, compute_wgs=2, depth=2)
+    out = _run(case, x, interpret=True, q_tiles=2, depth=2)
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case", [CASES[4], CASES[3]], ids=lambda c: c.id)
-def test_interpret_overlapped_qk(case):
-    # The next block's QKᵀ issued before this block's softmax: the barrier protocol in that
-    # order (unmasked blocks, the diagonal, a last block alone; a sliding window).
+def test_interpret_two_tiles_window_no_pingpong():
+    case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
-    out = _run(case, x, interpret=True, overlap=True, depth=2)
+    out = _run(case, x, interpret=True, q_tiles=2, pingpong=False)
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-def test_interpret_decode_tile():
-    # Single-token requests on the transposed tile (keys as M, heads as N), 32-byte swizzle;
-    # group 8 over 2 kv heads: the second group's heads start at an 8-aligned row.
-    case = CASES[6]
-    x = case.inputs()
-    out = _run(case, x, interpret=True, decode_tile=True)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
-@pytest.mark.parametrize("kw", [dict(overlap=True), dict(compute_wgs=2),
-                                dict(decode_tile=True), dict(decode_tile=True, overlap=True)],
+@pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -145,6 +136,10 @@ def test_supported_says_why_not(args, why):
 def test_rejects_unsupported_shapes_with_a_clear_error():
     case = CASES[0]
     x = case.inputs()
+    with pytest.raises(ValueError, match="q_tiles must be 1 or 2"):
+        _run(case, x, interpret=True, q_tiles=3)
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        _run(case, x, interpret=True, q_tiles=2, block_kv=256, depth=4)
     with pytest.raises(ValueError, match="does not take dtype float32"):
         ragged_mosaic.ragged_paged_attention(x.q.astype(jnp.float32),
                                              x.kv_pages.astype(jnp.float32), *x.args()[2:],
@@ -189,10 +184,9 @@ class TestMosaicCompiled:
 
     @pytest.mark.parametrize("kw", [
         dict(block_kv=64, depth=2), dict(block_kv=64, depth=4), dict(block_kv=192, depth=1),
-        dict(compute_wgs=1), dict(compute_wgs=2), dict(compute_wgs=2, block_kv=64, depth=4),
-        dict(compute_wgs=2, compute_regs=232), dict(overlap=True),
-        dict(overlap=True, block_kv=64, depth=3), dict(decode_tile=True),
-        dict(decode_tile=True, overlap=True)], ids=str)
+        dict(q_tiles=1), dict(q_tiles=2), dict(q_tiles=2, compute_regs=232),
+        dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
+        dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
