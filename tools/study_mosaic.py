@@ -30,10 +30,11 @@ import study_prefill as sp  # noqa: E402
 
 from jaxpage.kernels_pallas.gpu import ragged_mosaic  # noqa: E402
 
-DEFAULT_CFGS = {"mosaic": {}, "overlap": dict(overlap=True),
-                "overlap_bkv64_d3": dict(overlap=True, block_kv=64, depth=3),
-                "decode_tile": dict(decode_tile=True),
-                "decode_tile_overlap": dict(decode_tile=True, overlap=True)}
+DEFAULT_CFGS = {"mosaic": {}, "qt2": dict(q_tiles=2, compute_regs=232),
+                "qt2_nopp": dict(q_tiles=2, pingpong=False, compute_regs=232),
+                "qt2_noregs": dict(q_tiles=2),
+                "qt2_bkv64_d3": dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232),
+                "qt2_bkv64_d4": dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)}
 DECODE_SHAPES = ((16, 2048), (64, 2048), (256, 2048))
 
 
