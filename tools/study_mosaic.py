@@ -30,11 +30,11 @@ import study_prefill as sp  # noqa: E402
 
 from jaxpage.kernels_pallas.gpu import ragged_mosaic  # noqa: E402
 
-DEFAULT_CFGS = {"mosaic": {}, "qt2": dict(q_tiles=2, compute_regs=232),
-                "qt2_nopp": dict(q_tiles=2, pingpong=False, compute_regs=232),
-                "qt2_noregs": dict(q_tiles=2),
-                "qt2_bkv64_d3": dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232),
-                "qt2_bkv64_d4": dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)}
+DEFAULT_CFGS = {"mosaic_qt1": dict(q_tiles=1, compute_regs=0),
+                "qt2_not_persistent": dict(programs=1 << 20), "qt2": {},
+                "qt2_lpt": dict(order="lpt"), "qt1_lpt": dict(q_tiles=1, compute_regs=0,
+                                                             order="lpt"),
+                "qt2_lpt_bkv64_d4": dict(order="lpt", block_kv=64, depth=4)}
 DECODE_SHAPES = ((16, 2048), (64, 2048), (256, 2048))
 
 

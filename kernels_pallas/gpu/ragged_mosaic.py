@@ -54,6 +54,7 @@ class MosaicConfig:
     q_tiles: int = 1  # 64-row tiles per item, one compute warpgroup each (1 or 2)
     pingpong: bool = True  # with two tiles: take turns on the tensor cores
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
+    order: str = "natural"  # work list order: "natural" or "lpt" (``item_schedule``)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -61,9 +62,12 @@ class MosaicConfig:
 # 263-274 µs in four runs (Triton kernel 318-354 in the same runs); 128 / 3 269; 64 / 3 291-296;
 # 64 / 2 291-299; 64 / 4 292; two compute warpgroups 285-320 (every variant slower). At H = 64
 # the same tile was the best Mosaic candidate (214-223 µs) but slower than Triton (167-176).
+# Two tiles per item with ping-pong and setmaxnreg 232 (session 4, same card): mixed 226 µs
+# (one tile 269, Triton 335 in the same run), prefill half 137 µs; at H = 64 mixed 177-183
+# (one tile 216, Triton 175).
 MOSAIC_TUNING: dict[int, MosaicConfig] = {
-    64: MosaicConfig(block_kv=128, depth=2),
-    128: MosaicConfig(block_kv=128, depth=2),
+    64: MosaicConfig(block_kv=128, depth=2, q_tiles=2, compute_regs=232),
+    128: MosaicConfig(block_kv=128, depth=2, q_tiles=2, compute_regs=232),
 }
 
 
@@ -87,208 +91,260 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
     return None
 
 
-def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,  # inputs
+def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: int,
+                  num_kv_heads: int, block_kv: int, order: str):
+    """(num_items, 3) int32 work list: (request, kv head, first query token) of every item.
+
+    Request b's spans are slots qsl[b] // span + b ...; request num_seqs is the padding pseudo
+    request (rows [qsl[num_seqs], T), written as zeros). ``order``: "natural" (kv head
+    outermost, slots in batch order) or "lpt" (most KV blocks first: the long items start
+    early instead of forming the tail). Tiny XLA ops on the step's metadata, the same in
+    every layer.
+    """
+    num_reqs = kv_lens.shape[0]
+    num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_reqs)
+    b = jnp.arange(num_reqs + 1, dtype=jnp.int32)
+    first = jnp.where(b <= num_seqs, query_start_loc // span + b, jnp.iinfo(jnp.int32).max)
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    req = jnp.sum(first[None, :] <= slots[:, None], axis=1, dtype=jnp.int32) - 1
+    tok0 = (slots - first[req]) * span
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
+    items = jnp.stack([jnp.broadcast_to(req[None, :], (num_kv_heads, num_slots)),
+                       jnp.broadcast_to(heads[:, None], (num_kv_heads, num_slots)),
+                       jnp.broadcast_to(tok0[None, :], (num_kv_heads, num_slots))], axis=-1)
+    items = items.reshape(num_kv_heads * num_slots, 3)
+    if order == "natural":
+        return items
+    q_len = query_start_loc[jnp.minimum(req + 1, num_reqs)] - query_start_loc[req]
+    kv_len = kv_lens[jnp.minimum(req, num_reqs - 1)]
+    live = (req < num_seqs) & (tok0 < q_len)
+    hi = jnp.minimum(kv_len, kv_len - q_len + jnp.minimum(q_len, tok0 + span))
+    cost = jnp.where(live, (hi + block_kv - 1) // block_kv, 0)  # KV blocks (no window)
+    by_cost = jnp.argsort(-jnp.tile(cost, num_kv_heads), stable=True)
+    return items[by_cost]
+
+
+def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, q_ref,
+            kv_ref,  # inputs
             o_ref,  # output
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            num_slots, search_steps, q_tiles, pingpong, compute_regs, interpret):
+            num_programs, q_tiles, pingpong, compute_regs, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     num_tokens, _, head_dim = q_ref.shape
+    num_items = items_ref.shape[0]
     dtype = q_ref.dtype
     span = q_tiles * block_q  # query tokens per item
-    item = lax.axis_index("item")
-    kv_head = lax.div(item, jnp.int32(num_slots))
-    slot = lax.rem(item, jnp.int32(num_slots))
     num_seqs = jnp.minimum(num_seqs_ref[0], num_reqs)
-
-    # Largest b <= num_seqs with first slot qsl[b] // span + b <= slot (b = num_seqs is the
-    # padding pseudo request).
-    def search(_, lo_hi):
-        lo, hi = lo_hi
-        mid = lax.div(lo + hi + 1, jnp.int32(2))
-        right = lax.div(qsl_ref[mid], jnp.int32(span)) + mid <= slot
-        return jnp.where(right, mid, lo), jnp.where(right, hi, mid - 1)
-
-    req, _ = lax.fori_loop(0, search_steps, search, (jnp.int32(0), num_seqs))
-    q_start = qsl_ref[req]
-    is_pad = req == num_seqs
-    q_end = jnp.where(is_pad, jnp.int32(num_tokens), qsl_ref[jnp.minimum(req + 1, num_reqs)])
-    q_len = q_end - q_start
-    item_tok0 = (slot - (lax.div(q_start, jnp.int32(span)) + req)) * span
-    req_row = jnp.minimum(req, num_reqs - 1)  # req = num_seqs (padding) reads no real row
-    item_live = (~is_pad) & (item_tok0 < q_len)
-    kv_len = jnp.where(item_live, kv_lens_ref[req_row], 0)
-    ctx_len = kv_len - q_len
-
-    def tile(t):
-        """(first token, live rows per head, first query position, KV end) of tile t."""
-        tok0 = item_tok0 + t * block_q
-        n_tok = jnp.clip(q_len - tok0, 0, block_q)
-        first_pos = ctx_len + tok0
-        hi = jnp.where(item_live & (n_tok > 0), jnp.minimum(kv_len, first_pos + n_tok), 0)
-        return tok0, n_tok, first_pos, hi
-
-    # The item's KV blocks [lo_blk, lo_blk + n_blk): every tile's, streamed once for all.
-    _, _, first_pos0, _ = tile(0)
-    hi_item = jnp.where(item_live, jnp.minimum(kv_len, ctx_len + jnp.minimum(
-        q_len, item_tok0 + span)), 0)
-    if sliding_window is None:
-        lo_blk = jnp.int32(0)
-    else:
-        lo_blk = lax.div(jnp.maximum(first_pos0 - sliding_window + 1, 0), jnp.int32(block_kv))
-    n_blk = jnp.where(item_live, lax.div(hi_item + block_kv - 1, jnp.int32(block_kv)) - lo_blk,
-                      0)
+    program = lax.axis_index("program")
+    # Persistent CTAs: this one takes items program, program + P, ... of the work list, and
+    # the K/V ring runs on from one item into the next (ring step = blocks before + s).
+    my_items = lax.div(num_items - program + num_programs - 1, jnp.int32(num_programs))
     wg = lax.axis_index("wg")
     iota, in_layout, load_tile, _ = register_ops(interpret)
-    # Pingpong: the two compute warpgroups take turns on the tensor cores (one's softmax
-    # overlaps the other's matmuls), both meeting at ``sched``; only when both have rows.
-    pp_on = (tile(q_tiles - 1)[1] > 0) if pingpong else None
 
-    def meet(arrive=True, wait=True):
-        if pingpong:
-            @pl.when(pp_on)
-            def _meet():
-                if arrive:
-                    plgpu.barrier_arrive(sched)
-                if wait:
-                    plgpu.barrier_wait(sched)
+    def item_at(i):
+        """The scalars of this CTA's item i."""
+        k = program + i * num_programs
+        req, kv_head, item_tok0 = items_ref[k, 0], items_ref[k, 1], items_ref[k, 2]
+        it = dict(req=req, kv_head=kv_head, is_pad=req == num_seqs)
+        it["q_start"] = q_start = qsl_ref[req]
+        q_end = jnp.where(it["is_pad"], jnp.int32(num_tokens),
+                          qsl_ref[jnp.minimum(req + 1, num_reqs)])
+        it["q_len"] = q_len = q_end - q_start
+        it["req_row"] = jnp.minimum(req, num_reqs - 1)  # the padding request reads no row
+        live = (~it["is_pad"]) & (item_tok0 < q_len)
+        it["kv_len"] = kv_len = jnp.where(live, kv_lens_ref[it["req_row"]], 0)
+        ctx_len = kv_len - q_len
+
+        def tile(t):
+            """(first token, live rows per head, first query position, KV end) of tile t."""
+            tok0 = item_tok0 + t * block_q
+            n_tok = jnp.clip(q_len - tok0, 0, block_q)
+            first_pos = ctx_len + tok0
+            hi = jnp.where(live & (n_tok > 0), jnp.minimum(kv_len, first_pos + n_tok), 0)
+            return tok0, n_tok, first_pos, hi
+
+        it["tile"] = tile
+        # The item's KV blocks [lo_blk, lo_blk + n_blk): every tile's, streamed once for all.
+        hi_item = jnp.where(live, jnp.minimum(kv_len, ctx_len + jnp.minimum(
+            q_len, item_tok0 + span)), 0)
+        if sliding_window is None:
+            it["lo_blk"] = lo_blk = jnp.int32(0)
+        else:
+            it["lo_blk"] = lo_blk = lax.div(
+                jnp.maximum(tile(0)[2] - sliding_window + 1, 0), jnp.int32(block_kv))
+        it["n_blk"] = jnp.where(live, lax.div(hi_item + block_kv - 1, jnp.int32(block_kv))
+                                - lo_blk, 0)
+        return it
 
     @pl.when(wg < q_tiles)
     def _compute():
         if compute_regs and not interpret:
             plgpu.set_max_registers(compute_regs, action="increase")
-        tok0, n_tok, first_pos, hi = tile(wg)
-        n_mine = jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk, 0)
-        # Blocks every row of the tile sees in full (no mask needed): before its first query.
-        n_full = 0 if sliding_window is not None else jnp.minimum(
-            lax.div(first_pos + 1, jnp.int32(block_kv)), n_mine)
         q_tile, io = q_smem.at[wg], o_smem.at[wg]
         rows_shape = (TILE_ROWS, block_kv)
 
-        @pl.when(n_blk > 0)
-        def _item():
-            if q_tiles > 1:
-                pl.when(wg == 1)(meet)
+        def one_item(i, base):
+            it = item_at(i)
+            q_start, kv_head, kv_len, lo_blk, n_blk = (
+                it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk"))
+            tok0, n_tok, first_pos, hi = it["tile"](wg)
+            n_mine = jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk,
+                               0)
+            # Blocks every row of the tile sees in full (no mask): before its first query.
+            n_full = 0 if sliding_window is not None else jnp.minimum(
+                lax.div(first_pos + 1, jnp.int32(block_kv)), n_mine)
+            # Pingpong: the two compute warpgroups take turns on the tensor cores (one's
+            # softmax overlaps the other's matmuls), meeting at ``sched``; only when both
+            # tiles have rows.
+            pp_on = (it["tile"](q_tiles - 1)[1] > 0) if pingpong else None
 
-            @pl.when(n_mine > 0)
-            def _attend():
-                # Q rows start anywhere: a TMA copy into tiled shared memory needs a
-                # tile-aligned (8-row) start in global memory too, so Q lands untiled (in the
-                # output buffer, free until the end) and is re-laid into the swizzled tile.
-                for g in range(group):
-                    plgpu.copy_gmem_to_smem(
-                        q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
-                        io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
-                plgpu.barrier_wait(q_bar.at[wg])
-                q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
-                plgpu.commit_smem()
-                row, col = iota(rows_shape, 0), iota(rows_shape, 1)
-                q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-                plgpu.barrier_wait(k_bar.at[0])  # block s + 1's K is awaited during PV(s)
+            def meet(arrive=True, wait=True):
+                if pingpong:
+                    @pl.when(pp_on)
+                    def _meet():
+                        if arrive:
+                            plgpu.barrier_arrive(sched)
+                        if wait:
+                            plgpu.barrier_wait(sched)
 
-                def step(s, carry, masked):
-                    acc, m_i, l_i = carry
-                    buf = lax.rem(s, jnp.int32(depth))
-                    blk = lo_blk + s
-                    # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
-                    # register wgmma operand, nor run_state: there both products are dots.
-                    if interpret:
-                        sc = lax.dot_general(q_tile[...], k_smem.at[buf][...],
-                                             (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
-                        meet()
-                    else:
-                        def qk(acc_ref):
-                            plgpu.wgmma(acc_ref, q_tile,
-                                        plgpu.transpose_ref(k_smem.at[buf], (1, 0)))
-                            meet()  # the other warpgroup's turn while this QKᵀ runs
-                            return acc_ref[...]
-                        sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
+            def ring(s):
+                return lax.rem(base + s, jnp.int32(depth))
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output has left io
+
+            @pl.when(n_blk > 0)
+            def _item():
+                if q_tiles > 1:
+                    pl.when(wg == 1)(meet)
+
+                @pl.when(n_mine > 0)
+                def _attend():
+                    # Q rows start anywhere: a TMA copy into tiled shared memory needs a
+                    # tile-aligned (8-row) start in global memory too, so Q lands untiled (in
+                    # the output buffer, free until the end) and is re-laid into the swizzled
+                    # tile.
+                    for g in range(group):
+                        plgpu.copy_gmem_to_smem(
+                            q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
+                            io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
+                    plgpu.barrier_wait(q_bar.at[wg])
+                    q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
+                    plgpu.commit_smem()
+                    row, col = iota(rows_shape, 0), iota(rows_shape, 1)
+                    q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
+                    plgpu.barrier_wait(k_bar.at[ring(0)])  # K(s + 1) is awaited during PV(s)
+
+                    def step(s, carry, masked):
+                        acc, m_i, l_i = carry
+                        buf = ring(s)
+                        blk = lo_blk + s
+                        # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
+                        # register wgmma operand, nor run_state: there both products are dots.
+                        if interpret:
+                            sc = lax.dot_general(q_tile[...], k_smem.at[buf][...],
+                                                 (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+                            meet()
+                        else:
+                            def qk(acc_ref):
+                                plgpu.wgmma(acc_ref, q_tile,
+                                            plgpu.transpose_ref(k_smem.at[buf], (1, 0)))
+                                meet()  # the other warpgroup's turn while this QKᵀ runs
+                                return acc_ref[...]
+                            sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
+                        plgpu.barrier_arrive(k_free.at[buf])
+                        if soft_cap is None:
+                            sc = sc * (sm_scale * cm.LOG2E)
+                        else:
+                            sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
+                        if masked:
+                            kv_pos = blk * block_kv + col
+                            mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
+                            if sliding_window is not None:
+                                mask = mask & (kv_pos > q_pos - sliding_window)
+                            sc = jnp.where(mask, sc, cm.NEG)
+                        m_new = jnp.maximum(m_i, sc.max(axis=1))
+                        alpha = jnp.exp2(m_i - m_new)
+                        p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
+                        l_i = l_i * alpha + p.sum(axis=1)
+                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                        p16 = p.astype(dtype)
+                        meet(wait=False)  # softmax done
+                        plgpu.barrier_wait(v_bar.at[buf])
+                        meet(arrive=False)  # the tensor cores are free
+                        if masked:
+                            # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
+                            # NaN. Every tile that reads this block zeroes them first: each
+                            # writes the same values, so a concurrent read sees real rows or
+                            # zeros only.
+                            @pl.when(blk * block_kv + block_kv > kv_len)
+                            def _zero_tail():
+                                vrow = iota((block_kv, head_dim), 0)
+                                v = load_tile(v_smem.at[buf])
+                                v_smem.at[buf][...] = jnp.where(
+                                    blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
+                                plgpu.commit_smem()
+
+                        def wait_next_k():
+                            @pl.when(s + 1 < n_mine)
+                            def _wait():
+                                plgpu.barrier_wait(k_bar.at[ring(s + 1)])
+
+                        if interpret:
+                            acc = acc + jnp.dot(p16, v_smem.at[buf][...],
+                                                preferred_element_type=jnp.float32)
+                            wait_next_k()
+                        else:  # accumulate into acc in place (the wgmma's C operand)
+                            def pv(acc_ref):
+                                plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
+                                wait_next_k()  # while the tensor cores run PV
+                            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                        plgpu.barrier_arrive(v_free.at[buf])
+                        return acc, m_new, l_i
+
+                    carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
+                                       plgpu.Layout.WGMMA),
+                             in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1)),
+                             in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1)))
+                    # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
+                    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                                          carry)
+                    acc, _, l_i = lax.fori_loop(n_full, n_mine,
+                                                functools.partial(step, masked=True), carry)
+                    l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+                    io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                    plgpu.commit_smem()
+                    store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
+
+                # The item's blocks past this tile's: observed and released, turn for turn.
+                @pl.loop(n_mine, n_blk)
+                def _rest(s):
+                    buf = ring(s)
+                    plgpu.barrier_wait(k_bar.at[buf])
                     plgpu.barrier_arrive(k_free.at[buf])
-                    if soft_cap is None:
-                        sc = sc * (sm_scale * cm.LOG2E)
-                    else:
-                        sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
-                    if masked:
-                        kv_pos = blk * block_kv + col
-                        mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
-                        if sliding_window is not None:
-                            mask = mask & (kv_pos > q_pos - sliding_window)
-                        sc = jnp.where(mask, sc, cm.NEG)
-                    m_new = jnp.maximum(m_i, sc.max(axis=1))
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p16 = p.astype(dtype)
-                    meet(wait=False)  # softmax done
+                    meet()
                     plgpu.barrier_wait(v_bar.at[buf])
-                    meet(arrive=False)  # the tensor cores are free
-                    if masked:
-                        # Rows at or past kv_len may be NaN, and P (0 there) times NaN is NaN.
-                        # Every tile that reads this block zeroes them first: each writes the
-                        # same values, so a concurrent read sees real rows or zeros only.
-                        @pl.when(blk * block_kv + block_kv > kv_len)
-                        def _zero_tail():
-                            vrow = iota((block_kv, head_dim), 0)
-                            v = load_tile(v_smem.at[buf])
-                            v_smem.at[buf][...] = jnp.where(blk * block_kv + vrow < kv_len, v,
-                                                            jnp.zeros_like(v))
-                            plgpu.commit_smem()
-
-                    def wait_next_k():
-                        @pl.when(s + 1 < n_mine)
-                        def _wait():
-                            plgpu.barrier_wait(k_bar.at[lax.rem(s + 1, jnp.int32(depth))])
-
-                    if interpret:
-                        acc = acc + jnp.dot(p16, v_smem.at[buf][...],
-                                            preferred_element_type=jnp.float32)
-                        wait_next_k()
-                    else:  # accumulate into acc in place (the wgmma's C operand)
-                        def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
-                            wait_next_k()  # while the tensor cores run PV
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_free.at[buf])
-                    return acc, m_new, l_i
+                    meet()
 
-                carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
-                                   plgpu.Layout.WGMMA),
-                         in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
-                                   plgpu.Layout.WGMMA.reduce(1)),
-                         in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
-                                   plgpu.Layout.WGMMA.reduce(1)))
-                # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
-                carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-                acc, _, l_i = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True),
-                                            carry)
-                l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-                io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                if q_tiles > 1:
+                    pl.when(wg == 0)(meet)
+
+            @pl.when(it["is_pad"] & (n_tok > 0))
+            def _zeros():  # padding rows: the output is defined as zero there
+                io[...] = in_layout(jnp.zeros((TILE_ROWS, head_dim), dtype),
+                                    plgpu.Layout.WGMMA)
                 plgpu.commit_smem()
                 store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
 
-            # The item's blocks past this tile's: observed and released, turn for turn.
-            @pl.loop(n_mine, n_blk)
-            def _rest(s):
-                buf = lax.rem(s, jnp.int32(depth))
-                plgpu.barrier_wait(k_bar.at[buf])
-                plgpu.barrier_arrive(k_free.at[buf])
-                meet()
-                plgpu.barrier_wait(v_bar.at[buf])
-                plgpu.barrier_arrive(v_free.at[buf])
-                meet()
+            return base + n_blk
 
-            if q_tiles > 1:
-                pl.when(wg == 0)(meet)
-
-        @pl.when(is_pad & (n_tok > 0))
-        def _zeros():  # padding rows: the output is defined as zero there
-            io[...] = in_layout(jnp.zeros((TILE_ROWS, head_dim), dtype), plgpu.Layout.WGMMA)
-            plgpu.commit_smem()
-            store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
-
+        lax.fori_loop(0, my_items, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == q_tiles)
@@ -297,35 +353,34 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, q_ref, kv_ref,
             plgpu.set_max_registers(40, action="decrease")
         chunk = min(page_size, block_kv)
 
-        def page_ids(s):
-            """Page id and row offset of each chunk of block s: one table read serves K and V."""
-            out = []
-            for c in range(block_kv // chunk):
-                pos = (lo_blk + s) * block_kv + c * chunk
-                idx = jnp.minimum(lax.div(pos, jnp.int32(page_size)), max_pages - 1)
-                out.append((block_tables_ref[req_row, idx], lax.rem(pos, jnp.int32(page_size))))
-            return tuple(out)
+        def one_item(i, base):
+            it = item_at(i)
 
-        def fetch(s, ids):
-            # The next block's ids are read before this block's copies wait for a free slot,
-            # so the table reads' latency hides behind that wait (the copies need them now).
-            nxt = page_ids(jnp.minimum(s + 1, n_blk - 1))
-            buf = lax.rem(s, jnp.int32(depth))
-            for kind, smem, bar, free in ((0, k_smem, k_bar, k_free), (1, v_smem, v_bar, v_free)):
-                @pl.when(s >= depth)
-                def _wait():
-                    plgpu.barrier_wait(free.at[buf])
+            def fetch(s, _):
+                buf = lax.rem(base + s, jnp.int32(depth))
+                for kind, smem, bar, free in ((0, k_smem, k_bar, k_free),
+                                              (1, v_smem, v_bar, v_free)):
+                    @pl.when(base + s >= depth)
+                    def _wait():
+                        plgpu.barrier_wait(free.at[buf])
 
-                for c, (page, off) in enumerate(ids):
-                    plgpu.copy_gmem_to_smem(kv_ref.at[page, kind, kv_head, pl.ds(off, chunk)],
-                                            smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
-            return nxt
+                    for c in range(block_kv // chunk):
+                        pos = (it["lo_blk"] + s) * block_kv + c * chunk
+                        idx = jnp.minimum(lax.div(pos, jnp.int32(page_size)), max_pages - 1)
+                        page = block_tables_ref[it["req_row"], idx]
+                        plgpu.copy_gmem_to_smem(
+                            kv_ref.at[page, kind, it["kv_head"],
+                                      pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
+                            smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
 
-        lax.fori_loop(0, n_blk, fetch, page_ids(jnp.int32(0)))
+            lax.fori_loop(0, it["n_blk"], fetch, None)
+            return base + it["n_blk"]
+
+        total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
         # Observe the last ``depth`` releases too, so every barrier phase has been waited on
-        # when the CTA ends (the interpreter checks it; a persistent loop would need it).
-        @pl.loop(jnp.maximum(n_blk - depth, 0), n_blk)
+        # when the CTA ends (the interpreter checks it).
+        @pl.loop(jnp.maximum(total - depth, 0), total)
         def _drain(s):
             buf = lax.rem(s, jnp.int32(depth))
             plgpu.barrier_wait(k_free.at[buf])
@@ -337,16 +392,18 @@ SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "interpret"))
+    "compute_regs", "order", "programs", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
+                           order: str | None = None, programs: int | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs`` override the
-    tuned table (benchmarks); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests;
+    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
+    override the tuned table (benchmarks); ``programs`` is the number of persistent CTAs
+    (default: one per SM of the device, 132 off GPU); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests;
     see ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
@@ -359,6 +416,9 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     q_tiles = q_tiles or cfg.q_tiles
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
+    order = order or cfg.order
+    if order not in ("natural", "lpt"):
+        raise ValueError(f"order must be 'natural' or 'lpt', got {order!r}")
     if q_tiles not in (1, 2):
         raise ValueError(f"q_tiles must be 1 or 2, got {q_tiles}")
     if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
@@ -373,11 +433,19 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.
     num_slots = num_tokens // (q_tiles * block_q) + num_reqs + 1
+    items = item_schedule(kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
+                          num_seqs, span=q_tiles * block_q, num_slots=num_slots,
+                          num_kv_heads=num_kv_heads, block_kv=block_kv, order=order)
+    if programs is None:
+        dev = jax.devices()[0]
+        programs = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
+        programs = programs or 132
+    programs = max(1, min(programs, num_slots * num_kv_heads))
     tiled = (plgpu.TilingTransform((8, 128 // q.dtype.itemsize)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        num_slots=num_slots, search_steps=max(1, (num_reqs + 1).bit_length() + 1),
+        num_programs=programs,
         q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
@@ -395,8 +463,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # v slot free
             plgpu.Barrier(num_arrivals=2) if pingpong else None,  # pingpong turns
         ],
-        grid=(num_slots * num_kv_heads,),
-        grid_names=("item",),
+        grid=(programs,),
+        grid_names=("program",),
         num_threads=q_tiles + 1,
         thread_name="wg",
         # Lane semantics: JAX 0.10's default, pinned so that 0.11 (whose default is the
@@ -406,4 +474,5 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         interpret=interpreter() if interpret else None,
     )
     return call(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
-                block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), q, kv_pages)
+                block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), items, q,
+                kv_pages)

@@ -70,20 +70,22 @@ def test_interpret_shallow_ring_many_blocks():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=lambda c: c.id)
-def test_interpret_two_tiles_pingpong(case):
+@pytest.mark.parametrize("case,order", [(CASES[0], "natural"), (CASES[4], "lpt")],
+                         ids=lambda c: getattr(c, "id", c))
+def test_interpret_two_tiles_pingpong_persistent(case, order):
     # Two 64-row tiles per item on one K/V stream, taking turns on the tensor cores: the
     # earlier tile has fewer blocks (causal) and releases the rest unread; decodes leave the
-    # second tile empty (no turns then); padding spans; an empty request mid-batch.
+    # second tile empty (no turns then); padding spans; an empty request mid-batch. Three
+    # persistent CTAs: each takes several items, its K/V ring running on from one to the next.
     x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, depth=2)
+    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, order=order)
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, pingpong=False)
+    out = _run(case, x, interpret=True, q_tiles=2, pingpong=False, programs=2)
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
@@ -136,6 +138,8 @@ def test_supported_says_why_not(args, why):
 def test_rejects_unsupported_shapes_with_a_clear_error():
     case = CASES[0]
     x = case.inputs()
+    with pytest.raises(ValueError, match="order must be"):
+        _run(case, x, interpret=True, order="random")
     with pytest.raises(ValueError, match="q_tiles must be 1 or 2"):
         _run(case, x, interpret=True, q_tiles=3)
     with pytest.raises(ValueError, match="bytes of shared memory"):
@@ -186,7 +190,9 @@ class TestMosaicCompiled:
         dict(block_kv=64, depth=2), dict(block_kv=64, depth=4), dict(block_kv=192, depth=1),
         dict(q_tiles=1), dict(q_tiles=2), dict(q_tiles=2, compute_regs=232),
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
-        dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232)], ids=str)
+        dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
+        dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
+        dict(q_tiles=2, programs=1 << 20)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
