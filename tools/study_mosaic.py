@@ -30,11 +30,9 @@ import study_prefill as sp  # noqa: E402
 
 from jaxpage.kernels_pallas.gpu import ragged_mosaic  # noqa: E402
 
-DEFAULT_CFGS = {"mosaic_qt1": dict(q_tiles=1, compute_regs=0),
-                "qt2_not_persistent": dict(programs=1 << 20), "qt2": {},
-                "qt2_lpt": dict(order="lpt"), "qt1_lpt": dict(q_tiles=1, compute_regs=0,
-                                                             order="lpt"),
-                "qt2_lpt_bkv64_d4": dict(order="lpt", block_kv=64, depth=4)}
+DEFAULT_CFGS = {"np_natural": dict(programs=1 << 20), "np_lpt": dict(programs=1 << 20,
+                                                                     order="lpt"),
+                "p_lpt_snake": dict(order="lpt")}
 DECODE_SHAPES = ((16, 2048), (64, 2048), (256, 2048))
 
 

@@ -37,6 +37,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -92,14 +93,16 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 
 
 def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: int,
-                  num_kv_heads: int, block_kv: int, order: str):
+                  num_kv_heads: int, block_kv: int, order: str, programs: int):
     """(num_items, 3) int32 work list: (request, kv head, first query token) of every item.
 
     Request b's spans are slots qsl[b] // span + b ...; request num_seqs is the padding pseudo
     request (rows [qsl[num_seqs], T), written as zeros). ``order``: "natural" (kv head
     outermost, slots in batch order) or "lpt" (most KV blocks first: the long items start
-    early instead of forming the tail). Tiny XLA ops on the step's metadata, the same in
-    every layer.
+    early instead of forming the tail). CTA p takes entries p, p + programs, ...: under
+    "lpt" every other round of ``programs`` entries is reversed (snake order), so the CTA
+    that takes a round's longest item takes the next round's shortest. Tiny XLA ops on the
+    step's metadata, the same in every layer.
     """
     num_reqs = kv_lens.shape[0]
     num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_reqs)
@@ -121,7 +124,11 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     hi = jnp.minimum(kv_len, kv_len - q_len + jnp.minimum(q_len, tok0 + span))
     cost = jnp.where(live, (hi + block_kv - 1) // block_kv, 0)  # KV blocks (no window)
     by_cost = jnp.argsort(-jnp.tile(cost, num_kv_heads), stable=True)
-    return items[by_cost]
+    k = np.arange(num_kv_heads * num_slots)
+    rnd, pos = k // programs, k % programs
+    size = np.minimum(programs, k.size - rnd * programs)
+    snake = np.where(rnd % 2 == 1, rnd * programs + size - 1 - pos, k)
+    return items[by_cost[snake]]
 
 
 def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, q_ref,
@@ -433,14 +440,15 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.
     num_slots = num_tokens // (q_tiles * block_q) + num_reqs + 1
-    items = item_schedule(kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
-                          num_seqs, span=q_tiles * block_q, num_slots=num_slots,
-                          num_kv_heads=num_kv_heads, block_kv=block_kv, order=order)
     if programs is None:
         dev = jax.devices()[0]
         programs = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
         programs = programs or 132
     programs = max(1, min(programs, num_slots * num_kv_heads))
+    items = item_schedule(kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
+                          num_seqs, span=q_tiles * block_q, num_slots=num_slots,
+                          num_kv_heads=num_kv_heads, block_kv=block_kv, order=order,
+                          programs=programs)
     tiled = (plgpu.TilingTransform((8, 128 // q.dtype.itemsize)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
