@@ -91,14 +91,18 @@ def report(md_path, json_paths):
                 lines.append(f"| {name} | {r['device']} | {r.get('head_dim', 128)} | {key} | "
                              f"{floor} | {label} | `{cfg}` | {row.get('time_us', float('nan')):.1f}"
                              f" | {metric} |")
+    header = ""
+    if os.path.exists(md_path):  # keep the hand-written header above the table
+        with open(md_path) as f:
+            header = f.read().split("| run | card |")[0]
     with open(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(header + "\n".join(lines) + "\n")
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(14, 5))
     xs, names = 0, []
     for name, r in runs:
         for key in [k for k in r if k.startswith(("mixed_", "prefill_"))]:
@@ -116,7 +120,7 @@ def report(md_path, json_paths):
             xs += 1
     ax.set_ylabel("µs (lower is better)")
     ax.set_xticks([])
-    ax.legend(fontsize=7, ncol=4)
+    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.set_title("Ragged kernel: Triton lowering (gray) vs Mosaic GPU candidates, "
                  f"{runs[0][1]['device']}, JAX {runs[0][1]['jax_version']}", fontsize=9)
     fig.tight_layout()

@@ -1,8 +1,10 @@
-"""Helpers shared by the Mosaic GPU kernel's tiles (``ragged_mosaic``, ``_mosaic_decode``)."""
+"""Helpers of the Mosaic GPU ragged kernel (``ragged_mosaic``): register ops, the CPU
+interpreter, ragged TMA stores, and the work list."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -72,3 +74,49 @@ def store_rows(o_smem, o_ref, row0, n_rows, kv_head, group, block_q):
 
                 done = done + lax.bitwise_and(n_rows, jnp.int32(size))
                 size //= 2
+
+
+def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: int,
+                  num_kv_heads: int, block_kv: int, order: str, programs: int):
+    """(num_items, 3) int32 work list: (request, kv head, first query token) of every item.
+
+    Request b's spans are slots qsl[b] // span + b ...; request num_seqs is the padding pseudo
+    request (rows [qsl[num_seqs], T), written as zeros). ``order``: "natural" (kv head
+    outermost, slots in batch order), "lpt" (most KV blocks first: the long items start
+    early instead of forming the tail) or "auto" ("lpt" when no live request is a
+    single-token decode, else "natural": measured best for prefill-only and for mixed batches
+    respectively, NOTES.md fifth pass). CTA p takes entries p, p + programs, ...: under "lpt"
+    every other round of ``programs`` entries is reversed (snake order), so the CTA that takes
+    a round's longest item takes the next round's shortest. Tiny XLA ops on the step's
+    metadata, the same in every layer.
+    """
+    num_reqs = kv_lens.shape[0]
+    num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_reqs)
+    b = jnp.arange(num_reqs + 1, dtype=jnp.int32)
+    first = jnp.where(b <= num_seqs, query_start_loc // span + b, jnp.iinfo(jnp.int32).max)
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    req = jnp.sum(first[None, :] <= slots[:, None], axis=1, dtype=jnp.int32) - 1
+    tok0 = (slots - first[req]) * span
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
+    items = jnp.stack([jnp.broadcast_to(req[None, :], (num_kv_heads, num_slots)),
+                       jnp.broadcast_to(heads[:, None], (num_kv_heads, num_slots)),
+                       jnp.broadcast_to(tok0[None, :], (num_kv_heads, num_slots))], axis=-1)
+    items = items.reshape(num_kv_heads * num_slots, 3)
+    if order == "natural":
+        return items
+    q_len = query_start_loc[jnp.minimum(req + 1, num_reqs)] - query_start_loc[req]
+    kv_len = kv_lens[jnp.minimum(req, num_reqs - 1)]
+    live = (req < num_seqs) & (tok0 < q_len)
+    hi = jnp.minimum(kv_len, kv_len - q_len + jnp.minimum(q_len, tok0 + span))
+    cost = jnp.where(live, (hi + block_kv - 1) // block_kv, 0)  # KV blocks (no window)
+    by_cost = jnp.argsort(-jnp.tile(cost, num_kv_heads), stable=True)
+    k = np.arange(num_kv_heads * num_slots)
+    rnd, pos = k // programs, k % programs
+    size = np.minimum(programs, k.size - rnd * programs)
+    snake = np.where(rnd % 2 == 1, rnd * programs + size - 1 - pos, k)
+    lpt = items[by_cost[snake]]
+    if order == "lpt":
+        return lpt
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    decodes = (jnp.arange(num_reqs) < num_seqs) & (q_lens == 1)
+    return jnp.where(jnp.any(decodes), items, lpt)

@@ -2,11 +2,14 @@
 
 The Triton-lowered kernel (``ragged_attention.py``) stays the portable default; this one is
 the Hopper path: K/V pages come in by TMA (one bulk copy per page chunk, issued by a memory
-warpgroup) and both matmuls are wgmma on a 64-row tile. ``gpu.ragged_paged_attention`` takes it
-on Hopper where it measured faster (``AUTO_HEAD_DIMS``; docs/benchmarks/NOTES.md, fourth pass).
+warpgroup) and both matmuls are wgmma on 64-row tiles. ``gpu.ragged_paged_attention`` takes it
+on Hopper where it measured faster (``AUTO_HEAD_DIMS``; docs/benchmarks/NOTES.md, fourth and
+fifth passes).
 
-Work items (one CTA each) are (query span slot, kv head) pairs, a span being ``q_tiles``
-64-row tiles of one request::
+Work items are (query span slot, kv head) pairs, a span being ``q_tiles`` 64-row tiles of one
+request, listed by ``item_schedule`` (request, kv head, first token each; natural or
+longest-first order). One CTA per item by default; with ``persistent`` one CTA per SM takes
+every P-th item, its K/V ring running on from one item into the next::
 
     slot layout: request b's first slot = qsl[b] // span + b (span = q_tiles * block_q tokens);
     one extra pseudo request (b = num_seqs, rows [qsl[num_seqs], T)) covers the padding rows,
@@ -37,13 +40,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpage.kernels_pallas.gpu import _common as cm
-from jaxpage.kernels_pallas.gpu._mosaic_common import interpreter, register_ops, store_rows
+from jaxpage.kernels_pallas.gpu._mosaic_common import (interpreter, item_schedule, register_ops,
+                                                       store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
 
@@ -55,7 +58,8 @@ class MosaicConfig:
     q_tiles: int = 1  # 64-row tiles per item, one compute warpgroup each (1 or 2)
     pingpong: bool = True  # with two tiles: take turns on the tensor cores
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
-    order: str = "natural"  # work list order: "natural" or "lpt" (``item_schedule``)
+    order: str = "auto"  # work list order: "natural", "lpt" or "auto" (``item_schedule``)
+    persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -63,9 +67,12 @@ class MosaicConfig:
 # 263-274 µs in four runs (Triton kernel 318-354 in the same runs); 128 / 3 269; 64 / 3 291-296;
 # 64 / 2 291-299; 64 / 4 292; two compute warpgroups 285-320 (every variant slower). At H = 64
 # the same tile was the best Mosaic candidate (214-223 µs) but slower than Triton (167-176).
-# Two tiles per item with ping-pong and setmaxnreg 232 (session 4, same card): mixed 226 µs
+# Session 4 (same card): two tiles per item with ping-pong and setmaxnreg 232: mixed 226 µs
 # (one tile 269, Triton 335 in the same run), prefill half 137 µs; at H = 64 mixed 177-183
-# (one tile 216, Triton 175).
+# (one tile 216, Triton 175). Work list (run 8): one CTA per item in batch order: mixed 233,
+# prefill half 129; longest first: 252 / 115; persistent, longest first (snake): 241 / 109;
+# persistent in batch order: 285 / 270 (run 7: static round-robin leaves CTAs unbalanced). So
+# "auto" order (LPT without decodes, batch order with them), one CTA per item.
 MOSAIC_TUNING: dict[int, MosaicConfig] = {
     64: MosaicConfig(block_kv=128, depth=2, q_tiles=2, compute_regs=232),
     128: MosaicConfig(block_kv=128, depth=2, q_tiles=2, compute_regs=232),
@@ -90,45 +97,6 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
     if page_size % 8:
         return f"page_size {page_size} (needs a multiple of 8)"
     return None
-
-
-def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: int,
-                  num_kv_heads: int, block_kv: int, order: str, programs: int):
-    """(num_items, 3) int32 work list: (request, kv head, first query token) of every item.
-
-    Request b's spans are slots qsl[b] // span + b ...; request num_seqs is the padding pseudo
-    request (rows [qsl[num_seqs], T), written as zeros). ``order``: "natural" (kv head
-    outermost, slots in batch order) or "lpt" (most KV blocks first: the long items start
-    early instead of forming the tail). CTA p takes entries p, p + programs, ...: under
-    "lpt" every other round of ``programs`` entries is reversed (snake order), so the CTA
-    that takes a round's longest item takes the next round's shortest. Tiny XLA ops on the
-    step's metadata, the same in every layer.
-    """
-    num_reqs = kv_lens.shape[0]
-    num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_reqs)
-    b = jnp.arange(num_reqs + 1, dtype=jnp.int32)
-    first = jnp.where(b <= num_seqs, query_start_loc // span + b, jnp.iinfo(jnp.int32).max)
-    slots = jnp.arange(num_slots, dtype=jnp.int32)
-    req = jnp.sum(first[None, :] <= slots[:, None], axis=1, dtype=jnp.int32) - 1
-    tok0 = (slots - first[req]) * span
-    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
-    items = jnp.stack([jnp.broadcast_to(req[None, :], (num_kv_heads, num_slots)),
-                       jnp.broadcast_to(heads[:, None], (num_kv_heads, num_slots)),
-                       jnp.broadcast_to(tok0[None, :], (num_kv_heads, num_slots))], axis=-1)
-    items = items.reshape(num_kv_heads * num_slots, 3)
-    if order == "natural":
-        return items
-    q_len = query_start_loc[jnp.minimum(req + 1, num_reqs)] - query_start_loc[req]
-    kv_len = kv_lens[jnp.minimum(req, num_reqs - 1)]
-    live = (req < num_seqs) & (tok0 < q_len)
-    hi = jnp.minimum(kv_len, kv_len - q_len + jnp.minimum(q_len, tok0 + span))
-    cost = jnp.where(live, (hi + block_kv - 1) // block_kv, 0)  # KV blocks (no window)
-    by_cost = jnp.argsort(-jnp.tile(cost, num_kv_heads), stable=True)
-    k = np.arange(num_kv_heads * num_slots)
-    rnd, pos = k // programs, k % programs
-    size = np.minimum(programs, k.size - rnd * programs)
-    snake = np.where(rnd % 2 == 1, rnd * programs + size - 1 - pos, k)
-    return items[by_cost[snake]]
 
 
 def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, q_ref,
@@ -409,8 +377,9 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
-    override the tuned table (benchmarks); ``programs`` is the number of persistent CTAs
-    (default: one per SM of the device, 132 off GPU); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests;
+    override the tuned table (benchmarks); ``programs`` is the number of CTAs, each looping
+    over every programs-th item of the work list (default: one per item, or with the tuned
+    ``persistent`` one per SM of the device, 132 off GPU); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests;
     see ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
@@ -424,8 +393,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
-    if order not in ("natural", "lpt"):
-        raise ValueError(f"order must be 'natural' or 'lpt', got {order!r}")
+    if order not in ("natural", "lpt", "auto"):
+        raise ValueError(f"order must be 'natural', 'lpt' or 'auto', got {order!r}")
     if q_tiles not in (1, 2):
         raise ValueError(f"q_tiles must be 1 or 2, got {q_tiles}")
     if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
@@ -440,11 +409,11 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.
     num_slots = num_tokens // (q_tiles * block_q) + num_reqs + 1
-    if programs is None:
+    if programs is None and cfg.persistent:
         dev = jax.devices()[0]
         programs = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
         programs = programs or 132
-    programs = max(1, min(programs, num_slots * num_kv_heads))
+    programs = max(1, min(programs or num_slots * num_kv_heads, num_slots * num_kv_heads))
     items = item_schedule(kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
                           num_seqs, span=q_tiles * block_q, num_slots=num_slots,
                           num_kv_heads=num_kv_heads, block_kv=block_kv, order=order,

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxpage.kernels_pallas import gpu
@@ -98,6 +99,52 @@ def test_export_variants_lower_for_cuda(kw):
     fn = functools.partial(ragged_mosaic.ragged_paged_attention, **case.attn_kwargs, **kw)
     assert "mosaic_gpu" in jax.export.export(jax.jit(fn), platforms=("cuda",))(
         *x.args()).mlir_module()
+
+
+def _natural_items(q_lens, num_seqs, num_tokens, span, num_slots, num_kv_heads):
+    """The work list by its definition: request b's spans start at slot qsl[b] // span + b;
+    request num_seqs (padding) owns the slots from its first to the end."""
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    owner = []
+    for slot in range(num_slots):
+        b = max(b for b in range(num_seqs + 1) if qsl[b] // span + b <= slot)
+        owner.append((b, (slot - (qsl[b] // span + b)) * span))
+    return np.array([(b, h, t) for h in range(num_kv_heads) for b, t in owner])
+
+
+@pytest.mark.parametrize("programs", [1 << 20, 7])
+def test_item_schedule_orders(programs):
+    # 3 live requests (a 40-token chunk behind 100 tokens of context, a decode, an 8-token
+    # chunk), one dead row; span 16 tokens, 2 kv heads.
+    q_lens, kv_lens = [40, 1, 8, 0], [140, 50, 8, 0]
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    span, num_tokens, num_kv = 16, 56, 2
+    num_slots = num_tokens // span + len(q_lens) + 1
+    programs = min(programs, num_slots * num_kv)
+    kw = dict(span=span, num_slots=num_slots, num_kv_heads=num_kv, block_kv=64,
+              programs=programs)
+    sched = functools.partial(ragged_mosaic.item_schedule, jnp.asarray(kv_lens, jnp.int32), qsl)
+    want = _natural_items(q_lens, 3, num_tokens, span, num_slots, num_kv)
+    nat = np.asarray(sched(jnp.int32(3), order="natural", **kw))
+    np.testing.assert_array_equal(nat, want)
+    lpt = np.asarray(sched(jnp.int32(3), order="lpt", **kw))
+    assert sorted(map(tuple, lpt)) == sorted(map(tuple, want))  # a permutation
+    # KV blocks of each item (64-token blocks; causal end of its span)
+    blocks = {(0, 0): 2, (0, 16): 3, (0, 32): 3, (1, 0): 1, (2, 0): 1}
+    cost = [blocks.get((b, t), 0) for b, _, t in lpt]
+    # CTA p reads entries p, p + P, ...: round r's entries, reversed when r is odd, are in
+    # descending cost order (snake over the longest-first list).
+    rounds = [cost[r:r + programs] for r in range(0, len(cost), programs)]
+    flat = [c for i, rd in enumerate(rounds) for c in (rd[::-1] if i % 2 else rd)]
+    assert flat == sorted(cost, reverse=True)
+    # "auto": batch order with a decode in the batch (request 1), longest first without one
+    np.testing.assert_array_equal(sched(jnp.int32(3), order="auto", **kw), nat)
+    q2 = [40, 3, 8, 0]
+    qsl2 = jnp.asarray(np.concatenate([[0], np.cumsum(q2)]), jnp.int32)
+    kv2 = jnp.asarray([140, 52, 8, 0], jnp.int32)
+    auto = ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="auto", **kw)
+    np.testing.assert_array_equal(
+        auto, ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="lpt", **kw))
 
 
 def test_export_lowers_for_cuda():
