@@ -157,6 +157,12 @@ def ours_ragged(md, **cfg):
         sm_scale=SM_SCALE, interpret=INTERPRET, **cfg)
 
 
+def ours_mosaic(md):
+    return lambda q, pool: gpu.ragged_paged_attention(
+        q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
+        sm_scale=SM_SCALE, ragged_impl="mosaic")
+
+
 def ours_two_launch(md):
     return lambda q, pool: gpu.mixed_paged_attention(
         q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
@@ -341,6 +347,12 @@ def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
             sm_scale=SM_SCALE, interpret=INTERPRET)
         pre = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
         calls["part_prefills_ragged"] = ours_ragged(pre)
+        cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+        if not INTERPRET and cc.startswith("9"):
+            # Hopper: the Mosaic GPU ragged kernel beside the Triton one (``auto`` takes it
+            # at the head dims in ragged_mosaic.AUTO_HEAD_DIMS).
+            calls["ours_mosaic"] = ours_mosaic(md)
+            calls["part_prefills_mosaic"] = ours_mosaic(pre)
         if breakdown == "full":
             calls["part_prefills_ragged_natural_order"] = ours_ragged(pre, order="natural")
             calls["part_prefills_ragged_index"] = ours_ragged(pre, prefetch="index")

@@ -101,7 +101,7 @@ def test_export_variants_lower_for_cuda(kw):
         *x.args()).mlir_module()
 
 
-def _natural_items(q_lens, num_seqs, num_tokens, span, num_slots, num_kv_heads):
+def _natural_items(q_lens, num_seqs, span, num_slots, num_kv_heads):
     """The work list by its definition: request b's spans start at slot qsl[b] // span + b;
     request num_seqs (padding) owns the slots from its first to the end."""
     qsl = np.concatenate([[0], np.cumsum(q_lens)])
@@ -124,7 +124,7 @@ def test_item_schedule_orders(programs):
     kw = dict(span=span, num_slots=num_slots, num_kv_heads=num_kv, block_kv=64,
               programs=programs)
     sched = functools.partial(ragged_mosaic.item_schedule, jnp.asarray(kv_lens, jnp.int32), qsl)
-    want = _natural_items(q_lens, 3, num_tokens, span, num_slots, num_kv)
+    want = _natural_items(q_lens, 3, span, num_slots, num_kv)
     nat = np.asarray(sched(jnp.int32(3), order="natural", **kw))
     np.testing.assert_array_equal(nat, want)
     lpt = np.asarray(sched(jnp.int32(3), order="lpt", **kw))
