@@ -37,7 +37,8 @@ import numpy as np
 from jaxpage.kernels_pallas import gpu, reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_report import fmt, markdown, plot  # noqa: E402  (tools/ is not a package)
+import kernel_sweep  # noqa: E402  (tools/ is not a package)
+from kernel_report import fmt, markdown, plot  # noqa: E402
 
 N, K, H = 32, 8, 128
 DTYPE = jnp.bfloat16
@@ -382,38 +383,6 @@ def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
 
 
 # ---------------------------------------------------------------------------------- reports
-def sweep(ceil, out):
-    """Tuning grid for the decode and ragged kernels (results feed the tables in gpu/)."""
-    res = dict(decode_blocks=[], decode_splits=[], ragged=[])
-    blocks = {f"bkv{b}_w{w}_s{s}": dict(block_kv=b, num_warps=w, num_stages=s)
-              for b in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (4, 4), (8, 3))}
-    for batch, ctx, page in ((16, 2048, 16), (64, 2048, 16), (256, 8192, 16), (64, 2048, 128)):
-        row = bench_decode_shape(batch, ctx, page, ceil, ("ours",), ours_cfgs=blocks)
-        res["decode_blocks"].append(row)
-        ok = [k for k in blocks if "time_us" in row.get(k, {})]
-        best = min(ok, key=lambda k: row[k]["time_us"]) if ok else None
-        log(f"sweep blocks B={batch} ctx={ctx} p={page}: best {best} "
-            + " ".join(f"{k}={row[k]['pct_read_bw']:.0f}%" for k in ok))
-        dump(out, "sweep.json", res)
-    splits = {f"splits{s}": dict(num_splits=s) for s in (1, 2, 4, 8, 16)}
-    for batch, ctx in ((16, 512), (16, 2048), (16, 8192), (64, 2048), (64, 512)):
-        row = bench_decode_shape(batch, ctx, 16, ceil, ("ours",), ours_cfgs=splits)
-        res["decode_splits"].append(row)
-        log(f"sweep splits B={batch} ctx={ctx}: "
-            + " ".join(f"{k}={row[k]['pct_read_bw']:.0f}%" for k in splits
-                       if "time_us" in row.get(k, {})))
-        dump(out, "sweep.json", res)
-    rcfg = {f"bm{m}_bkv{b}_w{w}_s{s}": dict(block_m=m, block_kv=b, num_warps=w, num_stages=s)
-            for m in (32, 64, 128) for b in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (8, 3))}
-    rcfg.update({f"default_dec{d}": dict(decode_block_kv=d) for d in (32, 64, 128, 256)})
-    row = bench_mixed(ceil, 16, ragged_cfgs=rcfg, with_ref=False, breakdown=False)
-    res["ragged"].append(row)
-    log("sweep ragged mixed: " + " ".join(
-        f"{k}={row[k]['time_us']:.0f}us" for k in rcfg if "time_us" in row.get(k, {})))
-    dump(out, "sweep.json", res)
-    return res
-
-
 def dump(out, name, obj):
     with open(os.path.join(out, name), "w") as f:
         json.dump(obj, f, indent=1, default=str)
@@ -461,7 +430,7 @@ def main(argv=None):
     log("correctness (rel. max error vs reference):", result["correctness"])
     dump(args.out, "kernels.json", result)
     if args.sweep:
-        result["sweep"] = sweep(ceil, args.out)
+        result["sweep"] = kernel_sweep.sweep(sys.modules[__name__], ceil, args.out)
 
     def run_mixed():
         if not args.no_mixed and time.time() - T0 < args.time_budget:

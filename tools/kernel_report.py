@@ -97,6 +97,3 @@ def plot(result, path):
                  f"H={head_dim} · dashed 85%, dotted 70%")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
-
-
-# --------------------------------------------------------------------------------- sweeps
