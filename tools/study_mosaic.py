@@ -33,7 +33,6 @@ from jaxpage.kernels_pallas.gpu import ragged_mosaic  # noqa: E402
 DEFAULT_CFGS = {"np_natural": dict(programs=1 << 20), "np_lpt": dict(programs=1 << 20,
                                                                      order="lpt"),
                 "p_lpt_snake": dict(order="lpt")}
-DECODE_SHAPES = ((16, 2048), (64, 2048), (256, 2048))
 
 
 def mosaic_call(md, **cfg):
@@ -135,6 +134,11 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=480.0)
     p.add_argument("--skip", default="", help="comma list of: prefill,mixed,decode")
     p.add_argument("--head-dim", type=int, default=128, help="H (N/K stay 32/8)")
+    p.add_argument("--decode", default="16x2048,64x2048,256x2048",
+                   help="comma list of BxCTX decode-only batches")
+    p.add_argument("--once", default=None, metavar="JSON",
+                   help="no timing: one call of the mixed batch (page 16) through the Mosaic "
+                        "kernel with these kwargs, for a profiler (ncu) to catch")
     p.add_argument("--report", nargs="+", default=None, metavar=("OUT_MD", "JSON"),
                    help="no GPU work: tabulate mosaic.json runs into OUT_MD (+ .png)")
     args = p.parse_args(argv)
@@ -142,6 +146,10 @@ def main(argv=None):
         report(args.report[0], args.report[1:])
         return
     bk.H, bk.SM_SCALE = args.head_dim, args.head_dim ** -0.5
+    if args.once is not None:
+        md, q, pools, _ = bk.mixed_batch(16, seed=21)
+        jax.block_until_ready(mosaic_call(md, **json.loads(args.once))(q, pools[0]))
+        return
     bk.DEADLINE = bk.T0 + args.time_budget
     cfgs = json.loads(args.cfgs) if args.cfgs else DEFAULT_CFGS
     skip = set(args.skip.split(","))
@@ -173,7 +181,7 @@ def main(argv=None):
                     x_floor=lambda t, f=floor: t * 1e-6 / f)))
             save()
     if "decode" not in skip:
-        for batch, ctx in DECODE_SHAPES:
+        for batch, ctx in (tuple(map(int, s.split("x"))) for s in args.decode.split(",")):
             page = 16
             num_pages, md = bk.decode_batch(batch, ctx, page)
             pools = bk.make_pools(num_pages, page, 2, 100)

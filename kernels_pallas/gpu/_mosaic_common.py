@@ -78,17 +78,27 @@ def store_rows(o_smem, o_ref, row0, n_rows, kv_head, group, block_q):
 
 def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: int,
                   num_kv_heads: int, block_kv: int, order: str, programs: int):
-    """(num_items, 3) int32 work list: (request, kv head, first query token) of every item.
+    """The work list: ``(items, starts)``. ``items`` (num_items, 3) int32 holds (request, kv
+    head, first query token) of every item, grouped by CTA: CTA p takes
+    ``items[starts[p]:starts[p + 1]]`` in that order, its K/V ring running on across them.
 
     Request b's spans are slots qsl[b] // span + b ...; request num_seqs is the padding pseudo
-    request (rows [qsl[num_seqs], T), written as zeros). ``order``: "natural" (kv head
-    outermost, slots in batch order), "lpt" (most KV blocks first: the long items start
-    early instead of forming the tail) or "auto" ("lpt" when no live request is a
-    single-token decode, else "natural": measured best for prefill-only and for mixed batches
-    respectively, NOTES.md fifth pass). CTA p takes entries p, p + programs, ...: under "lpt"
-    every other round of ``programs`` entries is reversed (snake order), so the CTA that takes
-    a round's longest item takes the next round's shortest. Tiny XLA ops on the step's
-    metadata, the same in every layer.
+    request (rows [qsl[num_seqs], T), written as zeros). ``order``:
+
+    * "natural": kv head outermost, slots in batch order, dealt round-robin (CTA p takes
+      entries p, p + programs, ... of that list);
+    * "lpt": most KV blocks first (the long items start early instead of forming the tail),
+      dealt round-robin in snake order (every other round reversed, so the CTA that takes a
+      round's longest item takes the next round's shortest);
+    * "auto": "lpt" when no live request is a single-token decode, else "natural" (measured
+      best for prefill-only and for mixed batches respectively, NOTES.md fifth pass);
+    * "split": decode items (memory-bound) and the rest (compute-bound) on disjoint CTAs,
+      each class longest first in snake order over its half of the CTAs — the first half takes
+      the compute-bound items, the second the decodes, so that with two CTAs per SM (filled
+      breadth-first) each SM streams K/V for decodes while its tensor cores run prefill tiles.
+      A batch of one class spreads it over all CTAs.
+
+    Tiny XLA ops on the step's metadata, the same in every layer.
     """
     num_reqs = kv_lens.shape[0]
     num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_reqs)
@@ -102,21 +112,56 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
                        jnp.broadcast_to(heads[:, None], (num_kv_heads, num_slots)),
                        jnp.broadcast_to(tok0[None, :], (num_kv_heads, num_slots))], axis=-1)
     items = items.reshape(num_kv_heads * num_slots, 3)
+    n = items.shape[0]
     if order == "natural":
-        return items
+        return _round_robin(items, programs)
     q_len = query_start_loc[jnp.minimum(req + 1, num_reqs)] - query_start_loc[req]
     kv_len = kv_lens[jnp.minimum(req, num_reqs - 1)]
     live = (req < num_seqs) & (tok0 < q_len)
     hi = jnp.minimum(kv_len, kv_len - q_len + jnp.minimum(q_len, tok0 + span))
-    cost = jnp.where(live, (hi + block_kv - 1) // block_kv, 0)  # KV blocks (no window)
-    by_cost = jnp.argsort(-jnp.tile(cost, num_kv_heads), stable=True)
-    k = np.arange(num_kv_heads * num_slots)
+    cost = jnp.tile(jnp.where(live, (hi + block_kv - 1) // block_kv, 0), num_kv_heads)
+    if order == "split":
+        decode = jnp.tile(live & (q_len == 1), num_kv_heads).astype(jnp.int32)
+        return _split(items, cost, decode, programs)
+    k = np.arange(n)
     rnd, pos = k // programs, k % programs
-    size = np.minimum(programs, k.size - rnd * programs)
+    size = np.minimum(programs, n - rnd * programs)
     snake = np.where(rnd % 2 == 1, rnd * programs + size - 1 - pos, k)
-    lpt = items[by_cost[snake]]
+    lpt = _round_robin(items[jnp.argsort(-cost, stable=True)[snake]], programs)
     if order == "lpt":
         return lpt
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     decodes = (jnp.arange(num_reqs) < num_seqs) & (q_lens == 1)
-    return jnp.where(jnp.any(decodes), items, lpt)
+    nat, starts = _round_robin(items, programs)
+    return jnp.where(jnp.any(decodes), nat, lpt[0]), starts
+
+
+def _round_robin(items, programs: int):
+    """Entry k of ``items`` to CTA k % programs, grouped by CTA (a static permutation)."""
+    k = np.arange(items.shape[0])
+    counts = np.bincount(k % programs, minlength=programs)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return items[np.lexsort((k // programs, k % programs))], jnp.asarray(starts)
+
+
+def _split(items, cost, decode, programs: int):
+    """``order="split"`` of ``item_schedule``: class 1 (decodes) on CTAs [programs // 2,
+    programs), class 0 on [0, programs // 2), each longest first in snake order; one class
+    alone takes every CTA."""
+    n = items.shape[0]
+    k = jnp.arange(n, dtype=jnp.int32)
+    by = jnp.lexsort((k, -cost, decode))  # class, then longest first, then list order
+    n_dec = jnp.sum(decode)
+    n_other = n - n_dec
+    both = (n_dec > 0) & (n_other > 0) & (programs > 1)
+    half = max(programs // 2, 1)
+    cls = decode[by]
+    rank = k - jnp.where(cls == 1, n_other, 0)  # position within its class
+    width = jnp.where(both, jnp.where(cls == 1, programs - half, half), programs)
+    first_cta = jnp.where(both & (cls == 1), half, 0)
+    rnd, pos = rank // width, rank % width
+    cta = first_cta + jnp.where(rnd % 2 == 1, width - 1 - pos, pos)
+    grouped = jnp.lexsort((rank, cta))
+    counts = jnp.zeros((programs,), jnp.int32).at[cta].add(1)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+    return items[by][grouped], starts

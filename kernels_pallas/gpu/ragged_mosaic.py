@@ -58,7 +58,7 @@ class MosaicConfig:
     q_tiles: int = 1  # 64-row tiles per item, one compute warpgroup each (1 or 2)
     pingpong: bool = True  # with two tiles: take turns on the tensor cores
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
-    order: str = "auto"  # work list order: "natural", "lpt" or "auto" (``item_schedule``)
+    order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
 
 
@@ -99,29 +99,29 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
     return None
 
 
-def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, q_ref,
+def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, starts_ref, q_ref,
             kv_ref,  # inputs
             o_ref,  # output
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            num_programs, q_tiles, pingpong, compute_regs, interpret):
+            q_tiles, pingpong, compute_regs, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     num_tokens, _, head_dim = q_ref.shape
-    num_items = items_ref.shape[0]
     dtype = q_ref.dtype
     span = q_tiles * block_q  # query tokens per item
     num_seqs = jnp.minimum(num_seqs_ref[0], num_reqs)
     program = lax.axis_index("program")
-    # Persistent CTAs: this one takes items program, program + P, ... of the work list, and
-    # the K/V ring runs on from one item into the next (ring step = blocks before + s).
-    my_items = lax.div(num_items - program + num_programs - 1, jnp.int32(num_programs))
+    # This CTA's items: items[starts[program] : starts[program + 1]]; the K/V ring runs on
+    # from one item into the next (ring step = blocks before + s).
+    my_first = starts_ref[program]
+    my_items = starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
     iota, in_layout, load_tile, _ = register_ops(interpret)
 
     def item_at(i):
         """The scalars of this CTA's item i."""
-        k = program + i * num_programs
+        k = my_first + i
         req, kv_head, item_tok0 = items_ref[k, 0], items_ref[k, 1], items_ref[k, 2]
         it = dict(req=req, kv_head=kv_head, is_pad=req == num_seqs)
         it["q_start"] = q_start = qsl_ref[req]
@@ -363,6 +363,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, q_r
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+ORDERS = ("natural", "lpt", "auto", "split")
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -393,8 +394,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
-    if order not in ("natural", "lpt", "auto"):
-        raise ValueError(f"order must be 'natural', 'lpt' or 'auto', got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if q_tiles not in (1, 2):
         raise ValueError(f"q_tiles must be 1 or 2, got {q_tiles}")
     if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
@@ -409,12 +410,12 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.
     num_slots = num_tokens // (q_tiles * block_q) + num_reqs + 1
-    if programs is None and cfg.persistent:
+    if programs is None and (cfg.persistent or order == "split"):
         dev = jax.devices()[0]
         programs = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
-        programs = programs or 132
+        programs = (programs or 132) * (2 if order == "split" else 1)
     programs = max(1, min(programs or num_slots * num_kv_heads, num_slots * num_kv_heads))
-    items = item_schedule(kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
+    items, starts = item_schedule(kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
                           num_seqs, span=q_tiles * block_q, num_slots=num_slots,
                           num_kv_heads=num_kv_heads, block_kv=block_kv, order=order,
                           programs=programs)
@@ -422,7 +423,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        num_programs=programs,
         q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
@@ -451,5 +451,5 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         interpret=interpreter() if interpret else None,
     )
     return call(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
-                block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), items, q,
+                block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), items, starts, q,
                 kv_pages)

@@ -83,6 +83,16 @@ def test_interpret_two_tiles_pingpong_persistent(case, order):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
+def test_interpret_split_work_list():
+    # order="split": the decodes on two CTAs, the prefill chunks and the padding on two others,
+    # one tile per item (the two-CTAs-per-SM configuration).
+    case = CASES[0]
+    x = case.inputs()
+    out = _run(case, x, interpret=True, q_tiles=1, block_kv=64, depth=2, order="split",
+               programs=4)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
@@ -91,7 +101,8 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
+                                dict(q_tiles=1, block_kv=64, depth=2, order="split")],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -112,6 +123,13 @@ def _natural_items(q_lens, num_seqs, span, num_slots, num_kv_heads):
     return np.array([(b, h, t) for h in range(num_kv_heads) for b, t in owner])
 
 
+def _per_cta(schedule):
+    """The work list as one list of (request, kv head, first token) per CTA."""
+    items, starts = (np.asarray(a) for a in schedule)
+    assert starts[0] == 0 and starts[-1] == len(items) and np.all(np.diff(starts) >= 0)
+    return [[tuple(r) for r in items[a:b]] for a, b in zip(starts[:-1], starts[1:])]
+
+
 @pytest.mark.parametrize("programs", [1 << 20, 7])
 def test_item_schedule_orders(programs):
     # 3 live requests (a 40-token chunk behind 100 tokens of context, a decode, an 8-token
@@ -124,27 +142,46 @@ def test_item_schedule_orders(programs):
     kw = dict(span=span, num_slots=num_slots, num_kv_heads=num_kv, block_kv=64,
               programs=programs)
     sched = functools.partial(ragged_mosaic.item_schedule, jnp.asarray(kv_lens, jnp.int32), qsl)
-    want = _natural_items(q_lens, 3, span, num_slots, num_kv)
-    nat = np.asarray(sched(jnp.int32(3), order="natural", **kw))
-    np.testing.assert_array_equal(nat, want)
-    lpt = np.asarray(sched(jnp.int32(3), order="lpt", **kw))
-    assert sorted(map(tuple, lpt)) == sorted(map(tuple, want))  # a permutation
+    want = [tuple(r) for r in _natural_items(q_lens, 3, span, num_slots, num_kv)]
+    # natural: entry k of the list by its definition goes to CTA k % programs
+    nat = _per_cta(sched(jnp.int32(3), order="natural", **kw))
+    assert len(nat) == programs
+    assert nat == [want[p::programs] for p in range(programs)]
+    lpt = _per_cta(sched(jnp.int32(3), order="lpt", **kw))
+    assert sorted(sum(lpt, [])) == sorted(want)  # a permutation
     # KV blocks of each item (64-token blocks; causal end of its span)
     blocks = {(0, 0): 2, (0, 16): 3, (0, 32): 3, (1, 0): 1, (2, 0): 1}
-    cost = [blocks.get((b, t), 0) for b, _, t in lpt]
-    # CTA p reads entries p, p + P, ...: round r's entries, reversed when r is odd, are in
-    # descending cost order (snake over the longest-first list).
-    rounds = [cost[r:r + programs] for r in range(0, len(cost), programs)]
-    flat = [c for i, rd in enumerate(rounds) for c in (rd[::-1] if i % 2 else rd)]
-    assert flat == sorted(cost, reverse=True)
+    cost = [[blocks.get((b, t), 0) for b, _, t in cta] for cta in lpt]
+    # Round r hands out the r-th entries of every CTA: in snake order (reversed when r is
+    # odd) the rounds together run longest first.
+    flat = []
+    for r in range(max(map(len, cost))):
+        rnd = [c[r] for c in cost if len(c) > r]
+        flat += rnd[::-1] if r % 2 else rnd
+    assert flat == sorted(flat, reverse=True)
     # "auto": batch order with a decode in the batch (request 1), longest first without one
-    np.testing.assert_array_equal(sched(jnp.int32(3), order="auto", **kw), nat)
+    assert _per_cta(sched(jnp.int32(3), order="auto", **kw)) == nat
     q2 = [40, 3, 8, 0]
     qsl2 = jnp.asarray(np.concatenate([[0], np.cumsum(q2)]), jnp.int32)
     kv2 = jnp.asarray([140, 52, 8, 0], jnp.int32)
     auto = ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="auto", **kw)
-    np.testing.assert_array_equal(
-        auto, ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="lpt", **kw))
+    assert _per_cta(auto) == _per_cta(
+        ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="lpt", **kw))
+    # "split": the decode's items (request 1) on the second half of the CTAs, everything else
+    # on the first half, each CTA's items longest first
+    split = _per_cta(sched(jnp.int32(3), order="split", **kw))
+    assert sorted(sum(split, [])) == sorted(want)
+    half = programs // 2
+    assert all(b == 1 for cta in split[half:] for b, _, _ in cta)
+    assert sum(len(c) for c in split[half:]) == num_kv  # one decode item per kv head
+    assert all(b != 1 for cta in split[:half] for b, _, _ in cta)
+    for cta in split:
+        c = [blocks.get((b, t), 0) for b, _, t in cta]
+        assert c == sorted(c, reverse=True)
+    # one class alone (no decode) takes every CTA
+    alone = _per_cta(ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="split", **kw))
+    assert sorted(sum(alone, [])) == sorted(map(tuple, sum(_per_cta(auto), [])))
+    assert sum(1 for cta in alone[half:] if cta) >= min(half, 5)
 
 
 def test_export_lowers_for_cuda():
