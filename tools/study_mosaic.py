@@ -181,14 +181,16 @@ def main(argv=None):
                     x_floor=lambda t, f=floor: t * 1e-6 / f)))
             save()
     if "decode" not in skip:
-        for batch, ctx in (tuple(map(int, s.split("x"))) for s in args.decode.split(",")):
-            page = 16
+        shapes = [tuple(map(int, s.split("x"))) for s in args.decode.split(",")]
+        for (batch, ctx), page in ((bc, p) for p in map(int, args.pages.split(","))
+                                   for bc in shapes):
             num_pages, md = bk.decode_batch(batch, ctx, page)
             pools = bk.make_pools(num_pages, page, 2, 100)
             q = bk.make_qs(batch, 1, 5)[0]
             floor = batch * ctx * bk.K * bk.H * 4 / ceil["read_bw"]
-            bk.log(f"decode B={batch} ctx={ctx}: floor {floor * 1e6:.1f} us")
-            res[f"decode_b{batch}_c{ctx}"] = dict(floor_us=floor * 1e6, rows=batch_rows(
+            bk.log(f"decode B={batch} ctx={ctx} page={page}: floor {floor * 1e6:.1f} us")
+            key = f"decode_b{batch}_c{ctx}" + (f"_p{page}" if page != 16 else "")
+            res[key] = dict(floor_us=floor * 1e6, rows=batch_rows(
                 md, q, pools, cfgs, bk.ours_decode(md), dict(
                     pct_read_bw=lambda t, f=floor: 100 * f / (t * 1e-6))))
             save()

@@ -122,7 +122,8 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     cost = jnp.tile(jnp.where(live, (hi + block_kv - 1) // block_kv, 0), num_kv_heads)
     if order == "split":
         decode = jnp.tile(live & (q_len == 1), num_kv_heads).astype(jnp.int32)
-        return _split(items, cost, decode, programs)
+        other = jnp.tile(live & (q_len > 1), num_kv_heads)
+        return _split(items, cost, decode, jnp.any(other), programs)
     k = np.arange(n)
     rnd, pos = k // programs, k % programs
     size = np.minimum(programs, n - rnd * programs)
@@ -144,16 +145,16 @@ def _round_robin(items, programs: int):
     return items[np.lexsort((k // programs, k % programs))], jnp.asarray(starts)
 
 
-def _split(items, cost, decode, programs: int):
+def _split(items, cost, decode, any_other, programs: int):
     """``order="split"`` of ``item_schedule``: class 1 (decodes) on CTAs [programs // 2,
-    programs), class 0 on [0, programs // 2), each longest first in snake order; one class
-    alone takes every CTA."""
+    programs), class 0 (the rest) on [0, programs // 2), each longest first in snake order.
+    Without a live item in class 0 (dead and padding slots only) every CTA takes both."""
     n = items.shape[0]
     k = jnp.arange(n, dtype=jnp.int32)
     by = jnp.lexsort((k, -cost, decode))  # class, then longest first, then list order
     n_dec = jnp.sum(decode)
     n_other = n - n_dec
-    both = (n_dec > 0) & (n_other > 0) & (programs > 1)
+    both = (n_dec > 0) & any_other & (programs > 1)
     half = max(programs // 2, 1)
     cls = decode[by]
     rank = k - jnp.where(cls == 1, n_other, 0)  # position within its class

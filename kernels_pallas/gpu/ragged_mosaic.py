@@ -60,6 +60,7 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
+    prefetch: bool = False  # memory warpgroup loads block s + 1's page ids while s's copies run
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -105,7 +106,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, interpret):
+            q_tiles, pingpong, compute_regs, prefetch, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     num_tokens, _, head_dim = q_ref.shape
     dtype = q_ref.dtype
@@ -328,27 +329,39 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
             plgpu.set_max_registers(40, action="decrease")
         chunk = min(page_size, block_kv)
 
+        def block_pages(it, s):
+            """Page ids of the chunks of the item's KV block s (K and V share them)."""
+            pos = (it["lo_blk"] + s) * block_kv
+            return tuple(block_tables_ref[it["req_row"], jnp.minimum(
+                lax.div(pos + c * chunk, jnp.int32(page_size)), max_pages - 1)]
+                for c in range(block_kv // chunk))
+
         def one_item(i, base):
             it = item_at(i)
 
-            def fetch(s, _):
+            def fetch(s, pages):
                 buf = lax.rem(base + s, jnp.int32(depth))
+                if not prefetch:
+                    pages = block_pages(it, s)
                 for kind, smem, bar, free in ((0, k_smem, k_bar, k_free),
                                               (1, v_smem, v_bar, v_free)):
                     @pl.when(base + s >= depth)
                     def _wait():
                         plgpu.barrier_wait(free.at[buf])
 
-                    for c in range(block_kv // chunk):
+                    for c, page in enumerate(pages):
                         pos = (it["lo_blk"] + s) * block_kv + c * chunk
-                        idx = jnp.minimum(lax.div(pos, jnp.int32(page_size)), max_pages - 1)
-                        page = block_tables_ref[it["req_row"], idx]
                         plgpu.copy_gmem_to_smem(
                             kv_ref.at[page, kind, it["kv_head"],
                                       pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
                             smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
+                if prefetch:  # the next block's page ids load while this one's copies run
+                    return block_pages(it, jnp.minimum(s + 1, it["n_blk"] - 1))
+                return pages
 
-            lax.fori_loop(0, it["n_blk"], fetch, None)
+            init = block_pages(it, 0) if prefetch else tuple(
+                jnp.int32(0) for _ in range(block_kv // chunk))
+            lax.fori_loop(0, it["n_blk"], fetch, init)
             return base + it["n_blk"]
 
         total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
@@ -368,20 +381,22 @@ ORDERS = ("natural", "lpt", "auto", "split")
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "interpret"))
+    "compute_regs", "order", "programs", "prefetch", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
+                           prefetch: bool | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
-    override the tuned table (benchmarks); ``programs`` is the number of CTAs, each looping
-    over every programs-th item of the work list (default: one per item, or with the tuned
-    ``persistent`` one per SM of the device, 132 off GPU); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests;
-    see ``_mosaic_common.interpreter``)."""
+    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
+    ``prefetch`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    each taking its share of the work list (``item_schedule``; default: one per item, or one
+    per SM of the device with the tuned ``persistent``, two per SM with ``order="split"``, 132
+    SMs off GPU); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
+    ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
     why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype)
@@ -394,6 +409,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
+    prefetch = cfg.prefetch if prefetch is None else prefetch
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if q_tiles not in (1, 2):
@@ -423,7 +439,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, interpret=interpret)
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, prefetch=prefetch,
+        interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,

@@ -71,15 +71,18 @@ def test_interpret_shallow_ring_many_blocks():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case,order", [(CASES[0], "natural"), (CASES[4], "lpt")],
-                         ids=lambda c: getattr(c, "id", c))
-def test_interpret_two_tiles_pingpong_persistent(case, order):
+@pytest.mark.parametrize("case,order,prefetch", [(CASES[0], "natural", False),
+                                                 (CASES[4], "lpt", True)],
+                         ids=lambda c: getattr(c, "id", str(c)))
+def test_interpret_two_tiles_pingpong_persistent(case, order, prefetch):
     # Two 64-row tiles per item on one K/V stream, taking turns on the tensor cores: the
     # earlier tile has fewer blocks (causal) and releases the rest unread; decodes leave the
     # second tile empty (no turns then); padding spans; an empty request mid-batch. Three
-    # persistent CTAs: each takes several items, its K/V ring running on from one to the next.
+    # persistent CTAs: each takes several items, its K/V ring running on from one to the next
+    # (with ``prefetch``, page ids a block ahead within each item).
     x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, order=order)
+    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, order=order,
+               prefetch=prefetch)
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
@@ -102,7 +105,8 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
                                 dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
-                                dict(q_tiles=1, block_kv=64, depth=2, order="split")],
+                                dict(q_tiles=1, block_kv=64, depth=2, order="split"),
+                                dict(prefetch=True)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -278,7 +282,8 @@ class TestMosaicCompiled:
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
         dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
         dict(order="split"), dict(q_tiles=1, block_kv=64, depth=2, order="split", programs=6),
-        dict(q_tiles=1, block_kv=64, depth=2, order="split", compute_regs=216)], ids=str)
+        dict(q_tiles=1, block_kv=64, depth=2, order="split", compute_regs=216),
+        dict(prefetch=True), dict(prefetch=True, programs=5, order="lpt")], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
