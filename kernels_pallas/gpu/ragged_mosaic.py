@@ -61,6 +61,7 @@ class MosaicConfig:
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
     prefetch: bool = False  # memory warpgroup loads block s + 1's page ids while s's copies run
+    kv_halves: bool = False  # two tiles: an item with one live tile splits its KV blocks
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -103,10 +104,11 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, starts_ref, q_ref,
             kv_ref,  # inputs
             o_ref,  # output
-            q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
-            q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
+            q_smem, o_smem, k_smem, v_smem, ml_smem,  # scratch: per-tile Q (swizzled), Q in /
+            # O out, K and V rings, a half's row max and sum (``kv_halves``)
+            q_bar, k_bar, v_bar, k_free, v_free, sched, merge_bar,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, prefetch, interpret):
+            q_tiles, pingpong, compute_regs, prefetch, kv_halves, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     num_tokens, _, head_dim = q_ref.shape
     dtype = q_ref.dtype
@@ -118,7 +120,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
     my_first = starts_ref[program]
     my_items = starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
-    iota, in_layout, load_tile, _ = register_ops(interpret)
+    iota, in_layout, load_tile, load_row = register_ops(interpret)
 
     def item_at(i):
         """The scalars of this CTA's item i."""
@@ -166,7 +168,12 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
             it = item_at(i)
             q_start, kv_head, kv_len, lo_blk, n_blk = (
                 it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk"))
-            tok0, n_tok, first_pos, hi = it["tile"](wg)
+            # With ``kv_halves``, an item whose second tile has no rows (a decode, a chunk's
+            # short last span) puts both warpgroups on its first tile, each on every other KV
+            # block; their partial softmax states merge at the end.
+            halves = ((it["tile"](1)[1] == 0) & (n_blk >= 2)) if kv_halves else False
+            tok0, n_tok, first_pos, hi = it["tile"](jnp.where(halves, 0, wg) if kv_halves
+                                                    else wg)
             n_mine = jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk,
                                0)
             # Blocks every row of the tile sees in full (no mask): before its first query.
@@ -188,6 +195,14 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
 
             def ring(s):
                 return lax.rem(base + s, jnp.int32(depth))
+
+            def observe(s):
+                """Block s, read by the other warpgroup only: awaited and released."""
+                buf = ring(s)
+                plgpu.barrier_wait(k_bar.at[buf])
+                plgpu.barrier_arrive(k_free.at[buf])
+                plgpu.barrier_wait(v_bar.at[buf])
+                plgpu.barrier_arrive(v_free.at[buf])
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output has left io
 
@@ -211,12 +226,14 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                     plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-                    plgpu.barrier_wait(k_bar.at[ring(0)])  # K(s + 1) is awaited during PV(s)
-
-                    def step(s, carry, masked):
+                    def step(s, carry, masked, ahead=True):
+                        """Block s into the running softmax state. ``ahead``: K(s) was awaited
+                        before, K(s + 1) is awaited during PV(s)."""
                         acc, m_i, l_i = carry
                         buf = ring(s)
                         blk = lo_blk + s
+                        if not ahead:
+                            plgpu.barrier_wait(k_bar.at[buf])
                         # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
                         # register wgmma operand, nor run_state: there both products are dots.
                         if interpret:
@@ -272,11 +289,13 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                         if interpret:
                             acc = acc + jnp.dot(p16, v_smem.at[buf][...],
                                                 preferred_element_type=jnp.float32)
-                            wait_next_k()
+                            if ahead:
+                                wait_next_k()
                         else:  # accumulate into acc in place (the wgmma's C operand)
                             def pv(acc_ref):
                                 plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
-                                wait_next_k()  # while the tensor cores run PV
+                                if ahead:
+                                    wait_next_k()  # while the tensor cores run PV
                             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                         plgpu.barrier_arrive(v_free.at[buf])
                         return acc, m_new, l_i
@@ -287,15 +306,69 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                                        plgpu.Layout.WGMMA.reduce(1)),
                              in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
                                        plgpu.Layout.WGMMA.reduce(1)))
-                    # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
-                    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                    def store(out):
+                        io[...] = out.astype(dtype)
+                        plgpu.commit_smem()
+                        store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
+
+                    def normalized(acc, l_i):
+                        l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+                        return acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+
+                    @pl.when(jnp.logical_not(halves))
+                    def _whole():
+                        plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
+                        # Unmasked blocks first, then the rest (the diagonal, the kv_len tail).
+                        c = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
                                           carry)
-                    acc, _, l_i = lax.fori_loop(n_full, n_mine,
-                                                functools.partial(step, masked=True), carry)
-                    l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-                    io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-                    plgpu.commit_smem()
-                    store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
+                        acc, _, l_i = lax.fori_loop(n_full, n_mine,
+                                                    functools.partial(step, masked=True), c)
+                        store(normalized(acc, l_i))
+
+                    if kv_halves:
+                        @pl.when(halves)
+                        def _halves():
+                            # Warpgroup w attends to blocks w, w + 2, ... and observes the
+                            # other's, in block order (each ring slot needs both releases).
+                            count = lax.div(n_mine - wg + 1, jnp.int32(2))
+                            t_full = jnp.clip(lax.div(n_full - wg + 1, jnp.int32(2)), 0, count)
+
+                            def pair(t, c, masked):
+                                pl.when(wg == 1)(lambda: observe(2 * t))
+                                c = step(2 * t + wg, c, masked, ahead=False)
+                                pl.when((wg == 0) & (2 * t + 1 < n_mine))(
+                                    lambda: observe(2 * t + 1))
+                                return c
+
+                            c = lax.fori_loop(0, t_full, functools.partial(pair, masked=False),
+                                              carry)
+                            acc, m_i, l_i = lax.fori_loop(
+                                t_full, count, functools.partial(pair, masked=True), c)
+                            pl.when((wg == 1) & (lax.rem(n_mine, jnp.int32(2)) == 1))(
+                                lambda: observe(n_mine - 1))
+
+                            @pl.when(wg == 1)
+                            def _give():  # its half's output, max and sum, to warpgroup 0
+                                io[...] = normalized(acc, l_i).astype(dtype)
+                                ml_smem.at[0][...] = m_i
+                                ml_smem.at[1][...] = l_i
+                                plgpu.barrier_arrive(merge_bar.at[0])
+                                plgpu.barrier_wait(merge_bar.at[1])  # read: io is free again
+
+                            @pl.when(wg == 0)
+                            def _merge():
+                                plgpu.barrier_wait(merge_bar.at[0])
+                                o1 = load_tile(o_smem.at[1], fast=False).astype(jnp.float32)
+                                m1, l1 = load_row(ml_smem.at[0]), load_row(ml_smem.at[1])
+                                plgpu.barrier_arrive(merge_bar.at[1])
+                                m = jnp.maximum(m_i, m1)
+                                a0 = jnp.exp2(m_i - m)
+                                a1 = jnp.exp2(m1 - m) * l1
+                                den = l_i * a0 + a1
+                                den = jnp.where(den > 0, den, jnp.ones_like(den))
+                                bc = functools.partial(lax.broadcast_in_dim, shape=acc.shape,
+                                                       broadcast_dimensions=[0])
+                                store((acc * bc(a0) + o1 * bc(a1)) / bc(den))
 
                 # The item's blocks past this tile's: observed and released, turn for turn.
                 @pl.loop(n_mine, n_blk)
@@ -381,18 +454,18 @@ ORDERS = ("natural", "lpt", "auto", "split")
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "prefetch", "interpret"))
+    "compute_regs", "order", "programs", "prefetch", "kv_halves", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           prefetch: bool | None = None,
+                           prefetch: bool | None = None, kv_halves: bool | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
-    ``prefetch`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    ``prefetch``, ``kv_halves`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, two per SM with ``order="split"``, 132
     SMs off GPU); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
@@ -410,6 +483,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
     prefetch = cfg.prefetch if prefetch is None else prefetch
+    kv_halves = (cfg.kv_halves if kv_halves is None else kv_halves) and q_tiles == 2
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if q_tiles not in (1, 2):
@@ -440,7 +514,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
         q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, prefetch=prefetch,
-        interpret=interpret)
+        kv_halves=kv_halves, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,
@@ -450,12 +524,15 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype),  # q in, o out: untiled
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # k ring
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # v ring
+            plgpu.SMEM((2, TILE_ROWS), jnp.float32) if kv_halves else None,  # max, sum
             plgpu.Barrier(num_arrivals=group, num_barriers=q_tiles),  # q landed, per tile
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # k landed
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # v landed
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # k slot free
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # v slot free
             plgpu.Barrier(num_arrivals=2) if pingpong else None,  # pingpong turns
+            # kv_halves: warpgroup 1's half is in shared memory / was read
+            plgpu.Barrier(num_arrivals=1, num_barriers=2) if kv_halves else None,
         ],
         grid=(programs,),
         grid_names=("program",),
