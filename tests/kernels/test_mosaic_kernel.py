@@ -86,6 +86,19 @@ def test_interpret_two_tiles_pingpong_persistent(case, order, prefetch):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
+@pytest.mark.parametrize("case,kw", [(CASES[1], dict(block_kv=64)),
+                                     (CASES[7], dict(programs=3))],
+                         ids=lambda c: getattr(c, "id", str(c)))
+def test_interpret_kv_halves(case, kw):
+    # kv_halves: an item whose second tile is empty (decodes; 3-token chunk of G = 8 rows in a
+    # 16-token span) puts both compute warpgroups on the first tile, each on every other KV
+    # block (odd and even block counts, unmasked + masked blocks, window + soft cap), merging
+    # the two softmax states; items with two live tiles keep the normal path.
+    x = case.inputs()
+    out = _run(case, x, interpret=True, q_tiles=2, depth=2, kv_halves=True, **kw)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
 def test_interpret_split_work_list():
     # order="split": the decodes on two CTAs, the prefill chunks and the padding on two others,
     # one tile per item (the two-CTAs-per-SM configuration).
@@ -106,7 +119,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
                                 dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
                                 dict(q_tiles=1, block_kv=64, depth=2, order="split"),
-                                dict(prefetch=True)],
+                                dict(prefetch=True), dict(kv_halves=True)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -283,7 +296,9 @@ class TestMosaicCompiled:
         dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
         dict(order="split"), dict(q_tiles=1, block_kv=64, depth=2, order="split", programs=6),
         dict(q_tiles=1, block_kv=64, depth=2, order="split", compute_regs=216),
-        dict(prefetch=True), dict(prefetch=True, programs=5, order="lpt")], ids=str)
+        dict(prefetch=True), dict(prefetch=True, programs=5, order="lpt"),
+        dict(kv_halves=True), dict(kv_halves=True, block_kv=64, depth=2),
+        dict(kv_halves=True, programs=5, order="lpt")], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
