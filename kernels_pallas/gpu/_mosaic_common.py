@@ -92,11 +92,6 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
       round's longest item takes the next round's shortest);
     * "auto": "lpt" when no live request is a single-token decode, else "natural" (measured
       best for prefill-only and for mixed batches respectively, NOTES.md fifth pass);
-    * "split": decode items (memory-bound) and the rest (compute-bound) on disjoint CTAs,
-      each class longest first in snake order over its half of the CTAs — the first half takes
-      the compute-bound items, the second the decodes, so that with two CTAs per SM (filled
-      breadth-first) each SM streams K/V for decodes while its tensor cores run prefill tiles.
-      A batch of one class spreads it over all CTAs.
 
     Tiny XLA ops on the step's metadata, the same in every layer.
     """
@@ -120,10 +115,6 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     live = (req < num_seqs) & (tok0 < q_len)
     hi = jnp.minimum(kv_len, kv_len - q_len + jnp.minimum(q_len, tok0 + span))
     cost = jnp.tile(jnp.where(live, (hi + block_kv - 1) // block_kv, 0), num_kv_heads)
-    if order == "split":
-        decode = jnp.tile(live & (q_len == 1), num_kv_heads).astype(jnp.int32)
-        other = jnp.tile(live & (q_len > 1), num_kv_heads)
-        return _split(items, cost, decode, jnp.any(other), programs)
     k = np.arange(n)
     rnd, pos = k // programs, k % programs
     size = np.minimum(programs, n - rnd * programs)
@@ -144,25 +135,3 @@ def _round_robin(items, programs: int):
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return items[np.lexsort((k // programs, k % programs))], jnp.asarray(starts)
 
-
-def _split(items, cost, decode, any_other, programs: int):
-    """``order="split"`` of ``item_schedule``: class 1 (decodes) on CTAs [programs // 2,
-    programs), class 0 (the rest) on [0, programs // 2), each longest first in snake order.
-    Without a live item in class 0 (dead and padding slots only) every CTA takes both."""
-    n = items.shape[0]
-    k = jnp.arange(n, dtype=jnp.int32)
-    by = jnp.lexsort((k, -cost, decode))  # class, then longest first, then list order
-    n_dec = jnp.sum(decode)
-    n_other = n - n_dec
-    both = (n_dec > 0) & any_other & (programs > 1)
-    half = max(programs // 2, 1)
-    cls = decode[by]
-    rank = k - jnp.where(cls == 1, n_other, 0)  # position within its class
-    width = jnp.where(both, jnp.where(cls == 1, programs - half, half), programs)
-    first_cta = jnp.where(both & (cls == 1), half, 0)
-    rnd, pos = rank // width, rank % width
-    cta = first_cta + jnp.where(rnd % 2 == 1, width - 1 - pos, pos)
-    grouped = jnp.lexsort((rank, cta))
-    counts = jnp.zeros((programs,), jnp.int32).at[cta].add(1)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
-    return items[by][grouped], starts

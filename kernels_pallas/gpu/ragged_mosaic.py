@@ -49,6 +49,8 @@ from jaxpage.kernels_pallas.gpu._mosaic_common import (interpreter, item_schedul
                                                        store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
+PROFILE_RANGES = 512  # named ranges per warpgroup kept by the profiler (``profile_dir``)
+region = jax.named_scope  # a range in the profiler's trace; nothing without ``profile_dir``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +62,6 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
-    prefetch: bool = False  # memory warpgroup loads block s + 1's page ids while s's copies run
-    kv_halves: bool = False  # two tiles: an item with one live tile splits its KV blocks
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -104,11 +104,10 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, starts_ref, q_ref,
             kv_ref,  # inputs
             o_ref,  # output
-            q_smem, o_smem, k_smem, v_smem, ml_smem,  # scratch: per-tile Q (swizzled), Q in /
-            # O out, K and V rings, a half's row max and sum (``kv_halves``)
-            q_bar, k_bar, v_bar, k_free, v_free, sched, merge_bar,  # barriers
+            q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
+            q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, prefetch, kv_halves, interpret):
+            q_tiles, pingpong, compute_regs, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     num_tokens, _, head_dim = q_ref.shape
     dtype = q_ref.dtype
@@ -120,7 +119,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
     my_first = starts_ref[program]
     my_items = starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
-    iota, in_layout, load_tile, load_row = register_ops(interpret)
+    iota, in_layout, load_tile, _ = register_ops(interpret)
 
     def item_at(i):
         """The scalars of this CTA's item i."""
@@ -168,12 +167,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
             it = item_at(i)
             q_start, kv_head, kv_len, lo_blk, n_blk = (
                 it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk"))
-            # With ``kv_halves``, an item whose second tile has no rows (a decode, a chunk's
-            # short last span) puts both warpgroups on its first tile, each on every other KV
-            # block; their partial softmax states merge at the end.
-            halves = ((it["tile"](1)[1] == 0) & (n_blk >= 2)) if kv_halves else False
-            tok0, n_tok, first_pos, hi = it["tile"](jnp.where(halves, 0, wg) if kv_halves
-                                                    else wg)
+            tok0, n_tok, first_pos, hi = it["tile"](wg)
             n_mine = jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk,
                                0)
             # Blocks every row of the tile sees in full (no mask): before its first query.
@@ -196,14 +190,6 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
             def ring(s):
                 return lax.rem(base + s, jnp.int32(depth))
 
-            def observe(s):
-                """Block s, read by the other warpgroup only: awaited and released."""
-                buf = ring(s)
-                plgpu.barrier_wait(k_bar.at[buf])
-                plgpu.barrier_arrive(k_free.at[buf])
-                plgpu.barrier_wait(v_bar.at[buf])
-                plgpu.barrier_arrive(v_free.at[buf])
-
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output has left io
 
             @pl.when(n_blk > 0)
@@ -217,23 +203,22 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                     # tile-aligned (8-row) start in global memory too, so Q lands untiled (in
                     # the output buffer, free until the end) and is re-laid into the swizzled
                     # tile.
-                    for g in range(group):
-                        plgpu.copy_gmem_to_smem(
-                            q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
-                            io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
-                    plgpu.barrier_wait(q_bar.at[wg])
-                    q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
-                    plgpu.commit_smem()
+                    with region("q_in"):
+                        for g in range(group):
+                            plgpu.copy_gmem_to_smem(
+                                q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
+                                io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
+                        plgpu.barrier_wait(q_bar.at[wg])
+                        q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
+                        plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-                    def step(s, carry, masked, ahead=True):
-                        """Block s into the running softmax state. ``ahead``: K(s) was awaited
-                        before, K(s + 1) is awaited during PV(s)."""
+                    def step(s, carry, masked):
+                        """Block s into the running softmax state (K(s) was awaited before,
+                        K(s + 1) is awaited during PV(s))."""
                         acc, m_i, l_i = carry
                         buf = ring(s)
                         blk = lo_blk + s
-                        if not ahead:
-                            plgpu.barrier_wait(k_bar.at[buf])
                         # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
                         # register wgmma operand, nor run_state: there both products are dots.
                         if interpret:
@@ -247,7 +232,8 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                                             plgpu.transpose_ref(k_smem.at[buf], (1, 0)))
                                 meet()  # the other warpgroup's turn while this QKᵀ runs
                                 return acc_ref[...]
-                            sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
+                            with region("qk"):
+                                sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
                         plgpu.barrier_arrive(k_free.at[buf])
                         if soft_cap is None:
                             sc = sc * (sm_scale * cm.LOG2E)
@@ -266,8 +252,10 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                         p16 = p.astype(dtype)
                         meet(wait=False)  # softmax done
-                        plgpu.barrier_wait(v_bar.at[buf])
-                        meet(arrive=False)  # the tensor cores are free
+                        with region("wait_v"):
+                            plgpu.barrier_wait(v_bar.at[buf])
+                        with region("turn"):
+                            meet(arrive=False)  # the tensor cores are free
                         if masked:
                             # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
                             # NaN. Every tile that reads this block zeroes them first: each
@@ -289,14 +277,13 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                         if interpret:
                             acc = acc + jnp.dot(p16, v_smem.at[buf][...],
                                                 preferred_element_type=jnp.float32)
-                            if ahead:
-                                wait_next_k()
+                            wait_next_k()
                         else:  # accumulate into acc in place (the wgmma's C operand)
                             def pv(acc_ref):
                                 plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
-                                if ahead:
-                                    wait_next_k()  # while the tensor cores run PV
-                            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                                wait_next_k()  # while the tensor cores run PV
+                            with region("pv_wait_k"):
+                                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                         plgpu.barrier_arrive(v_free.at[buf])
                         return acc, m_new, l_i
 
@@ -306,69 +293,19 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                                        plgpu.Layout.WGMMA.reduce(1)),
                              in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
                                        plgpu.Layout.WGMMA.reduce(1)))
-                    def store(out):
-                        io[...] = out.astype(dtype)
+                    with region("wait_k"):
+                        plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
+                    # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
+                    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                                          carry)
+                    acc, _, l_i = lax.fori_loop(n_full, n_mine,
+                                                functools.partial(step, masked=True), carry)
+                    with region("out"):
+                        l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+                        io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape,
+                                                              [0])).astype(dtype)
                         plgpu.commit_smem()
                         store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
-
-                    def normalized(acc, l_i):
-                        l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-                        return acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-
-                    @pl.when(jnp.logical_not(halves))
-                    def _whole():
-                        plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
-                        # Unmasked blocks first, then the rest (the diagonal, the kv_len tail).
-                        c = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
-                                          carry)
-                        acc, _, l_i = lax.fori_loop(n_full, n_mine,
-                                                    functools.partial(step, masked=True), c)
-                        store(normalized(acc, l_i))
-
-                    if kv_halves:
-                        @pl.when(halves)
-                        def _halves():
-                            # Warpgroup w attends to blocks w, w + 2, ... and observes the
-                            # other's, in block order (each ring slot needs both releases).
-                            count = lax.div(n_mine - wg + 1, jnp.int32(2))
-                            t_full = jnp.clip(lax.div(n_full - wg + 1, jnp.int32(2)), 0, count)
-
-                            def pair(t, c, masked):
-                                pl.when(wg == 1)(lambda: observe(2 * t))
-                                c = step(2 * t + wg, c, masked, ahead=False)
-                                pl.when((wg == 0) & (2 * t + 1 < n_mine))(
-                                    lambda: observe(2 * t + 1))
-                                return c
-
-                            c = lax.fori_loop(0, t_full, functools.partial(pair, masked=False),
-                                              carry)
-                            acc, m_i, l_i = lax.fori_loop(
-                                t_full, count, functools.partial(pair, masked=True), c)
-                            pl.when((wg == 1) & (lax.rem(n_mine, jnp.int32(2)) == 1))(
-                                lambda: observe(n_mine - 1))
-
-                            @pl.when(wg == 1)
-                            def _give():  # its half's output, max and sum, to warpgroup 0
-                                io[...] = normalized(acc, l_i).astype(dtype)
-                                ml_smem.at[0][...] = m_i
-                                ml_smem.at[1][...] = l_i
-                                plgpu.barrier_arrive(merge_bar.at[0])
-                                plgpu.barrier_wait(merge_bar.at[1])  # read: io is free again
-
-                            @pl.when(wg == 0)
-                            def _merge():
-                                plgpu.barrier_wait(merge_bar.at[0])
-                                o1 = load_tile(o_smem.at[1], fast=False).astype(jnp.float32)
-                                m1, l1 = load_row(ml_smem.at[0]), load_row(ml_smem.at[1])
-                                plgpu.barrier_arrive(merge_bar.at[1])
-                                m = jnp.maximum(m_i, m1)
-                                a0 = jnp.exp2(m_i - m)
-                                a1 = jnp.exp2(m1 - m) * l1
-                                den = l_i * a0 + a1
-                                den = jnp.where(den > 0, den, jnp.ones_like(den))
-                                bc = functools.partial(lax.broadcast_in_dim, shape=acc.shape,
-                                                       broadcast_dimensions=[0])
-                                store((acc * bc(a0) + o1 * bc(a1)) / bc(den))
 
                 # The item's blocks past this tile's: observed and released, turn for turn.
                 @pl.loop(n_mine, n_blk)
@@ -412,29 +349,26 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
         def one_item(i, base):
             it = item_at(i)
 
-            def fetch(s, pages):
+            def fetch(s, _):
                 buf = lax.rem(base + s, jnp.int32(depth))
-                if not prefetch:
+                with region("pages"):
                     pages = block_pages(it, s)
                 for kind, smem, bar, free in ((0, k_smem, k_bar, k_free),
                                               (1, v_smem, v_bar, v_free)):
-                    @pl.when(base + s >= depth)
-                    def _wait():
-                        plgpu.barrier_wait(free.at[buf])
+                    with region("wait_free"):
+                        @pl.when(base + s >= depth)
+                        def _wait():
+                            plgpu.barrier_wait(free.at[buf])
 
-                    for c, page in enumerate(pages):
-                        pos = (it["lo_blk"] + s) * block_kv + c * chunk
-                        plgpu.copy_gmem_to_smem(
-                            kv_ref.at[page, kind, it["kv_head"],
-                                      pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
-                            smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
-                if prefetch:  # the next block's page ids load while this one's copies run
-                    return block_pages(it, jnp.minimum(s + 1, it["n_blk"] - 1))
-                return pages
+                    with region("issue"):
+                        for c, page in enumerate(pages):
+                            pos = (it["lo_blk"] + s) * block_kv + c * chunk
+                            plgpu.copy_gmem_to_smem(
+                                kv_ref.at[page, kind, it["kv_head"],
+                                          pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
+                                smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
 
-            init = block_pages(it, 0) if prefetch else tuple(
-                jnp.int32(0) for _ in range(block_kv // chunk))
-            lax.fori_loop(0, it["n_blk"], fetch, init)
+            lax.fori_loop(0, it["n_blk"], fetch, None)
             return base + it["n_blk"]
 
         total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
@@ -449,27 +383,28 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
-ORDERS = ("natural", "lpt", "auto", "split")
+ORDERS = ("natural", "lpt", "auto")
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "prefetch", "kv_halves", "interpret"))
+    "compute_regs", "order", "programs", "profile_dir", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           prefetch: bool | None = None, kv_halves: bool | None = None,
+                           profile_dir: str | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
-    ``prefetch``, ``kv_halves`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
+    override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
-    per SM of the device with the tuned ``persistent``, two per SM with ``order="split"``, 132
-    SMs off GPU); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI tests; see
-    ``_mosaic_common.interpreter``)."""
+    per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
+    writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
+    ``tools/profile_mosaic.py``); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI
+    tests; see ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
     why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype)
@@ -482,8 +417,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
-    prefetch = cfg.prefetch if prefetch is None else prefetch
-    kv_halves = (cfg.kv_halves if kv_halves is None else kv_halves) and q_tiles == 2
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if q_tiles not in (1, 2):
@@ -500,10 +433,10 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.
     num_slots = num_tokens // (q_tiles * block_q) + num_reqs + 1
-    if programs is None and (cfg.persistent or order == "split"):
+    if programs is None and cfg.persistent:
         dev = jax.devices()[0]
         programs = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
-        programs = (programs or 132) * (2 if order == "split" else 1)
+        programs = programs or 132
     programs = max(1, min(programs or num_slots * num_kv_heads, num_slots * num_kv_heads))
     items, starts = item_schedule(kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
                           num_seqs, span=q_tiles * block_q, num_slots=num_slots,
@@ -513,8 +446,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, prefetch=prefetch,
-        kv_halves=kv_halves, interpret=interpret)
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,
@@ -524,15 +456,12 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype),  # q in, o out: untiled
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # k ring
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # v ring
-            plgpu.SMEM((2, TILE_ROWS), jnp.float32) if kv_halves else None,  # max, sum
             plgpu.Barrier(num_arrivals=group, num_barriers=q_tiles),  # q landed, per tile
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # k landed
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # v landed
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # k slot free
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # v slot free
             plgpu.Barrier(num_arrivals=2) if pingpong else None,  # pingpong turns
-            # kv_halves: warpgroup 1's half is in shared memory / was read
-            plgpu.Barrier(num_arrivals=1, num_barriers=2) if kv_halves else None,
         ],
         grid=(programs,),
         grid_names=("program",),
@@ -541,7 +470,9 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         # Lane semantics: JAX 0.10's default, pinned so that 0.11 (whose default is the
         # warpgroup dialect with layout inference) compiles the same program.
         compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            **(dict(profile_space=PROFILE_RANGES, profile_dir=profile_dir) if profile_dir
+               else {})),
         interpret=interpreter() if interpret else None,
     )
     return call(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),

@@ -71,41 +71,15 @@ def test_interpret_shallow_ring_many_blocks():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case,order,prefetch", [(CASES[0], "natural", False),
-                                                 (CASES[4], "lpt", True)],
-                         ids=lambda c: getattr(c, "id", str(c)))
-def test_interpret_two_tiles_pingpong_persistent(case, order, prefetch):
+@pytest.mark.parametrize("case,order", [(CASES[0], "natural"), (CASES[4], "lpt")],
+                         ids=lambda c: getattr(c, "id", c))
+def test_interpret_two_tiles_pingpong_persistent(case, order):
     # Two 64-row tiles per item on one K/V stream, taking turns on the tensor cores: the
     # earlier tile has fewer blocks (causal) and releases the rest unread; decodes leave the
     # second tile empty (no turns then); padding spans; an empty request mid-batch. Three
-    # persistent CTAs: each takes several items, its K/V ring running on from one to the next
-    # (with ``prefetch``, page ids a block ahead within each item).
+    # persistent CTAs: each takes several items, its K/V ring running on from one to the next.
     x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, order=order,
-               prefetch=prefetch)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
-@pytest.mark.parametrize("case,kw", [(CASES[1], dict(block_kv=64)),
-                                     (CASES[7], dict(programs=3))],
-                         ids=lambda c: getattr(c, "id", str(c)))
-def test_interpret_kv_halves(case, kw):
-    # kv_halves: an item whose second tile is empty (decodes; 3-token chunk of G = 8 rows in a
-    # 16-token span) puts both compute warpgroups on the first tile, each on every other KV
-    # block (odd and even block counts, unmasked + masked blocks, window + soft cap), merging
-    # the two softmax states; items with two live tiles keep the normal path.
-    x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, depth=2, kv_halves=True, **kw)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
-def test_interpret_split_work_list():
-    # order="split": the decodes on two CTAs, the prefill chunks and the padding on two others,
-    # one tile per item (the two-CTAs-per-SM configuration).
-    case = CASES[0]
-    x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=1, block_kv=64, depth=2, order="split",
-               programs=4)
+    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, order=order)
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
@@ -117,9 +91,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
-                                dict(q_tiles=1, block_kv=64, depth=2, order="split"),
-                                dict(prefetch=True), dict(kv_halves=True)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -184,21 +156,6 @@ def test_item_schedule_orders(programs):
     auto = ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="auto", **kw)
     assert _per_cta(auto) == _per_cta(
         ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="lpt", **kw))
-    # "split": the decode's items (request 1) on the second half of the CTAs, everything else
-    # on the first half, each CTA's items longest first
-    split = _per_cta(sched(jnp.int32(3), order="split", **kw))
-    assert sorted(sum(split, [])) == sorted(want)
-    half = programs // 2
-    assert all(b == 1 for cta in split[half:] for b, _, _ in cta)
-    assert sum(len(c) for c in split[half:]) == num_kv  # one decode item per kv head
-    assert all(b != 1 for cta in split[:half] for b, _, _ in cta)
-    for cta in split:
-        c = [blocks.get((b, t), 0) for b, _, t in cta]
-        assert c == sorted(c, reverse=True)
-    # one class alone (no decode) takes every CTA
-    alone = _per_cta(ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="split", **kw))
-    assert sorted(sum(alone, [])) == sorted(map(tuple, sum(_per_cta(auto), [])))
-    assert sum(1 for cta in alone[half:] if cta) >= min(half, 5)
 
 
 def test_export_lowers_for_cuda():
@@ -293,12 +250,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(order="split"), dict(q_tiles=1, block_kv=64, depth=2, order="split", programs=6),
-        dict(q_tiles=1, block_kv=64, depth=2, order="split", compute_regs=216),
-        dict(prefetch=True), dict(prefetch=True, programs=5, order="lpt"),
-        dict(kv_halves=True), dict(kv_halves=True, block_kv=64, depth=2),
-        dict(kv_halves=True, programs=5, order="lpt")], ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
