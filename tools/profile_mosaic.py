@@ -74,8 +74,9 @@ def show(summary: dict, label: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", default="mixed",
-                   help="mixed | prefill | decode:B:CTX (bench_kernels' batches, page 16)")
+                   help="mixed | prefill | decode:B:CTX (bench_kernels' batches)")
     p.add_argument("--cfg", default="{}", help="JSON kwargs of the Mosaic kernel")
+    p.add_argument("--page", type=int, default=16, help="page size of the batch")
     p.add_argument("--out", default="profile_mosaic_out")
     p.add_argument("--wgs", type=int, default=3, help="warpgroups per CTA (q_tiles + 1)")
     p.add_argument("--summarize", nargs="+", default=None, metavar="TRACE_JSON")
@@ -95,11 +96,11 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     if args.batch.startswith("decode"):
         _, batch, ctx = args.batch.split(":")
-        num_pages, md = bk.decode_batch(int(batch), int(ctx), 16)
-        pool = bk.make_pools(num_pages, 16, 1, 100)[0]
+        num_pages, md = bk.decode_batch(int(batch), int(ctx), args.page)
+        pool = bk.make_pools(num_pages, args.page, 1, 100)[0]
         q = bk.make_qs(int(batch), 1, 5)[0]
     else:
-        md, q, pools, _ = bk.mixed_batch(16, seed=21)
+        md, q, pools, _ = bk.mixed_batch(args.page, seed=21)
         pool = pools[0]
         if args.batch == "prefill":
             md = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
@@ -111,10 +112,11 @@ def main(argv=None):
     jax.effects_barrier()
     newest = max(glob.glob(os.path.join(out, "*-trace.json")), key=os.path.getmtime)
     summary = summarize(newest, args.wgs)
-    summary.update(batch=args.batch, cfg=cfg, device=jax.devices()[0].device_kind,
+    summary.update(batch=args.batch, page=args.page, cfg=cfg, device=jax.devices()[0].device_kind,
                    jax_version=jax.__version__, trace=os.path.basename(newest))
     show(summary, f"{args.batch} {args.cfg}")
-    with open(os.path.join(out, "summary_" + args.batch.replace(":", "_") + ".json"), "w") as f:
+    name = f"summary_{args.batch.replace(':', '_')}_p{args.page}.json"
+    with open(os.path.join(out, name), "w") as f:
         json.dump(summary, f, indent=1)
 
 
