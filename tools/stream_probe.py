@@ -133,7 +133,10 @@ def main(argv=None):
     bk.log(f"{dev.device_kind}: jnp.sum read ceiling {res['ceiling_read_bw'] / 1e12:.2f} TB/s")
     cands = []
     for progs in (sms, sms // 2):
-        for box, depth in ((16, 4), (64, 2), (64, 4), (128, 2), (128, 4), (64, 8)):
+        # (16-row boxes = one 4 KB page row of the ragged kernel at page 16, 4 to 32 deep:
+        # does the TMA unit bound copies or bytes in flight?)
+        for box, depth in ((16, 4), (16, 16), (16, 32), (64, 2), (64, 4), (128, 2),
+                           (128, 4), (64, 8)):
             cands.append((f"tma_p{progs}_box{box}_d{depth}",
                           functools.partial(tma_stream, programs=progs, box=box, depth=depth),
                           progs))

@@ -3,13 +3,14 @@
 The Triton-lowered kernel (``ragged_attention.py``) stays the portable default; this one is
 the Hopper path: K/V pages come in by TMA (one bulk copy per page chunk, issued by a memory
 warpgroup) and both matmuls are wgmma on 64-row tiles. ``gpu.ragged_paged_attention`` takes it
-on Hopper where it measured faster (``AUTO_HEAD_DIMS``; docs/benchmarks/NOTES.md, fourth and
-fifth passes).
+on Hopper where it measured faster (``AUTO_HEAD_DIMS``; docs/benchmarks/NOTES.md, fourth to
+sixth passes).
 
 Work items are (query span slot, kv head) pairs, a span being ``q_tiles`` 64-row tiles of one
 request, listed by ``item_schedule`` (request, kv head, first token each; natural or
-longest-first order). One CTA per item by default; with ``persistent`` one CTA per SM takes
-every P-th item, its K/V ring running on from one item into the next::
+longest-first order) and grouped by CTA (CTA p takes ``items[starts[p]:starts[p + 1]]``). One
+CTA per item by default; with ``persistent`` one CTA per SM takes every P-th item of the
+order, its K/V ring running on from one item into the next::
 
     slot layout: request b's first slot = qsl[b] // span + b (span = q_tiles * block_q tokens);
     one extra pseudo request (b = num_seqs, rows [qsl[num_seqs], T)) covers the padding rows,
@@ -24,9 +25,13 @@ every P-th item, its K/V ring running on from one item into the next::
         QK^T (wgmma) -> masked online softmax (exp2) -> PV (wgmma); with two tiles and
         ``pingpong`` they take turns on the tensor cores (one's softmax hides behind the
         other's matmuls); a tile with fewer blocks (causal) releases the rest unread
-    warpgroup q_tiles (memory): page ids from the block table -> TMA copies of K and V chunks
-        (min(page, block_kv) rows each) into a ``depth``-deep ring of mbarrier-guarded slots,
-        each slot freed when every compute warpgroup has released it
+    warpgroup q_tiles (memory): page ids from the block table (once per block, for K and V)
+        -> TMA copies of K and V chunks (min(page, block_kv) rows each) into a ``depth``-deep
+        ring of mbarrier-guarded slots, each slot freed when every compute warpgroup has
+        released it
+
+Named ranges (``region``) mark the phases of each warpgroup for Mosaic GPU's profiler
+(``profile_dir``; ``tools/profile_mosaic.py`` sums them per role).
 
 Key rows at or past kv_len may hold anything (NaN in the tests): K rows are masked in the
 scores; the V rows of the last block are zeroed in shared memory before PV, since 0 * NaN is
