@@ -129,8 +129,11 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
 
 
 def _round_robin(items, programs: int):
-    """Entry k of ``items`` to CTA k % programs, grouped by CTA (a static permutation)."""
+    """Entry k of ``items`` to CTA k % programs, grouped by CTA (a static permutation; none
+    with one CTA per entry, the default)."""
     k = np.arange(items.shape[0])
+    if programs == k.size:
+        return items, jnp.asarray(np.arange(k.size + 1, dtype=np.int32))
     counts = np.bincount(k % programs, minlength=programs)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return items[np.lexsort((k // programs, k % programs))], jnp.asarray(starts)
