@@ -90,7 +90,7 @@ def main(argv=None):
     import jax.numpy as jnp
 
     import bench_kernels as bk
-    from jaxpage.kernels_pallas.gpu import ragged_mosaic
+    import study_mosaic
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -106,9 +106,7 @@ def main(argv=None):
             md = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
     cfg = json.loads(args.cfg)
     for _ in range(2):  # the second run's trace: compiled and warm
-        jax.block_until_ready(ragged_mosaic.ragged_paged_attention(
-            q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
-            sm_scale=bk.SM_SCALE, profile_dir=out, **cfg))
+        jax.block_until_ready(study_mosaic.mosaic_call(md, profile_dir=out, **cfg)(q, pool))
     jax.effects_barrier()
     newest = max(glob.glob(os.path.join(out, "*-trace.json")), key=os.path.getmtime)
     summary = summarize(newest, args.wgs)
