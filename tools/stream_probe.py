@@ -5,8 +5,9 @@ size or ring depth (docs/benchmarks/NOTES.md, sixth pass). This isolates that: P
 one per SM) each stream their own contiguous share of a 1 GiB bf16 array, with nothing else
 to do, and report the rate.
 
-  * ``tma``: a memory warpgroup issues TMA copies of ``box`` x 128 bf16 rows into a
-    ``depth``-deep ring; a second warpgroup waits for each slot and frees it.
+  * ``tma``: ``issuers`` memory warpgroups issue TMA copies of ``box`` x 128 bf16 rows into
+    a ``depth``-deep ring (issuer j takes the steps j, j + issuers, ...); one more warpgroup
+    waits for each slot and frees it.
   * ``lsu``: one warpgroup loads ``box`` x 128 rows straight into registers (plain vector
     loads), ``unroll`` boxes per step before summing them (loads in flight per thread).
 
@@ -35,8 +36,8 @@ import study_prefill as sp  # noqa: E402
 COLS = 128
 
 
-@functools.partial(jax.jit, static_argnames=("programs", "box", "depth"))
-def tma_stream(x, *, programs: int, box: int, depth: int):
+@functools.partial(jax.jit, static_argnames=("programs", "box", "depth", "issuers"))
+def tma_stream(x, *, programs: int, box: int, depth: int, issuers: int = 1):
     rows_per = x.shape[0] // programs
     steps = rows_per // box
 
@@ -45,9 +46,9 @@ def tma_stream(x, *, programs: int, box: int, depth: int):
         wg = lax.axis_index("wg")
         row0 = p * rows_per
 
-        @pl.when(wg == 1)
+        @pl.when(wg >= 1)
         def _producer():
-            @pl.loop(0, steps)
+            @pl.loop(wg - 1, steps, step=issuers)
             def _(s):
                 slot = lax.rem(s, depth)
 
@@ -60,7 +61,9 @@ def tma_stream(x, *, programs: int, box: int, depth: int):
 
             @pl.loop(jnp.maximum(steps - depth, 0), steps)
             def _(s):
-                plgpu.barrier_wait(free.at[lax.rem(s, depth)])
+                @pl.when(lax.rem(s, issuers) == wg - 1)
+                def _():
+                    plgpu.barrier_wait(free.at[lax.rem(s, depth)])
 
         @pl.when(wg == 0)
         def _consumer():
@@ -79,7 +82,7 @@ def tma_stream(x, *, programs: int, box: int, depth: int):
         scratch_types=[plgpu.SMEM((depth, box, COLS), x.dtype, transforms=tiled),
                        plgpu.Barrier(num_arrivals=1, num_barriers=depth),
                        plgpu.Barrier(num_arrivals=1, num_barriers=depth)],
-        grid=(programs,), grid_names=("p",), num_threads=2, thread_name="wg",
+        grid=(programs,), grid_names=("p",), num_threads=1 + issuers, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
     )(x)
 
@@ -135,11 +138,14 @@ def main(argv=None):
     for progs in (sms, sms // 2):
         # (16-row boxes = one 4 KB page row of the ragged kernel at page 16, 4 to 32 deep:
         # does the TMA unit bound copies or bytes in flight?)
-        for box, depth in ((16, 4), (16, 16), (16, 32), (64, 2), (64, 4), (128, 2),
-                           (128, 4), (64, 8)):
-            cands.append((f"tma_p{progs}_box{box}_d{depth}",
-                          functools.partial(tma_stream, programs=progs, box=box, depth=depth),
-                          progs))
+        # (and from two issuing warpgroups: is the bound the issuing thread or the SM's TMA
+        # unit?)
+        for box, depth, issuers in ((16, 4, 1), (16, 16, 1), (16, 32, 1), (16, 16, 2),
+                                    (16, 32, 2), (64, 4, 1), (64, 4, 2), (128, 2, 1)):
+            cands.append((f"tma_p{progs}_box{box}_d{depth}" + (f"_i{issuers}" if issuers > 1
+                                                               else ""),
+                          functools.partial(tma_stream, programs=progs, box=box, depth=depth,
+                                            issuers=issuers), progs))
         for box, unroll in ((64, 1), (64, 4), (32, 8)):
             cands.append((f"lsu_p{progs}_box{box}_u{unroll}",
                           functools.partial(lsu_stream, programs=progs, box=box,

@@ -3,11 +3,25 @@ interpreter, ragged TMA stores, and the work list."""
 
 from __future__ import annotations
 
+import inspect
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+# JAX 0.10 takes ``plgpu.load(ref, idx, ...)`` (idx required); 0.11 deprecates idx in favour
+# of ``plgpu.load(ref.at[idx], ...)``.
+_LOAD_NEEDS_IDX = inspect.signature(plgpu.load).parameters.get(
+    "idx", inspect.Parameter("idx", inspect.Parameter.KEYWORD_ONLY, default=None)
+).default is inspect.Parameter.empty
+
+
+def load(ref, **kw):
+    """``plgpu.load`` of the whole ref, in the form this JAX takes without a warning."""
+    return plgpu.load(ref, (), **kw) if _LOAD_NEEDS_IDX else plgpu.load(ref, **kw)
 
 
 def register_ops(interpret: bool):
@@ -31,10 +45,10 @@ def register_ops(interpret: bool):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
     def load_tile(ref, fast=True):  # fast=False: allow a bank-conflicted transfer (untiled)
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=fast)
+        return load(ref, layout=plgpu.Layout.WGMMA, optimized=fast)
 
     def load_row(ref):
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+        return load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
 
     return iota, plgpu.layout_cast, load_tile, load_row
 

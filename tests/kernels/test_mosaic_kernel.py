@@ -83,6 +83,17 @@ def test_interpret_two_tiles_pingpong_persistent(case, order):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
+def test_interpret_two_memory_warpgroups_staged_in_tile():
+    # K copies from one memory warpgroup, V copies from another, each waiting on its own
+    # ring slots; two persistent CTAs, so both rings run on across items; Q in and O out
+    # staged in the Q tile's memory, a 3-deep ring.
+    case = CASES[0]
+    x = case.inputs()
+    out = _run(case, x, interpret=True, q_tiles=2, depth=3, mem_wgs=2, stage_in_tile=True,
+               programs=2)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
@@ -91,7 +102,9 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
+                                dict(q_tiles=2, mem_wgs=2), dict(q_tiles=1, mem_wgs=2),
+                                dict(q_tiles=2, depth=3, stage_in_tile=True)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -200,6 +213,10 @@ def test_rejects_unsupported_shapes_with_a_clear_error():
         _run(case, x, interpret=True, order="random")
     with pytest.raises(ValueError, match="q_tiles must be 1 or 2"):
         _run(case, x, interpret=True, q_tiles=3)
+    with pytest.raises(ValueError, match="mem_wgs must be 1 or 2"):
+        _run(case, x, interpret=True, mem_wgs=3)
+    with pytest.raises(ValueError, match="compute_regs 232 > 216"):
+        _run(case, x, interpret=True, q_tiles=2, mem_wgs=2, compute_regs=232)
     with pytest.raises(ValueError, match="bytes of shared memory"):
         _run(case, x, interpret=True, q_tiles=2, block_kv=256, depth=4)
     with pytest.raises(ValueError, match="does not take dtype float32"):
@@ -250,7 +267,11 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
+        dict(q_tiles=2, mem_wgs=2), dict(q_tiles=1, mem_wgs=2, programs=5, order="lpt"),
+        dict(q_tiles=2, depth=3, stage_in_tile=True),
+        dict(q_tiles=2, depth=3, stage_in_tile=True, mem_wgs=2, programs=7)],
+        ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
