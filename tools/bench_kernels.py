@@ -402,6 +402,8 @@ def main(argv=None):
     p.add_argument("--mixed-cfgs", default=None,
                    help="JSON {label: ragged kwargs} for the mixed batch (default: the tuning "
                         "comparison below)")
+    p.add_argument("--decode-cfgs", default=None,
+                   help="JSON {label: decode kwargs} for the decode kernel (default: its table)")
     p.add_argument("--ragged-cfgs", default=None,
                    help="JSON {label: ragged kwargs} for the ragged kernel on decode shapes")
     p.add_argument("--breakdown", default="full", choices=("full", "halves", "none"),
@@ -451,6 +453,7 @@ def main(argv=None):
         run_mixed()
     variants = tuple(args.variants.split(","))
     ragged_cfgs = json.loads(args.ragged_cfgs) if args.ragged_cfgs else None
+    decode_cfgs = json.loads(args.decode_cfgs) if args.decode_cfgs else None
     for page in ints(args.pages):
         for batch in ints(args.batches):
             for ctx in ints(args.ctxs):
@@ -458,8 +461,10 @@ def main(argv=None):
                     result["skipped"].append((batch, ctx, page))
                     continue
                 row = bench_decode_shape(batch, ctx, page, ceil, variants,
-                                         ragged_cfgs=ragged_cfgs)
+                                         ours_cfgs=decode_cfgs, ragged_cfgs=ragged_cfgs)
                 result["decode"].append(row)
+                for label in decode_cfgs or ():
+                    log(f"  {label:24s} {fmt(row.get(label))}")
                 log(f"B={batch:4d} ctx={ctx:5d} page={page:3d} floor {row['floor_us']:7.1f}us | "
                     f"ours {fmt(row.get('ours'))} | ragged {fmt(row.get('ours_ragged'))} | "
                     f"two-launch {fmt(row.get('ours_two_launch'))} | "

@@ -142,6 +142,28 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     return jnp.where(jnp.any(decodes), nat, lpt[0]), starts
 
 
+# Columns of the kernel's work list (``item_scalars``).
+ITEM_REQ, ITEM_KV_HEAD, ITEM_TOK0, ITEM_Q_START, ITEM_Q_LEN, ITEM_KV_LEN, ITEM_IS_PAD = range(7)
+ITEM_COLS = 7
+
+
+def item_scalars(items, kv_lens, query_start_loc, num_seqs, num_tokens: int):
+    """``item_schedule``'s (request, kv head, first token) rows extended by the scalars the
+    kernel needs of each item's request — first query row, query length, kv length, padding
+    flag (the pseudo request after the last live one, rows [qsl[num_seqs], num_tokens)) — so
+    that a CTA starts on one level of loads instead of a chain of dependent ones."""
+    num_reqs = kv_lens.shape[0]
+    num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_reqs)
+    req = items[:, 0]
+    is_pad = req == num_seqs
+    q_start = query_start_loc[req]
+    q_end = jnp.where(is_pad, num_tokens, query_start_loc[jnp.minimum(req + 1, num_reqs)])
+    kv_len = kv_lens[jnp.minimum(req, num_reqs - 1)]
+    return jnp.concatenate([items, jnp.stack(
+        [q_start, q_end - q_start, kv_len, is_pad.astype(jnp.int32)], axis=1)],
+        axis=1).astype(jnp.int32)
+
+
 def _round_robin(items, programs: int):
     """Entry k of ``items`` to CTA k % programs, grouped by CTA (a static permutation; none
     with one CTA per entry, the default)."""

@@ -8,9 +8,11 @@ sixth passes).
 
 Work items are (query span slot, kv head) pairs, a span being ``q_tiles`` 64-row tiles of one
 request, listed by ``item_schedule`` (request, kv head, first token each; natural or
-longest-first order) and grouped by CTA (CTA p takes ``items[starts[p]:starts[p + 1]]``). One
-CTA per item by default; with ``persistent`` one CTA per SM takes every P-th item of the
-order, its K/V ring running on from one item into the next::
+longest-first order) and grouped by CTA (CTA p takes ``items[starts[p]:starts[p + 1]]``);
+``item_scalars`` adds the request's query start and length, kv length and padding flag, so a
+CTA starts on one level of loads. One CTA per item by default (CTA p takes item p); with
+``persistent`` one CTA per SM takes every P-th item of the order, its K/V ring running on
+from one item into the next::
 
     slot layout: request b's first slot = qsl[b] // span + b (span = q_tiles * block_q tokens);
     one extra pseudo request (b = num_seqs, rows [qsl[num_seqs], T)) covers the padding rows,
@@ -50,11 +52,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpage.kernels_pallas.gpu import _common as cm
-from jaxpage.kernels_pallas.gpu._mosaic_common import (interpreter, item_schedule, register_ops,
-                                                       store_rows)
+from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, ITEM_KV_HEAD,
+                                                       ITEM_KV_LEN, ITEM_Q_LEN, ITEM_Q_START,
+                                                       ITEM_REQ, ITEM_TOK0, interpreter,
+                                                       item_scalars, item_schedule,
+                                                       register_ops, store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
-MEMORY_REGS = 40  # setmaxnreg of the memory warpgroups (with ``compute_regs``)
 PROFILE_RANGES = 512  # named ranges per warpgroup kept by the profiler (``profile_dir``)
 region = jax.named_scope  # a range in the profiler's trace; nothing without ``profile_dir``
 
@@ -68,8 +72,6 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
-    mem_wgs: int = 1  # memory warpgroups: 1 issues K and V copies, 2 split them (K | V)
-    stage_in_tile: bool = False  # Q in / O out staged in the Q tile's own memory (no io buffer)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -109,38 +111,36 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
     return None
 
 
-def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, starts_ref, q_ref,
-            kv_ref,  # inputs
+def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             o_ref,  # output
-            q_bufs, k_smem, v_smem,  # scratch: per-tile Q (swizzled) and Q in / O out (untiled)
+            q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, mem_wgs, stage_in_tile, pingpong, compute_regs, interpret):
+            q_tiles, pingpong, compute_regs, one_per_cta, interpret):
     num_reqs, max_pages = block_tables_ref.shape
-    num_tokens, _, head_dim = q_ref.shape
+    head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     span = q_tiles * block_q  # query tokens per item
-    num_seqs = jnp.minimum(num_seqs_ref[0], num_reqs)
     program = lax.axis_index("program")
     # This CTA's items: items[starts[program] : starts[program + 1]]; the K/V ring runs on
-    # from one item into the next (ring step = blocks before + s).
-    my_first = starts_ref[program]
-    my_items = starts_ref[program + 1] - my_first
+    # from one item into the next (ring step = blocks before + s). With one item per CTA it
+    # is item ``program``, known without a load.
+    my_first = program if one_per_cta else starts_ref[program]
+    my_items = 1 if one_per_cta else starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
     iota, in_layout, load_tile, _ = register_ops(interpret)
 
     def item_at(i):
-        """The scalars of this CTA's item i."""
+        """The scalars of this CTA's item i (``item_scalars``: one level of loads)."""
         k = my_first + i
-        req, kv_head, item_tok0 = items_ref[k, 0], items_ref[k, 1], items_ref[k, 2]
-        it = dict(req=req, kv_head=kv_head, is_pad=req == num_seqs)
-        it["q_start"] = q_start = qsl_ref[req]
-        q_end = jnp.where(it["is_pad"], jnp.int32(num_tokens),
-                          qsl_ref[jnp.minimum(req + 1, num_reqs)])
-        it["q_len"] = q_len = q_end - q_start
+        row = [items_ref[k, c] for c in range(ITEM_COLS)]  # independent loads
+        req, kv_head, item_tok0 = row[ITEM_REQ], row[ITEM_KV_HEAD], row[ITEM_TOK0]
+        it = dict(req=req, kv_head=kv_head, is_pad=row[ITEM_IS_PAD] != 0)
+        q_len = row[ITEM_Q_LEN]
+        it.update(q_start=row[ITEM_Q_START], q_len=q_len)
         it["req_row"] = jnp.minimum(req, num_reqs - 1)  # the padding request reads no row
         live = (~it["is_pad"]) & (item_tok0 < q_len)
-        it["kv_len"] = kv_len = jnp.where(live, kv_lens_ref[it["req_row"]], 0)
+        it["kv_len"] = kv_len = jnp.where(live, row[ITEM_KV_LEN], 0)
         ctx_len = kv_len - q_len
 
         def tile(t):
@@ -168,7 +168,6 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
     def _compute():
         if compute_regs and not interpret:
             plgpu.set_max_registers(compute_regs, action="increase")
-        q_smem, o_smem = q_bufs  # the same memory with ``stage_in_tile``
         q_tile, io = q_smem.at[wg], o_smem.at[wg]
         rows_shape = (TILE_ROWS, block_kv)
 
@@ -218,10 +217,7 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                                 q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
                                 io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
                         plgpu.barrier_wait(q_bar.at[wg])
-                        q_in = load_tile(io, fast=False)  # bank conflicts, once per item
-                        if stage_in_tile:  # every thread's rows are in before any is overwritten
-                            plgpu.commit_smem()
-                        q_tile[...] = q_in
+                        q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
                         plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
@@ -344,13 +340,11 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg >= q_tiles)
+    @pl.when(wg == q_tiles)
     def _memory():
         if compute_regs and not interpret:
-            plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+            plgpu.set_max_registers(40, action="decrease")
         chunk = min(page_size, block_kv)
-        # One memory warpgroup issues K and V; with two, the first issues K, the second V.
-        streams = ((0, k_smem, k_bar, k_free), (1, v_smem, v_bar, v_free))
 
         def block_pages(it, s):
             """Page ids of the chunks of the item's KV block s (K and V share them)."""
@@ -359,72 +353,60 @@ def _kernel(num_seqs_ref, kv_lens_ref, block_tables_ref, qsl_ref, items_ref, sta
                 lax.div(pos + c * chunk, jnp.int32(page_size)), max_pages - 1)]
                 for c in range(block_kv // chunk))
 
-        def stream(mine):
-            """Issue the copies of ``mine`` (K and/or V) of every block of every item."""
-            def one_item(i, base):
-                it = item_at(i)
+        def one_item(i, base):
+            it = item_at(i)
 
-                def fetch(s, _):
-                    buf = lax.rem(base + s, jnp.int32(depth))
-                    with region("pages"):
-                        pages = block_pages(it, s)
-                    for kind, smem, bar, free in mine:
-                        with region("wait_free"):
-                            @pl.when(base + s >= depth)
-                            def _wait():
-                                plgpu.barrier_wait(free.at[buf])
+            def fetch(s, _):
+                buf = lax.rem(base + s, jnp.int32(depth))
+                with region("pages"):
+                    pages = block_pages(it, s)
+                for kind, smem, bar, free in ((0, k_smem, k_bar, k_free),
+                                              (1, v_smem, v_bar, v_free)):
+                    with region("wait_free"):
+                        @pl.when(base + s >= depth)
+                        def _wait():
+                            plgpu.barrier_wait(free.at[buf])
 
-                        with region("issue"):
-                            for c, page in enumerate(pages):
-                                pos = (it["lo_blk"] + s) * block_kv + c * chunk
-                                plgpu.copy_gmem_to_smem(
-                                    kv_ref.at[page, kind, it["kv_head"],
-                                              pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
-                                    smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
+                    with region("issue"):
+                        for c, page in enumerate(pages):
+                            pos = (it["lo_blk"] + s) * block_kv + c * chunk
+                            plgpu.copy_gmem_to_smem(
+                                kv_ref.at[page, kind, it["kv_head"],
+                                          pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
+                                smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
 
-                lax.fori_loop(0, it["n_blk"], fetch, None)
-                return base + it["n_blk"]
+            lax.fori_loop(0, it["n_blk"], fetch, None)
+            return base + it["n_blk"]
 
-            total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
+        total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
-            # Observe the last ``depth`` releases too, so every barrier phase has been waited
-            # on when the CTA ends (the interpreter checks it).
-            @pl.loop(jnp.maximum(total - depth, 0), total)
-            def _drain(s):
-                for _, _, _, free in mine:
-                    plgpu.barrier_wait(free.at[lax.rem(s, jnp.int32(depth))])
-
-        for m in range(mem_wgs):
-            pl.when(wg == q_tiles + m)(functools.partial(stream, streams[m::mem_wgs]))
+        # Observe the last ``depth`` releases too, so every barrier phase has been waited on
+        # when the CTA ends (the interpreter checks it).
+        @pl.loop(jnp.maximum(total - depth, 0), total)
+        def _drain(s):
+            buf = lax.rem(s, jnp.int32(depth))
+            plgpu.barrier_wait(k_free.at[buf])
+            plgpu.barrier_wait(v_free.at[buf])
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
-
-
-def register_budget(num_wgs: int) -> int:
-    """Registers per thread summed over warpgroups that setmaxnreg may hand out: the SM's
-    64 K registers over the CTA's threads, per warpgroup rounded down to a multiple of 8."""
-    return (65536 // (128 * num_wgs)) // 8 * 8 * num_wgs
-
 ORDERS = ("natural", "lpt", "auto")
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "mem_wgs",
-    "stage_in_tile", "pingpong", "compute_regs", "order", "programs", "profile_dir", "interpret"))
+    "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
+    "compute_regs", "order", "programs", "profile_dir", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
-                           mem_wgs: int | None = None, stage_in_tile: bool | None = None,
-                           pingpong: bool | None = None,
-                           compute_regs: int | None = None,
+                           pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
                            profile_dir: str | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``mem_wgs``, ``stage_in_tile``, ``pingpong``,
-    ``compute_regs``, ``order`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
+    override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
@@ -440,27 +422,17 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     depth = depth or cfg.depth
     q_tiles = q_tiles or cfg.q_tiles
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
-    if q_tiles not in (1, 2):
-        raise ValueError(f"q_tiles must be 1 or 2, got {q_tiles}")
-    mem_wgs = mem_wgs or cfg.mem_wgs
-    if mem_wgs not in (1, 2):
-        raise ValueError(f"mem_wgs must be 1 or 2, got {mem_wgs}")
-    regs_left = (register_budget(q_tiles + mem_wgs) - mem_wgs * MEMORY_REGS) // q_tiles // 8 * 8
-    if compute_regs is None:  # the table's, within what this many warpgroups leave
-        compute_regs = min(cfg.compute_regs, regs_left, 256)
-    elif compute_regs > min(regs_left, 256):
-        raise ValueError(f"compute_regs {compute_regs} > {min(regs_left, 256)}, the registers "
-                         f"{q_tiles} compute + {mem_wgs} memory warpgroups leave")
+    compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if q_tiles not in (1, 2):
+        raise ValueError(f"q_tiles must be 1 or 2, got {q_tiles}")
     if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
         # 64: wgmma's K step for 16-bit operands in 128-byte swizzled tiles (P·V has K = block_kv)
         raise ValueError(f"block_kv must be a multiple of 64 (<= 256) and of the page chunk, "
                          f"got {block_kv}")
-    stage_in_tile = cfg.stage_in_tile if stage_in_tile is None else stage_in_tile
-    q_bufs = 1 if stage_in_tile else 2  # Q tiles (+ their in/out staging)
-    smem = (q_bufs * q_tiles * TILE_ROWS + 2 * depth * block_kv) * head_dim * q.dtype.itemsize
+    smem = (2 * q_tiles * TILE_ROWS + 2 * depth * block_kv) * head_dim * q.dtype.itemsize
     if smem > SMEM_BYTES:
         raise ValueError(f"q_tiles {q_tiles}, depth {depth}, block_kv {block_kv} need {smem} "
                          f"bytes of shared memory (> {SMEM_BYTES})")
@@ -478,21 +450,20 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
                           num_kv_heads=num_kv_heads, block_kv=block_kv, order=order,
                           programs=programs)
     tiled = (plgpu.TilingTransform((8, 128 // q.dtype.itemsize)), plgpu.SwizzleTransform(128))
+    items = item_scalars(items, kv_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32),
+                         num_seqs, num_tokens)
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, mem_wgs=mem_wgs, stage_in_tile=stage_in_tile, pingpong=pingpong,
-        compute_regs=compute_regs, interpret=interpret)
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
+        one_per_cta=programs == num_slots * num_kv_heads, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_types=[
-            # q (swizzled), q in / o out (untiled): one memory with ``stage_in_tile`` (the
-            # interpreter of JAX 0.10 takes no RefUnion: two there, same protocol)
-            (plgpu.RefUnion if stage_in_tile and not interpret else lambda *refs: refs)(
-                plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype, transforms=tiled),
-                plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype)),
+            plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype, transforms=tiled),  # q
+            plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype),  # q in, o out: untiled
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # k ring
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # v ring
             plgpu.Barrier(num_arrivals=group, num_barriers=q_tiles),  # q landed, per tile
@@ -504,7 +475,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         ],
         grid=(programs,),
         grid_names=("program",),
-        num_threads=q_tiles + mem_wgs,
+        num_threads=q_tiles + 1,
         thread_name="wg",
         # Lane semantics: JAX 0.10's default, pinned so that 0.11 (whose default is the
         # warpgroup dialect with layout inference) compiles the same program.
@@ -514,6 +485,4 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
                else {})),
         interpret=interpreter() if interpret else None,
     )
-    return call(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), kv_lens.astype(jnp.int32),
-                block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32), items, starts, q,
-                kv_pages)
+    return call(block_tables.astype(jnp.int32), items, starts, q, kv_pages)

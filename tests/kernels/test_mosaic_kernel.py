@@ -83,17 +83,6 @@ def test_interpret_two_tiles_pingpong_persistent(case, order):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-def test_interpret_two_memory_warpgroups_staged_in_tile():
-    # K copies from one memory warpgroup, V copies from another, each waiting on its own
-    # ring slots; two persistent CTAs, so both rings run on across items; Q in and O out
-    # staged in the Q tile's memory, a 3-deep ring.
-    case = CASES[0]
-    x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, depth=3, mem_wgs=2, stage_in_tile=True,
-               programs=2)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
@@ -102,9 +91,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
-                                dict(q_tiles=2, mem_wgs=2), dict(q_tiles=1, mem_wgs=2),
-                                dict(q_tiles=2, depth=3, stage_in_tile=True)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -171,6 +158,27 @@ def test_item_schedule_orders(programs):
         ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="lpt", **kw))
 
 
+def test_item_scalars_by_definition():
+    # 3 live requests, one dead row; the padding pseudo request (b = 3) owns rows [56, 64).
+    q_lens, kv_lens = [40, 1, 8, 0], [140, 50, 8, 0]
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    num_tokens, span, num_kv = 64, 16, 2
+    num_slots = num_tokens // span + len(q_lens) + 1
+    items, _ = ragged_mosaic.item_schedule(
+        jnp.asarray(kv_lens, jnp.int32), jnp.asarray(qsl, jnp.int32), jnp.int32(3), span=span,
+        num_slots=num_slots, num_kv_heads=num_kv, block_kv=64, order="lpt", programs=5)
+    full = np.asarray(ragged_mosaic.item_scalars(
+        items, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(qsl, jnp.int32), jnp.int32(3),
+        num_tokens))
+    assert full.shape == (len(items), ragged_mosaic.ITEM_COLS)
+    np.testing.assert_array_equal(full[:, :3], np.asarray(items))
+    for req, _, _, q_start, q_len, kv_len, is_pad in full:
+        assert is_pad == (req == 3)
+        assert q_start == qsl[req]
+        assert q_len == (num_tokens if req == 3 else qsl[req + 1]) - qsl[req]
+        assert kv_len == kv_lens[min(req, 3)]
+
+
 def test_export_lowers_for_cuda():
     """The real kernel (wgmma, TMA) lowers to Mosaic GPU's custom call from a CPU machine."""
     case = CASES[3]
@@ -213,10 +221,6 @@ def test_rejects_unsupported_shapes_with_a_clear_error():
         _run(case, x, interpret=True, order="random")
     with pytest.raises(ValueError, match="q_tiles must be 1 or 2"):
         _run(case, x, interpret=True, q_tiles=3)
-    with pytest.raises(ValueError, match="mem_wgs must be 1 or 2"):
-        _run(case, x, interpret=True, mem_wgs=3)
-    with pytest.raises(ValueError, match="compute_regs 232 > 216"):
-        _run(case, x, interpret=True, q_tiles=2, mem_wgs=2, compute_regs=232)
     with pytest.raises(ValueError, match="bytes of shared memory"):
         _run(case, x, interpret=True, q_tiles=2, block_kv=256, depth=4)
     with pytest.raises(ValueError, match="does not take dtype float32"):
@@ -267,11 +271,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(q_tiles=2, mem_wgs=2), dict(q_tiles=1, mem_wgs=2, programs=5, order="lpt"),
-        dict(q_tiles=2, depth=3, stage_in_tile=True),
-        dict(q_tiles=2, depth=3, stage_in_tile=True, mem_wgs=2, programs=7)],
-        ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
