@@ -72,7 +72,6 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
-    q_prefetch: bool = False  # issue the next item's Q copies during this item (persistent)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -114,10 +113,10 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 
 def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             o_ref,  # output
-            q_bufs, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out (untiled)
+            q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, one_per_cta, q_prefetch, interpret):
+            q_tiles, pingpong, compute_regs, one_per_cta, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
@@ -161,48 +160,24 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
         else:
             it["lo_blk"] = lo_blk = lax.div(
                 jnp.maximum(tile(0)[2] - sliding_window + 1, 0), jnp.int32(block_kv))
-        it["n_blk"] = n_blk = jnp.where(
-            live, lax.div(hi_item + block_kv - 1, jnp.int32(block_kv)) - lo_blk, 0)
-
-        def n_mine(t):
-            """KV blocks tile t reads (the item's first ones; 0 when it has no rows)."""
-            hi = tile(t)[3]
-            return jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk, 0)
-
-        it["n_mine"] = n_mine
-        it["has_q"] = lambda t: (n_blk > 0) & (n_mine(t) > 0)  # tile t attends (reads its Q)
+        it["n_blk"] = jnp.where(live, lax.div(hi_item + block_kv - 1, jnp.int32(block_kv))
+                                - lo_blk, 0)
         return it
 
     @pl.when(wg < q_tiles)
     def _compute():
         if compute_regs and not interpret:
             plgpu.set_max_registers(compute_regs, action="increase")
-        if q_prefetch:  # Q lands in ``stage``, the output leaves from the tile's own memory
-            (q_smem, out_smem), stage_smem = q_bufs
-        else:  # one untiled buffer for both
-            q_smem, stage_smem = q_bufs
-            out_smem = stage_smem
-        q_tile, stage, io = q_smem.at[wg], stage_smem.at[wg], out_smem.at[wg]
+        q_tile, io = q_smem.at[wg], o_smem.at[wg]
         rows_shape = (TILE_ROWS, block_kv)
 
-        def issue_q(it):
-            """TMA copies of the tile's Q rows (G heads, block_q rows each) into ``stage``."""
-            tok0 = it["tile"](wg)[0]
-            for g in range(group):
-                plgpu.copy_gmem_to_smem(
-                    q_ref.at[pl.ds(it["q_start"] + tok0, block_q), it["kv_head"] * group + g],
-                    stage.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
-
-        def one_item(i, carry):
-            base, q_ready = carry  # q_ready: this item's Q was issued during the last one
+        def one_item(i, base):
             it = item_at(i)
             q_start, kv_head, kv_len, lo_blk, n_blk = (
                 it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk"))
             tok0, n_tok, first_pos, hi = it["tile"](wg)
-            n_mine = it["n_mine"](wg)
-            if q_prefetch:  # the next item's Q goes out once this one's is in the tile
-                nxt = item_at(jnp.minimum(i + 1, my_items - 1))
-                prefetch = it["has_q"](wg) & (i + 1 < my_items) & nxt["has_q"](wg)
+            n_mine = jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk,
+                               0)
             # Blocks every row of the tile sees in full (no mask): before its first query.
             n_full = 0 if sliding_window is not None else jnp.minimum(
                 lax.div(first_pos + 1, jnp.int32(block_kv)), n_mine)
@@ -234,17 +209,16 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                 def _attend():
                     # Q rows start anywhere: a TMA copy into tiled shared memory needs a
                     # tile-aligned (8-row) start in global memory too, so Q lands untiled (in
-                    # ``stage``) and is re-laid into the swizzled tile.
+                    # the output buffer, free until the end) and is re-laid into the swizzled
+                    # tile.
                     with region("q_in"):
-                        if q_prefetch:
-                            pl.when(~q_ready)(functools.partial(issue_q, it))
-                        else:
-                            issue_q(it)
+                        for g in range(group):
+                            plgpu.copy_gmem_to_smem(
+                                q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
+                                io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
                         plgpu.barrier_wait(q_bar.at[wg])
-                        q_tile[...] = load_tile(stage, fast=False)  # bank conflicts, per item
-                        plgpu.commit_smem()  # every thread is done reading ``stage``
-                    if q_prefetch:
-                        pl.when(prefetch)(functools.partial(issue_q, nxt))
+                        q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
+                        plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
                     def step(s, carry, masked):
@@ -361,9 +335,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                 plgpu.commit_smem()
                 store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
 
-            return base + n_blk, (prefetch if q_prefetch else q_ready)
+            return base + n_blk
 
-        lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.bool_(False)))
+        lax.fori_loop(0, my_items, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == q_tiles)
@@ -416,31 +390,18 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
-
-
-def q_buffers(q_tiles, head_dim, dtype, tiled, q_prefetch: bool, interpret: bool):
-    """Scratch for the Q tiles (swizzled) and their untiled staging: (tile, stage) with one
-    staging buffer for Q in and O out; with ``q_prefetch``, ((tile, out), stage), the output
-    leaving from the tile's own memory (a RefUnion; JAX 0.10's interpreter takes none, so
-    there a buffer of its own, same protocol) while ``stage`` holds the next item's Q."""
-    tile = plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), dtype, transforms=tiled)
-    untiled = functools.partial(plgpu.SMEM, (q_tiles, TILE_ROWS, head_dim), dtype)
-    if not q_prefetch:
-        return tile, untiled()
-    return (plgpu.RefUnion(tile, untiled()) if not interpret else (tile, untiled())), untiled()
 ORDERS = ("natural", "lpt", "auto")
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "q_prefetch", "profile_dir", "interpret"))
+    "compute_regs", "order", "programs", "profile_dir", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           q_prefetch: bool | None = None,
                            profile_dir: str | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
@@ -463,7 +424,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
-    q_prefetch = cfg.q_prefetch if q_prefetch is None else q_prefetch
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if q_tiles not in (1, 2):
@@ -496,14 +456,14 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
         q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
-        one_per_cta=programs == num_slots * num_kv_heads, q_prefetch=q_prefetch,
-        interpret=interpret)
+        one_per_cta=programs == num_slots * num_kv_heads, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_types=[
-            q_buffers(q_tiles, head_dim, q.dtype, tiled, q_prefetch, interpret),
+            plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype, transforms=tiled),  # q
+            plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype),  # q in, o out: untiled
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # k ring
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # v ring
             plgpu.Barrier(num_arrivals=group, num_barriers=q_tiles),  # q landed, per tile

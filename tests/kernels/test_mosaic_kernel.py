@@ -83,18 +83,6 @@ def test_interpret_two_tiles_pingpong_persistent(case, order):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case,kw", [
-    (CASES[0], dict(programs=3, order="natural")),  # decodes (empty second tile), padding
-    (CASES[4], dict(programs=2, order="lpt", q_tiles=1)),
-    (CASES[3], dict(programs=1 << 20))], ids=lambda c: getattr(c, "id", str(c)))
-def test_interpret_q_prefetch(case, kw):
-    # Each CTA issues its next item's Q copies once this item's Q is in the tile, and sends
-    # its output from the tile's own memory; items whose tile has no rows take no Q.
-    x = case.inputs()
-    out = _run(case, x, interpret=True, depth=2, q_prefetch=True, **kw)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
@@ -103,8 +91,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
-                                dict(q_prefetch=True, programs=132)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -284,9 +271,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(q_prefetch=True, programs=5, order="lpt"), dict(q_prefetch=True, programs=3),
-        dict(q_prefetch=True, q_tiles=1, programs=4)], ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
