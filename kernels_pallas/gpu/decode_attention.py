@@ -42,7 +42,7 @@ class DecodeConfig:
 
 
 # Tuned block sizes, keyed by head_dim; other head dims take the nearest entry. The 128 entry was
-# chosen by measurement on an H100 (bf16, N/K = 32/8, docs/benchmarks/kernels_h100.md): of
+# chosen by measurement on an H100 (bf16, N/K = 32/8, docs/benchmarks/kernels_h100_sweep.md): of
 # block_kv {32, 64, 128} x (warps, stages) {(4,2), (4,3), (4,4), (8,3)}, 64/4/3 was best or within
 # noise of it at B=64 ctx 2048 (89%), B=256 ctx 8192 (96%) and B=16 ctx 2048 (75% vs best 76%),
 # for pages 16 and 128; 32-token blocks lost 5-15 points. The 64 entry by the same sweep on an

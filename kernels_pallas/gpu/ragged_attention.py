@@ -47,7 +47,7 @@ class RaggedConfig:
 
 
 # Tuned block sizes, keyed by head_dim. The 128 entry was chosen by measurement on an H100 (bf16,
-# N/K = 32/8; the mixed batch of docs/benchmarks/kernels_h100.md): of block_m {32, 64, 128} x
+# N/K = 32/8; the mixed batch of docs/benchmarks/kernels_h100_sweep.md): of block_m {32, 64, 128} x
 # block_kv {32, 64} x (warps, stages) {(4,2), (4,3), (8,3)}, 64/64/4/3 was fastest (378 µs;
 # 128-row tiles 472-549 µs). The 64 entry by the same sweep at H = 64 on an H200 (27 tiles, plus
 # decode_block_kv 32..256; docs/benchmarks/kernels_h64.md): 64/64/4/2 178 µs, the same tile with
