@@ -14,9 +14,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # JAX 0.10 takes ``plgpu.load(ref, idx, ...)`` (idx required); 0.11 deprecates idx in favour
 # of ``plgpu.load(ref.at[idx], ...)``.
-_LOAD_NEEDS_IDX = inspect.signature(plgpu.load).parameters.get(
-    "idx", inspect.Parameter("idx", inspect.Parameter.KEYWORD_ONLY, default=None)
-).default is inspect.Parameter.empty
+_LOAD_IDX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_NEEDS_IDX = _LOAD_IDX is not None and _LOAD_IDX.default is inspect.Parameter.empty
 
 
 def load(ref, **kw):
@@ -154,7 +153,7 @@ def item_scalars(items, kv_lens, query_start_loc, num_seqs, num_tokens: int):
     that a CTA starts on one level of loads instead of a chain of dependent ones."""
     num_reqs = kv_lens.shape[0]
     num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_reqs)
-    req = items[:, 0]
+    req = items[:, ITEM_REQ]
     is_pad = req == num_seqs
     q_start = query_start_loc[req]
     q_end = jnp.where(is_pad, num_tokens, query_start_loc[jnp.minimum(req + 1, num_reqs)])
