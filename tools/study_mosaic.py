@@ -120,8 +120,9 @@ def report(md_path, json_paths):
     ax.set_ylabel("µs (lower is better)")
     ax.set_xticks([])
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    cards = " / ".join(sorted({r["device"] for _, r in runs}))
     ax.set_title("Ragged kernel: Triton lowering (gray) vs Mosaic GPU candidates, "
-                 f"{runs[0][1]['device']}, JAX {runs[0][1]['jax_version']}", fontsize=9)
+                 f"{cards} (compare within a run), JAX {runs[0][1]['jax_version']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.splitext(md_path)[0] + ".png", dpi=110)
 
