@@ -24,7 +24,7 @@ def load(ref, **kw):
 
 
 def register_ops(interpret: bool):
-    """(iota, in_layout, load_tile, load_row) in wgmma's register layout, or — for Mosaic GPU's
+    """(iota, in_layout, load_tile) in wgmma's register layout, or — for Mosaic GPU's
     interpreter, which knows no register layouts — their plain jnp forms."""
     if interpret:
         def iota(shape, dim):
@@ -38,7 +38,7 @@ def register_ops(interpret: bool):
             del fast
             return ref[...]
 
-        return iota, in_layout, load_tile, load_tile
+        return iota, in_layout, load_tile
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
@@ -46,10 +46,7 @@ def register_ops(interpret: bool):
     def load_tile(ref, fast=True):  # fast=False: allow a bank-conflicted transfer (untiled)
         return load(ref, layout=plgpu.Layout.WGMMA, optimized=fast)
 
-    def load_row(ref):
-        return load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
-
-    return iota, plgpu.layout_cast, load_tile, load_row
+    return iota, plgpu.layout_cast, load_tile
 
 
 def interpreter():

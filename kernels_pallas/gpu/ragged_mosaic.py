@@ -128,7 +128,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
     my_first = program if one_per_cta else starts_ref[program]
     my_items = 1 if one_per_cta else starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
-    iota, in_layout, load_tile, _ = register_ops(interpret)
+    iota, in_layout, load_tile = register_ops(interpret)
 
     def item_at(i):
         """The scalars of this CTA's item i (``item_scalars``: one level of loads)."""
