@@ -59,7 +59,6 @@ from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, I
                                                        register_ops, store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
-MEMORY_REGS = 40  # setmaxnreg of the memory warpgroups (with ``compute_regs``)
 PROFILE_RANGES = 512  # named ranges per warpgroup kept by the profiler (``profile_dir``)
 region = jax.named_scope  # a range in the profiler's trace; nothing without ``profile_dir``
 
@@ -73,8 +72,6 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
-    pair_decodes: bool = False  # a decode's item covers two kv heads (``pair_ok``)
-    mem_wgs: int = 1  # memory warpgroups: 1 issues K and V copies, 2 split them (K | V)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -114,27 +111,12 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
     return None
 
 
-def pair_ok(q_tiles: int, block_kv: int, page_size: int, num_kv_heads: int) -> str | None:
-    """None when decode items can cover two kv heads each, else what is missing. A pair item
-    streams blocks of block_kv / 2 keys of both heads (one per compute warpgroup) in the
-    ring's block_kv-row slots, with as many TMA copies per slot as a full block has."""
-    if q_tiles != 2:
-        return f"two compute warpgroups (q_tiles 2, got {q_tiles})"
-    if block_kv % 128:
-        return f"block_kv a multiple of 128 (half a block is a wgmma K step), got {block_kv}"
-    if page_size > block_kv // 2:
-        return f"page_size <= block_kv / 2 = {block_kv // 2}, got {page_size}"
-    if num_kv_heads % 2:
-        return f"an even number of kv heads, got {num_kv_heads}"
-    return None
-
-
 def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             o_ref,  # output
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, mem_wgs, pingpong, compute_regs, pair_decodes, one_per_cta, interpret):
+            q_tiles, pingpong, compute_regs, one_per_cta, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
@@ -158,17 +140,6 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
         it.update(q_start=row[ITEM_Q_START], q_len=q_len)
         it["req_row"] = jnp.minimum(req, num_reqs - 1)  # the padding request reads no row
         live = (~it["is_pad"]) & (item_tok0 < q_len)
-        if pair_decodes:
-            # A decode (one query row) is one item per two kv heads, 2j and 2j + 1: kept at
-            # the even head's entry (both compute warpgroups, one head each, on half-length
-            # blocks of the two heads); the odd head's entry is empty.
-            decode = q_len == 1
-            it["pair"] = pair = decode & (lax.rem(kv_head, 2) == 0)
-            live = live & ~(decode & ~pair)
-            it["bkv"] = bkv = jnp.where(pair, block_kv // 2, block_kv)
-        else:
-            it["pair"], it["bkv"] = None, jnp.int32(block_kv)
-            bkv = it["bkv"]
         it["kv_len"] = kv_len = jnp.where(live, row[ITEM_KV_LEN], 0)
         ctx_len = kv_len - q_len
 
@@ -188,8 +159,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             it["lo_blk"] = lo_blk = jnp.int32(0)
         else:
             it["lo_blk"] = lo_blk = lax.div(
-                jnp.maximum(tile(0)[2] - sliding_window + 1, 0), bkv)
-        it["n_blk"] = jnp.where(live, lax.div(hi_item + bkv - 1, bkv) - lo_blk, 0)
+                jnp.maximum(tile(0)[2] - sliding_window + 1, 0), jnp.int32(block_kv))
+        it["n_blk"] = jnp.where(live, lax.div(hi_item + block_kv - 1, jnp.int32(block_kv))
+                                - lo_blk, 0)
         return it
 
     @pl.when(wg < q_tiles)
@@ -197,23 +169,22 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
         if compute_regs and not interpret:
             plgpu.set_max_registers(compute_regs, action="increase")
         q_tile, io = q_smem.at[wg], o_smem.at[wg]
+        rows_shape = (TILE_ROWS, block_kv)
 
         def one_item(i, base):
             it = item_at(i)
-            q_start, kv_head, kv_len, lo_blk, n_blk, pair = (
-                it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk", "pair"))
+            q_start, kv_head, kv_len, lo_blk, n_blk = (
+                it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk"))
             tok0, n_tok, first_pos, hi = it["tile"](wg)
             n_mine = jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk,
                                0)
+            # Blocks every row of the tile sees in full (no mask): before its first query.
+            n_full = 0 if sliding_window is not None else jnp.minimum(
+                lax.div(first_pos + 1, jnp.int32(block_kv)), n_mine)
             # Pingpong: the two compute warpgroups take turns on the tensor cores (one's
             # softmax overlaps the other's matmuls), meeting at ``sched``; only when both
             # tiles have rows.
             pp_on = (it["tile"](q_tiles - 1)[1] > 0) if pingpong else None
-            normal = n_mine > 0
-            if pair_decodes:  # a pair item's warpgroups take every block, one head each
-                n_mine = jnp.where(pair, n_blk, n_mine)
-                pp_on = (pair | pp_on) if pingpong else None
-                normal = ~pair & normal
 
             def meet(arrive=True, wait=True):
                 if pingpong:
@@ -227,123 +198,6 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             def ring(s):
                 return lax.rem(base + s, jnp.int32(depth))
 
-            def attend(bk, head, tok0, n_tok, first_pos, half):
-                """This warpgroup's tile: Q rows of ``head`` from token tok0, against the
-                item's blocks of ``bk`` keys (rows [half, half + bk) of each ring slot when
-                ``half`` is given: a pair item's)."""
-                # Blocks every row of the tile sees in full (no mask): before its first query.
-                n_full = 0 if sliding_window is not None else jnp.minimum(
-                    lax.div(first_pos + 1, jnp.int32(bk)), n_mine)
-                rows_shape = (TILE_ROWS, bk)
-
-                def slot(ref, buf):
-                    return ref.at[buf] if half is None else ref.at[buf, pl.ds(half, bk)]
-
-                # Q rows start anywhere: a TMA copy into tiled shared memory needs a
-                # tile-aligned (8-row) start in global memory too, so Q lands untiled (in
-                # the output buffer, free until the end) and is re-laid into the swizzled
-                # tile.
-                with region("q_in"):
-                    for g in range(group):
-                        plgpu.copy_gmem_to_smem(
-                            q_ref.at[pl.ds(q_start + tok0, block_q), head * group + g],
-                            io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
-                    plgpu.barrier_wait(q_bar.at[wg])
-                    q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
-                    plgpu.commit_smem()
-                row, col = iota(rows_shape, 0), iota(rows_shape, 1)
-                q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-
-                def step(s, carry, masked):
-                    """Block s into the running softmax state (K(s) was awaited before,
-                    K(s + 1) is awaited during PV(s))."""
-                    acc, m_i, l_i = carry
-                    buf = ring(s)
-                    blk = lo_blk + s
-                    k_blk, v_blk = slot(k_smem, buf), slot(v_smem, buf)
-                    # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
-                    # register wgmma operand, nor run_state: there both products are dots.
-                    if interpret:
-                        sc = lax.dot_general(q_tile[...], k_blk[...], (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
-                        meet()
-                    else:
-                        def qk(acc_ref):
-                            plgpu.wgmma(acc_ref, q_tile, k_blk.T)
-                            meet()  # the other warpgroup's turn while this QKᵀ runs
-                            return acc_ref[...]
-                        with region("qk"):
-                            sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
-                    plgpu.barrier_arrive(k_free.at[buf])
-                    if soft_cap is None:
-                        sc = sc * (sm_scale * cm.LOG2E)
-                    else:
-                        sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
-                    if masked:
-                        kv_pos = blk * bk + col
-                        mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
-                        if sliding_window is not None:
-                            mask = mask & (kv_pos > q_pos - sliding_window)
-                        sc = jnp.where(mask, sc, cm.NEG)
-                    m_new = jnp.maximum(m_i, sc.max(axis=1))
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p16 = p.astype(dtype)
-                    meet(wait=False)  # softmax done
-                    with region("wait_v"):
-                        plgpu.barrier_wait(v_bar.at[buf])
-                    with region("turn"):
-                        meet(arrive=False)  # the tensor cores are free
-                    if masked:
-                        # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
-                        # NaN. Every tile that reads this block zeroes them first: each
-                        # writes the same values, so a concurrent read sees real rows or
-                        # zeros only.
-                        @pl.when(blk * bk + bk > kv_len)
-                        def _zero_tail():
-                            vrow = iota((bk, head_dim), 0)
-                            v = load_tile(v_blk)
-                            v_blk[...] = jnp.where(blk * bk + vrow < kv_len, v,
-                                                   jnp.zeros_like(v))
-                            plgpu.commit_smem()
-
-                    def wait_next_k():
-                        @pl.when(s + 1 < n_mine)
-                        def _wait():
-                            plgpu.barrier_wait(k_bar.at[ring(s + 1)])
-
-                    if interpret:
-                        acc = acc + jnp.dot(p16, v_blk[...], preferred_element_type=jnp.float32)
-                        wait_next_k()
-                    else:  # accumulate into acc in place (the wgmma's C operand)
-                        def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_blk)
-                            wait_next_k()  # while the tensor cores run PV
-                        with region("pv_wait_k"):
-                            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                    plgpu.barrier_arrive(v_free.at[buf])
-                    return acc, m_new, l_i
-
-                carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
-                                   plgpu.Layout.WGMMA),
-                         in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
-                                   plgpu.Layout.WGMMA.reduce(1)),
-                         in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
-                                   plgpu.Layout.WGMMA.reduce(1)))
-                with region("wait_k"):
-                    plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
-                # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
-                carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-                acc, _, l_i = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True),
-                                            carry)
-                with region("out"):
-                    l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-                    io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-                    plgpu.commit_smem()
-                    store_rows(io, o_ref, q_start + tok0, n_tok, head, group, block_q)
-
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output has left io
 
             @pl.when(n_blk > 0)
@@ -351,16 +205,114 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                 if q_tiles > 1:
                     pl.when(wg == 1)(meet)
 
-                @pl.when(normal)
+                @pl.when(n_mine > 0)
                 def _attend():
-                    attend(block_kv, kv_head, tok0, n_tok, first_pos, None)
+                    # Q rows start anywhere: a TMA copy into tiled shared memory needs a
+                    # tile-aligned (8-row) start in global memory too, so Q lands untiled (in
+                    # the output buffer, free until the end) and is re-laid into the swizzled
+                    # tile.
+                    with region("q_in"):
+                        for g in range(group):
+                            plgpu.copy_gmem_to_smem(
+                                q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
+                                io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
+                        plgpu.barrier_wait(q_bar.at[wg])
+                        q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
+                        plgpu.commit_smem()
+                    row, col = iota(rows_shape, 0), iota(rows_shape, 1)
+                    q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
+                    def step(s, carry, masked):
+                        """Block s into the running softmax state (K(s) was awaited before,
+                        K(s + 1) is awaited during PV(s))."""
+                        acc, m_i, l_i = carry
+                        buf = ring(s)
+                        blk = lo_blk + s
+                        # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
+                        # register wgmma operand, nor run_state: there both products are dots.
+                        if interpret:
+                            sc = lax.dot_general(q_tile[...], k_smem.at[buf][...],
+                                                 (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+                            meet()
+                        else:
+                            def qk(acc_ref):
+                                plgpu.wgmma(acc_ref, q_tile, k_smem.at[buf].T)
+                                meet()  # the other warpgroup's turn while this QKᵀ runs
+                                return acc_ref[...]
+                            with region("qk"):
+                                sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
+                        plgpu.barrier_arrive(k_free.at[buf])
+                        if soft_cap is None:
+                            sc = sc * (sm_scale * cm.LOG2E)
+                        else:
+                            sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
+                        if masked:
+                            kv_pos = blk * block_kv + col
+                            mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
+                            if sliding_window is not None:
+                                mask = mask & (kv_pos > q_pos - sliding_window)
+                            sc = jnp.where(mask, sc, cm.NEG)
+                        m_new = jnp.maximum(m_i, sc.max(axis=1))
+                        alpha = jnp.exp2(m_i - m_new)
+                        p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
+                        l_i = l_i * alpha + p.sum(axis=1)
+                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                        p16 = p.astype(dtype)
+                        meet(wait=False)  # softmax done
+                        with region("wait_v"):
+                            plgpu.barrier_wait(v_bar.at[buf])
+                        with region("turn"):
+                            meet(arrive=False)  # the tensor cores are free
+                        if masked:
+                            # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
+                            # NaN. Every tile that reads this block zeroes them first: each
+                            # writes the same values, so a concurrent read sees real rows or
+                            # zeros only.
+                            @pl.when(blk * block_kv + block_kv > kv_len)
+                            def _zero_tail():
+                                vrow = iota((block_kv, head_dim), 0)
+                                v = load_tile(v_smem.at[buf])
+                                v_smem.at[buf][...] = jnp.where(
+                                    blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
+                                plgpu.commit_smem()
 
-                if pair_decodes:
-                    @pl.when(pair)
-                    def _attend_pair():  # both tiles: the decode row, heads kv_head + wg
-                        tok0_p, n_tok_p, first_pos_p, _ = it["tile"](0)
-                        attend(block_kv // 2, kv_head + wg, tok0_p, n_tok_p, first_pos_p,
-                               wg * (block_kv // 2))
+                        def wait_next_k():
+                            @pl.when(s + 1 < n_mine)
+                            def _wait():
+                                plgpu.barrier_wait(k_bar.at[ring(s + 1)])
+
+                        if interpret:
+                            acc = acc + jnp.dot(p16, v_smem.at[buf][...],
+                                                preferred_element_type=jnp.float32)
+                            wait_next_k()
+                        else:  # accumulate into acc in place (the wgmma's C operand)
+                            def pv(acc_ref):
+                                plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
+                                wait_next_k()  # while the tensor cores run PV
+                            with region("pv_wait_k"):
+                                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                        plgpu.barrier_arrive(v_free.at[buf])
+                        return acc, m_new, l_i
+
+                    carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
+                                       plgpu.Layout.WGMMA),
+                             in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1)),
+                             in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1)))
+                    with region("wait_k"):
+                        plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
+                    # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
+                    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                                          carry)
+                    acc, _, l_i = lax.fori_loop(n_full, n_mine,
+                                                functools.partial(step, masked=True), carry)
+                    with region("out"):
+                        l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+                        io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape,
+                                                              [0])).astype(dtype)
+                        plgpu.commit_smem()
+                        store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
 
                 # The item's blocks past this tile's: observed and released, turn for turn.
                 @pl.loop(n_mine, n_blk)
@@ -388,44 +340,40 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
-    def memory(streams):
-        """A memory warpgroup: copies of the K and/or V blocks (``streams``) into the ring."""
+    @pl.when(wg == q_tiles)
+    def _memory():
         if compute_regs and not interpret:
-            plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+            plgpu.set_max_registers(40, action="decrease")
+        chunk = min(page_size, block_kv)
 
-        def fetch_block(it, s, buf, base, bk, heads):
-            """TMA copies of the item's KV block s (``bk`` keys of ``heads`` kv heads, one
-            after the other in the slot) into ring slot ``buf``, once the slot is free."""
-            chunk = min(page_size, bk)
-            pos0 = (it["lo_blk"] + s) * bk
-            with region("pages"):  # page ids of the block's chunks; K and V share them
-                pages = [block_tables_ref[it["req_row"], jnp.minimum(
-                    lax.div(pos0 + c * chunk, jnp.int32(page_size)), max_pages - 1)]
-                    for c in range(bk // chunk)]
-            for kind, smem, bar, free in streams:
-                with region("wait_free"):
-                    @pl.when(base + s >= depth)
-                    def _wait():
-                        plgpu.barrier_wait(free.at[buf])
-
-                with region("issue"):
-                    for h in range(heads):
-                        for c, page in enumerate(pages):
-                            plgpu.copy_gmem_to_smem(
-                                kv_ref.at[page, kind, it["kv_head"] + h, pl.ds(
-                                    lax.rem(pos0 + c * chunk, jnp.int32(page_size)), chunk)],
-                                smem.at[buf, pl.ds(h * bk + c * chunk, chunk)], bar.at[buf])
+        def block_pages(it, s):
+            """Page ids of the chunks of the item's KV block s (K and V share them)."""
+            pos = (it["lo_blk"] + s) * block_kv
+            return tuple(block_tables_ref[it["req_row"], jnp.minimum(
+                lax.div(pos + c * chunk, jnp.int32(page_size)), max_pages - 1)]
+                for c in range(block_kv // chunk))
 
         def one_item(i, base):
             it = item_at(i)
 
             def fetch(s, _):
                 buf = lax.rem(base + s, jnp.int32(depth))
-                if pair_decodes:  # as many copies per slot: half the keys, two heads
-                    pl.when(~it["pair"])(lambda: fetch_block(it, s, buf, base, block_kv, 1))
-                    pl.when(it["pair"])(lambda: fetch_block(it, s, buf, base, block_kv // 2, 2))
-                else:
-                    fetch_block(it, s, buf, base, block_kv, 1)
+                with region("pages"):
+                    pages = block_pages(it, s)
+                for kind, smem, bar, free in ((0, k_smem, k_bar, k_free),
+                                              (1, v_smem, v_bar, v_free)):
+                    with region("wait_free"):
+                        @pl.when(base + s >= depth)
+                        def _wait():
+                            plgpu.barrier_wait(free.at[buf])
+
+                    with region("issue"):
+                        for c, page in enumerate(pages):
+                            pos = (it["lo_blk"] + s) * block_kv + c * chunk
+                            plgpu.copy_gmem_to_smem(
+                                kv_ref.at[page, kind, it["kv_head"],
+                                          pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
+                                smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
 
             lax.fori_loop(0, it["n_blk"], fetch, None)
             return base + it["n_blk"]
@@ -436,14 +384,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
         # when the CTA ends (the interpreter checks it).
         @pl.loop(jnp.maximum(total - depth, 0), total)
         def _drain(s):
-            for _, _, _, free in streams:
-                plgpu.barrier_wait(free.at[lax.rem(s, jnp.int32(depth))])
-
-    # One memory warpgroup issues K and V copies; with two, one each (twice the issue rate
-    # of 4 KB page copies, NOTES seventh pass).
-    streams = ((0, k_smem, k_bar, k_free), (1, v_smem, v_bar, v_free))
-    for m in range(mem_wgs):
-        pl.when(wg == q_tiles + m)(functools.partial(memory, streams[m::mem_wgs]))
+            buf = lax.rem(s, jnp.int32(depth))
+            plgpu.barrier_wait(k_free.at[buf])
+            plgpu.barrier_wait(v_free.at[buf])
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
@@ -452,20 +395,18 @@ ORDERS = ("natural", "lpt", "auto")
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "pair_decodes", "mem_wgs", "profile_dir",
-    "interpret"))
+    "compute_regs", "order", "programs", "profile_dir", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           pair_decodes: bool | None = None, mem_wgs: int | None = None,
                            profile_dir: str | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
-    ``pair_decodes``, ``mem_wgs`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
@@ -481,18 +422,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     depth = depth or cfg.depth
     q_tiles = q_tiles or cfg.q_tiles
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
-    mem_wgs = mem_wgs or cfg.mem_wgs
-    if mem_wgs not in (1, 2):
-        raise ValueError(f"mem_wgs must be 1 or 2, got {mem_wgs}")
-    # setmaxnreg moves registers between warpgroups within what the launch gave the CTA:
-    # 64 K over its threads, per thread rounded down to a multiple of 8.
-    num_wgs = q_tiles + mem_wgs
-    regs_left = min(256, ((65536 // (128 * num_wgs)) // 8 * 8 * num_wgs
-                          - mem_wgs * MEMORY_REGS) // (num_wgs - mem_wgs) // 8 * 8)
-    if compute_regs is not None and compute_regs > regs_left:
-        raise ValueError(f"compute_regs {compute_regs} > {regs_left}, what {num_wgs - mem_wgs} "
-                         f"compute and {mem_wgs} memory warpgroups leave")
-    compute_regs = min(cfg.compute_regs, regs_left) if compute_regs is None else compute_regs
+    compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -506,11 +436,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     if smem > SMEM_BYTES:
         raise ValueError(f"q_tiles {q_tiles}, depth {depth}, block_kv {block_kv} need {smem} "
                          f"bytes of shared memory (> {SMEM_BYTES})")
-    why_not_pairs = pair_ok(q_tiles, block_kv, page_size, num_kv_heads)
-    if pair_decodes and why_not_pairs:
-        raise ValueError(f"pair_decodes needs {why_not_pairs}")
-    pair_decodes = (cfg.pair_decodes if pair_decodes is None else pair_decodes) and not (
-        why_not_pairs)
     group = num_q_heads // num_kv_heads
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.
@@ -530,8 +455,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, mem_wgs=mem_wgs, pingpong=pingpong, compute_regs=compute_regs,
-        pair_decodes=pair_decodes,
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
         one_per_cta=programs == num_slots * num_kv_heads, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
@@ -551,7 +475,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         ],
         grid=(programs,),
         grid_names=("program",),
-        num_threads=q_tiles + mem_wgs,
+        num_threads=q_tiles + 1,
         thread_name="wg",
         # Lane semantics: JAX 0.10's default, pinned so that 0.11 (whose default is the
         # warpgroup dialect with layout inference) compiles the same program.

@@ -71,18 +71,15 @@ def test_interpret_shallow_ring_many_blocks():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case,order,pair", [(CASES[0], "natural", True),
-                                              (CASES[4], "lpt", False)],
+@pytest.mark.parametrize("case,order", [(CASES[0], "natural"), (CASES[4], "lpt")],
                          ids=lambda c: getattr(c, "id", c))
-def test_interpret_two_tiles_pingpong_persistent(case, order, pair):
+def test_interpret_two_tiles_pingpong_persistent(case, order):
     # Two 64-row tiles per item on one K/V stream, taking turns on the tensor cores: the
     # earlier tile has fewer blocks (causal) and releases the rest unread; decodes leave the
-    # second tile empty (no turns then) or, with ``pair_decodes``, cover two kv heads on
-    # half-length blocks; padding spans; an empty request mid-batch. Three persistent CTAs:
-    # each takes several items, its K/V ring running on from one to the next.
+    # second tile empty (no turns then); padding spans; an empty request mid-batch. Three
+    # persistent CTAs: each takes several items, its K/V ring running on from one to the next.
     x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, order=order,
-               pair_decodes=pair)
+    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, order=order)
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
@@ -94,8 +91,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
-                                dict(q_tiles=2, pair_decodes=True, mem_wgs=2)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -227,19 +223,6 @@ def test_rejects_unsupported_shapes_with_a_clear_error():
         _run(case, x, interpret=True, q_tiles=3)
     with pytest.raises(ValueError, match="bytes of shared memory"):
         _run(case, x, interpret=True, q_tiles=2, block_kv=256, depth=4)
-    with pytest.raises(ValueError, match=r"pair_decodes needs two compute warpgroups"):
-        _run(case, x, interpret=True, q_tiles=1, pair_decodes=True)
-    with pytest.raises(ValueError, match=r"pair_decodes needs block_kv a multiple of 128"):
-        _run(case, x, interpret=True, q_tiles=2, block_kv=64, pair_decodes=True)
-    y = CASES[3].inputs()  # page 128, one kv head
-    with pytest.raises(ValueError, match=r"pair_decodes needs page_size <= block_kv / 2"):
-        _run(CASES[3], y, interpret=True, q_tiles=2, pair_decodes=True)
-    with pytest.raises(ValueError, match=r"pair_decodes needs an even number of kv heads"):
-        _run(CASES[3], y, interpret=True, q_tiles=2, block_kv=256, pair_decodes=True)
-    with pytest.raises(ValueError, match="mem_wgs must be 1 or 2"):
-        _run(case, x, interpret=True, mem_wgs=3)
-    with pytest.raises(ValueError, match=r"compute_regs 232 > 216"):
-        _run(case, x, interpret=True, q_tiles=2, mem_wgs=2, compute_regs=232)
     with pytest.raises(ValueError, match="does not take dtype float32"):
         ragged_mosaic.ragged_paged_attention(x.q.astype(jnp.float32),
                                              x.kv_pages.astype(jnp.float32), *x.args()[2:],
@@ -293,16 +276,6 @@ class TestMosaicCompiled:
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
             out = _run(case, x, interpret=False, **kw)
-            assert_close(out, _expected(case, x), dtype=case.dtype,
-                         num_valid_rows=x.num_valid_rows)
-
-    @pytest.mark.parametrize("kw", [
-        dict(pair_decodes=True), dict(mem_wgs=2), dict(pair_decodes=True, mem_wgs=2),
-        dict(pair_decodes=True, programs=5, order="lpt")], ids=str)
-    def test_pairs_and_memory_warpgroups(self, kw):
-        for case in (CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], CASES[7]):  # even K
-            x = case.inputs()
-            out = _run(case, x, interpret=False, q_tiles=2, **kw)
             assert_close(out, _expected(case, x), dtype=case.dtype,
                          num_valid_rows=x.num_valid_rows)
 
