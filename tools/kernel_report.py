@@ -12,6 +12,18 @@ def fmt(r, key="pct_read_bw"):
     return f"{r['time_us']:.1f} ({r[key]:.0f}%)"
 
 
+STANDARD = (("ours", "ours (decode)"), ("ours_ragged", "ours (ragged)"),
+            ("ours_two_launch", "ours (two-launch)"), ("jax", "jax paged_attention"),
+            ("reference", "reference"))
+
+
+def decode_cfg_labels(result):
+    """Labels of ``--decode-cfgs`` settings in the decode rows (each row's entry has a config)."""
+    first = result["decode"][0] if result["decode"] else {}
+    return [k for k, v in first.items() if isinstance(v, dict) and "config" in v
+            and k not in dict(STANDARD) and not k.startswith("ragged_")]
+
+
 def markdown(result):
     c = result["ceilings"]
     lines = [
@@ -63,6 +75,16 @@ def markdown(result):
         for r in result["decode"]:
             lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | {fmt(r.get('ours'))} | "
                          + " | ".join(fmt(r.get(k)) for k in extra) + " |")
+    cfgs = decode_cfg_labels(result)
+    if cfgs:  # --decode-cfgs: the decode kernel under several settings
+        lines += ["", "Decode kernel, by setting (µs, % of read BW):", "",
+                  "| B | ctx | page | " + " | ".join(cfgs) + " |",
+                  "|---|---|---|" + "---|" * len(cfgs)]
+        for r in result["decode"]:
+            lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | "
+                         + " | ".join(fmt(r.get(k)) for k in cfgs) + " |")
+        lines += ["", "Settings: " + "; ".join(
+            f"{k} = {result['decode'][0][k]['config']}" for k in cfgs)]
     lines += ["", f"Correctness (max |ours - ref| / max |ref|, bf16): {result.get('correctness')}"]
     return "\n".join(lines) + "\n"
 
@@ -74,9 +96,9 @@ def plot(result, path):
 
     pages = sorted({r["page"] for r in result["decode"]})
     fig, axes = plt.subplots(1, len(pages), figsize=(6 * len(pages), 4.8), squeeze=False)
-    names = [("ours", "ours (decode)"), ("ours_ragged", "ours (ragged)"),
-             ("ours_two_launch", "ours (two-launch)"), ("jax", "jax paged_attention"),
-             ("reference", "reference")]
+    names = [(k, label) for k, label in STANDARD
+             if any("time_us" in (r.get(k) or {}) for r in result["decode"])]
+    names += [(k, f"decode {k}") for k in decode_cfg_labels(result)]
     for ax, page in zip(axes[0], pages):
         rows = [r for r in result["decode"] if r["page"] == page]
         x = np.arange(len(rows))
@@ -91,9 +113,10 @@ def plot(result, path):
         ax.set_title(f"decode, page {page}")
         ax.set_ylabel("% of HBM read bandwidth")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=9)
+    ncol = min(len(names), 5)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
     head_dim = result.get("head_dim", 128)
     fig.suptitle(f"{result['device']} · JAX {result['jax_version']} · bf16 N/K=32/8 "
                  f"H={head_dim} · dashed 85%, dotted 70%")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 * -(-len(names) // ncol), 1, 1))
     fig.savefig(path, dpi=110)

@@ -48,11 +48,15 @@ class DecodeConfig:
 # for pages 16 and 128; 32-token blocks lost 5-15 points. The 64 entry by the same sweep on an
 # H200 at H = 64 (docs/benchmarks/kernels_h64.md): 128/4/2 best at B=64 ctx 2048 (88% page 16,
 # 90% page 128; 3 stages 82/88%), within 1 point of the best at B=16 ctx 2048 (58 vs 59%) and
-# B=256 ctx 8192 (99 vs 100%). The 256 entry is an untimed guess.
+# B=256 ctx 8192 (99 vs 100%). The 256 entry by two runs on an H200 at H = 256
+# (docs/benchmarks/kernels_h256.md; B {16, 64} x ctx {2048, 8192} x page {16, 128}): of block_kv
+# {16, 32, 64} x (warps, stages) {(4,2), (4,3), (8,2)}, 32/4/3 had the best mean (90% of read
+# BW) and one cell under the targets (B=64 ctx 8192 page 128: 79%); 32/4/2 88% with two (75-82%
+# at B=64 ctx 8192), 64/4/2 89% with two (81-86% at B=64 ctx 2048); 8 warps 55-71%.
 DECODE_TUNING: dict[int, DecodeConfig] = {
     64: DecodeConfig(block_kv=128, num_warps=4, num_stages=2),
     128: DecodeConfig(block_kv=64, num_warps=4, num_stages=3),
-    256: DecodeConfig(block_kv=32, num_warps=4, num_stages=2),
+    256: DecodeConfig(block_kv=32, num_warps=4, num_stages=3),
 }
 
 

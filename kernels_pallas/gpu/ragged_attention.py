@@ -52,7 +52,11 @@ class RaggedConfig:
 # 128-row tiles 472-549 µs). The 64 entry by the same sweep at H = 64 on an H200 (27 tiles, plus
 # decode_block_kv 32..256; docs/benchmarks/kernels_h64.md): 64/64/4/2 178 µs, the same tile with
 # 3 stages 197-206 µs (two entries of the sweep), 64/32/4/2 194 µs, 128-row tiles >= 198 µs;
-# decode_block_kv 128 best (64: 227, 256: 234). The 256 entry is an untimed guess.
+# decode_block_kv 128 best (64: 227, 256: 234). The 256 entry by two runs on an H200 at H = 256
+# (docs/benchmarks/kernels_h256.md, mixed batch, floor 256-258 µs): 64/32/4/2 with
+# decode_block_kv 64 540 µs; with 32 / 128: 579-593 / 838; 3 stages 577; 64-key blocks 872
+# (4 warps), 991 (8); 32-row tiles 777-920; no decode tile 740; the earlier guess (8 warps)
+# 1167-1177.
 # decode_tile / decode_block_kv=128 (H200, three interleaved runs each): mixed batch 393 µs
 # (single-token requests on the 64-row tile) -> 318 µs; decode_block_kv 64 gave 330 µs.
 # order="lpt" (H200, tools/study_prefill.py): the 4 prefill chunks alone 228 -> 181-196 µs (the
@@ -65,8 +69,8 @@ RAGGED_TUNING: dict[int, RaggedConfig] = {
                      decode_block_kv=128, order="auto"),
     128: RaggedConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3, decode_tile=True,
                       decode_block_kv=128, order="auto"),
-    256: RaggedConfig(block_m=64, block_kv=32, num_warps=8, num_stages=2, decode_tile=True,
-                      decode_block_kv=32, order="auto"),
+    256: RaggedConfig(block_m=64, block_kv=32, num_warps=4, num_stages=2, decode_tile=True,
+                      decode_block_kv=64, order="auto"),
 }
 
 

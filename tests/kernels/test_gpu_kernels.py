@@ -64,6 +64,9 @@ RAGGED_CASES = [
          num_tokens=32, soft_cap=20.0, sliding_window=50),
     Case("long-g8-h64-s16-bf16", (70, 1), (300, 257), 1, 8, 64, 16, BF16, num_tokens=80),
     Case("g3-h64-s32-f32", (4, 1, 6), (4, 31, 70), 3, 3, 64, 32, F32, num_tokens=16),
+    # head_dim 256 (the table's 256 entry: 32-key blocks, decode tile of 64 keys)
+    Case("mixed-g2-h256-s16-bf16", (6, 1, 1, 17), (40, 70, 1, 17), 2, 2, 256, 16, BF16,
+         num_tokens=32),
 ]
 # Decode-only batches (every live request has q_len 1, row b = request b).
 DECODE_CASES = [
@@ -73,6 +76,7 @@ DECODE_CASES = [
     Case("dec-g8-h64-s128-bf16", (1,) * 3, (129, 1, 500), 1, 8, 64, 128, BF16, num_tokens=4,
          soft_cap=30.0, sliding_window=100),
     Case("dec-g8-h128-s32-f32", (1,) * 2, (33, 256), 2, 8, 128, 32, F32, num_reqs=3),
+    Case("dec-g4-h256-s32-bf16", (1,) * 3, (31, 200, 65), 2, 4, 256, 32, BF16, num_tokens=4),
 ]
 
 
