@@ -24,6 +24,18 @@ def decode_cfg_labels(result):
             and k not in dict(STANDARD) and not k.startswith("ragged_")]
 
 
+def _by_setting(result, title, labels, lead=()):
+    """A table of the decode shapes with one column per setting (after the ``lead`` ones)."""
+    keys = [k for k, _ in lead] + list(labels)
+    lines = ["", f"{title} (µs, % of read BW):", "",
+             "| B | ctx | page | " + " | ".join([h for _, h in lead] + list(labels)) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for r in result["decode"]:
+        lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | "
+                     + " | ".join(fmt(r.get(k)) for k in keys) + " |")
+    return lines
+
+
 def markdown(result):
     c = result["ceilings"]
     lines = [
@@ -69,20 +81,11 @@ def markdown(result):
                              f"{v['spread']:.1%} | {err} | {v.get('config') or ''} |")
     extra = sorted({k for r in result["decode"] for k in r if k.startswith("ragged_")})
     if extra:  # --ragged-cfgs: the ragged kernel under several settings on the decode shapes
-        lines += ["", "Ragged kernel on the decode shapes, by setting (µs, % of read BW):", "",
-                  "| B | ctx | page | ours (decode) | " + " | ".join(extra) + " |",
-                  "|---|---|---|---|" + "---|" * len(extra)]
-        for r in result["decode"]:
-            lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | {fmt(r.get('ours'))} | "
-                         + " | ".join(fmt(r.get(k)) for k in extra) + " |")
+        lines += _by_setting(result, "Ragged kernel on the decode shapes, by setting", extra,
+                             lead=(("ours", "ours (decode)"),))
     cfgs = decode_cfg_labels(result)
     if cfgs:  # --decode-cfgs: the decode kernel under several settings
-        lines += ["", "Decode kernel, by setting (µs, % of read BW):", "",
-                  "| B | ctx | page | " + " | ".join(cfgs) + " |",
-                  "|---|---|---|" + "---|" * len(cfgs)]
-        for r in result["decode"]:
-            lines.append(f"| {r['B']} | {r['ctx']} | {r['page']} | "
-                         + " | ".join(fmt(r.get(k)) for k in cfgs) + " |")
+        lines += _by_setting(result, "Decode kernel, by setting", cfgs)
         lines += ["", "Settings: " + "; ".join(
             f"{k} = {result['decode'][0][k]['config']}" for k in cfgs)]
     lines += ["", f"Correctness (max |ours - ref| / max |ref|, bf16): {result.get('correctness')}"]
