@@ -19,6 +19,7 @@ axis-0 reductions share one scratch area per CTA.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -27,6 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxpage.kernels_pallas.gpu import _common as cm
 
 COLS = 16  # wgmma N of the transposed tile (the G <= 8 heads of one kv head, zero-padded)
+region = jax.named_scope  # profiler ranges (``ragged_mosaic.region``), prefixed "d_"
 
 
 def attend_one_token(q_ref, o_ref, io, q_tile, p_tile, k_smem, v_smem, q_bar, k_bar, v_bar,
@@ -41,15 +43,15 @@ def attend_one_token(q_ref, o_ref, io, q_tile, p_tile, k_smem, v_smem, q_bar, k_
     iota, in_layout, load_tile = ops
     # Q: the G heads land untiled at rows 0 .. G - 1 (one TMA box; q_bar counts G
     # arrivals, as for the 64-row tile) and are re-laid, other rows zero, into the tile.
-    plgpu.copy_gmem_to_smem(q_ref.at[token, pl.ds(kv_head * group, group)],
-                            io.at[pl.ds(0, group)], q_bar)
-    for _ in range(group - 1):
-        plgpu.barrier_arrive(q_bar)
-    plgpu.barrier_wait(q_bar)
-    tile_shape = q_tile.shape
-    q = load_tile(io, fast=False)
-    q_tile[...] = jnp.where(iota(tile_shape, 0) < group, q, jnp.zeros_like(q))
-    plgpu.commit_smem()
+    with region("d_q_in"):
+        plgpu.copy_gmem_to_smem(q_ref.at[token, pl.ds(kv_head * group, group)],
+                                io.at[pl.ds(0, group)], q_bar)
+        for _ in range(group - 1):
+            plgpu.barrier_arrive(q_bar)
+        plgpu.barrier_wait(q_bar)
+        q = load_tile(io, fast=False)
+        q_tile[...] = jnp.where(iota(q_tile.shape, 0) < group, q, jnp.zeros_like(q))
+        plgpu.commit_smem()
     q16 = q_tile.at[pl.ds(0, COLS)]
     key = iota((block_kv, COLS), 0)
 
@@ -61,9 +63,10 @@ def attend_one_token(q_ref, o_ref, io, q_tile, p_tile, k_smem, v_smem, q_bar, k_
             st = jnp.dot(k_smem.at[buf][...], q16[...].T, preferred_element_type=jnp.float32)
         else:
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, k_smem.at[buf], plgpu.transpose_ref(q16, (1, 0)))
+                plgpu.wgmma(acc_ref, k_smem.at[buf], q16.T)
                 return acc_ref[...]
-            st = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))
+            with region("d_qk"):
+                st = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))
         plgpu.barrier_arrive(k_free.at[buf])
         if soft_cap is None:
             st = st * (sm_scale * cm.LOG2E)
@@ -83,9 +86,10 @@ def attend_one_token(q_ref, o_ref, io, q_tile, p_tile, k_smem, v_smem, q_bar, k_
         if interpret:
             p_tile[...] = p.astype(dtype).T
         else:
-            plgpu.transpose_ref(p_tile, (1, 0))[...] = plgpu.layout_cast(
+            p_tile.T[...] = plgpu.layout_cast(
                 p.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-        plgpu.barrier_wait(v_bar.at[buf])
+        with region("d_wait_v"):
+            plgpu.barrier_wait(v_bar.at[buf])
         if masked:
             @pl.when(blk * block_kv + block_kv > kv_len)
             def _zero_tail():  # rows past kv_len may be NaN, and 0 * NaN is NaN in the MMA
@@ -107,29 +111,33 @@ def attend_one_token(q_ref, o_ref, io, q_tile, p_tile, k_smem, v_smem, q_bar, k_
             wait_next_k()
         else:
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_smem.at[buf], (1, 0)),
-                            plgpu.transpose_ref(p_tile, (1, 0)))
+                plgpu.wgmma(acc_ref, v_smem.at[buf].T,
+                            p_tile.T)
                 wait_next_k()  # while the tensor cores run PV
-            acc_t = pl.run_state(pv)(plgpu.ACC.init(acc_t))
+            with region("d_pv_wait_k"):
+                acc_t = pl.run_state(pv)(plgpu.ACC.init(acc_t))
         plgpu.barrier_arrive(v_free.at[buf])
         return acc_t, m_new, l_i
 
     carry = (in_layout(jnp.zeros((head_dim, COLS), jnp.float32), plgpu.Layout.WGMMA),
              in_layout(jnp.full((COLS,), cm.NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(0)),
              in_layout(jnp.zeros((COLS,), jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
-    plgpu.barrier_wait(k_bar.at[ring(0)])
+    with region("d_wait_k"):
+        plgpu.barrier_wait(k_bar.at[ring(0)])
     carry = lax.fori_loop(0, n_full, lambda s, c: step(s, c, masked=False), carry)
     acc_t, _, l_i = lax.fori_loop(n_full, n_mine, lambda s, c: step(s, c, masked=True), carry)
-    l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-    o_t = (acc_t / lax.broadcast_in_dim(l_safe, acc_t.shape, [1])).astype(dtype)
     # Oᵀ goes back to rows through the Q tile (its last read, the last QKᵀ, has completed),
     # transposed on the way in; then to the untiled staging buffer the TMA store reads.
-    if interpret:
-        q16[...] = o_t.T
-    else:
-        plgpu.transpose_ref(q16, (1, 0))[...] = plgpu.layout_cast(
-            o_t, plgpu.Layout.WGMMA_TRANSPOSED)
-    plgpu.commit_smem()
-    io[...] = load_tile(q_tile)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(io.at[pl.ds(0, group)], o_ref.at[token, pl.ds(kv_head * group, group)])
+    with region("d_out"):
+        l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+        o_t = (acc_t / lax.broadcast_in_dim(l_safe, acc_t.shape, [1])).astype(dtype)
+        if interpret:
+            q16[...] = o_t.T
+        else:
+            q16.T[...] = plgpu.layout_cast(
+                o_t, plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        io[...] = load_tile(q_tile)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(io.at[pl.ds(0, group)],
+                                o_ref.at[token, pl.ds(kv_head * group, group)])
