@@ -101,7 +101,7 @@ def report(md_path, json_paths):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(14, 5))
+    fig, ax = plt.subplots(figsize=(14, 8))
     xs, names = 0, []
     for name, r in runs:
         for key in [k for k in r if k.startswith(("mixed_", "prefill_"))]:
@@ -119,7 +119,7 @@ def report(md_path, json_paths):
             xs += 1
     ax.set_ylabel("µs (lower is better)")
     ax.set_xticks([])
-    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.legend(fontsize=6, ncol=8, bbox_to_anchor=(0.5, -0.02), loc="upper center")
     cards = " / ".join(sorted({r["device"] for _, r in runs}))
     ax.set_title("Ragged kernel: Triton lowering (gray) vs Mosaic GPU candidates, "
                  f"{cards} (compare within a run), JAX {runs[0][1]['jax_version']}", fontsize=9)

@@ -52,7 +52,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpage.kernels_pallas.gpu import _common as cm
-from jaxpage.kernels_pallas.gpu._mosaic_decode import COLS, attend_one_token
 from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, ITEM_KV_HEAD,
                                                        ITEM_KV_LEN, ITEM_Q_LEN, ITEM_Q_START,
                                                        ITEM_REQ, ITEM_TOK0, interpreter,
@@ -73,7 +72,6 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
-    decode_tile: bool = False  # one-token tiles transposed (``_mosaic_decode``)
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -115,11 +113,10 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 
 def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             o_ref,  # output
-            q_smem, o_smem, k_smem, v_smem, p_smem,  # scratch: per-tile Q (swizzled), Q in /
-            # O out, K/V rings, P of the one-token tile
+            q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, one_per_cta, decode_tile, interpret):
+            q_tiles, pingpong, compute_regs, one_per_cta, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
@@ -131,7 +128,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
     my_first = program if one_per_cta else starts_ref[program]
     my_items = 1 if one_per_cta else starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
-    ops = iota, in_layout, load_tile = register_ops(interpret)
+    iota, in_layout, load_tile = register_ops(interpret)
 
     def item_at(i):
         """The scalars of this CTA's item i (``item_scalars``: one level of loads)."""
@@ -208,9 +205,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                 if q_tiles > 1:
                     pl.when(wg == 1)(meet)
 
-                one_tok = ((n_tok == 1) & (wg == 0)) if decode_tile else False
-
-                @pl.when((n_mine > 0) & ~one_tok)
+                @pl.when(n_mine > 0)
                 def _attend():
                     # Q rows start anywhere: a TMA copy into tiled shared memory needs a
                     # tile-aligned (8-row) start in global memory too, so Q lands untiled (in
@@ -319,17 +314,6 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         plgpu.commit_smem()
                         store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
 
-                if decode_tile:  # one query token: the transposed tile (_mosaic_decode)
-                    @pl.when((n_mine > 0) & one_tok)
-                    def _attend_one():
-                        attend_one_token(
-                            q_ref, o_ref, io, q_tile, p_smem, k_smem, v_smem, q_bar.at[wg],
-                            k_bar, v_bar, k_free, v_free, ring, ops, token=q_start + tok0,
-                            kv_head=kv_head, kv_len=kv_len, q_pos=first_pos, lo_blk=lo_blk,
-                            n_mine=n_mine, n_full=n_full, group=group, block_kv=block_kv,
-                            sm_scale=sm_scale, soft_cap=soft_cap,
-                            sliding_window=sliding_window, interpret=interpret)
-
                 # The item's blocks past this tile's: observed and released, turn for turn.
                 @pl.loop(n_mine, n_blk)
                 def _rest(s):
@@ -411,19 +395,18 @@ ORDERS = ("natural", "lpt", "auto")
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "decode_tile", "profile_dir", "interpret"))
+    "compute_regs", "order", "programs", "profile_dir", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           decode_tile: bool | None = None,
                            profile_dir: str | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
-    ``decode_tile`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
+    override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
@@ -441,7 +424,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
-    decode_tile = cfg.decode_tile if decode_tile is None else decode_tile
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if q_tiles not in (1, 2):
@@ -450,8 +432,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         # 64: wgmma's K step for 16-bit operands in 128-byte swizzled tiles (P·V has K = block_kv)
         raise ValueError(f"block_kv must be a multiple of 64 (<= 256) and of the page chunk, "
                          f"got {block_kv}")
-    smem = ((2 * q_tiles * TILE_ROWS + 2 * depth * block_kv) * head_dim
-            + decode_tile * COLS * block_kv) * q.dtype.itemsize
+    smem = (2 * q_tiles * TILE_ROWS + 2 * depth * block_kv) * head_dim * q.dtype.itemsize
     if smem > SMEM_BYTES:
         raise ValueError(f"q_tiles {q_tiles}, depth {depth}, block_kv {block_kv} need {smem} "
                          f"bytes of shared memory (> {SMEM_BYTES})")
@@ -475,8 +456,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
         q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
-        one_per_cta=programs == num_slots * num_kv_heads, decode_tile=decode_tile,
-        interpret=interpret)
+        one_per_cta=programs == num_slots * num_kv_heads, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,
@@ -486,7 +466,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype),  # q in, o out: untiled
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # k ring
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # v ring
-            plgpu.SMEM((COLS, block_kv), q.dtype, transforms=tiled) if decode_tile else None,
             plgpu.Barrier(num_arrivals=group, num_barriers=q_tiles),  # q landed, per tile
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # k landed
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # v landed

@@ -83,16 +83,6 @@ def test_interpret_two_tiles_pingpong_persistent(case, order):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case", [CASES[3], CASES[6]], ids=lambda c: c.id)
-def test_interpret_decode_tile(case):
-    # One-token tiles on the transposed tile (keys as wgmma's M, heads as N): decodes beside
-    # prefill chunks, soft cap + sliding window (CASES[3]); G = 8, decodes at page edges, two
-    # persistent CTAs whose rings run on from one item into the next (CASES[6]).
-    x = case.inputs()
-    out = _run(case, x, interpret=True, decode_tile=True, programs=2)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
@@ -101,8 +91,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
-                                dict(decode_tile=True), dict(decode_tile=True, q_tiles=1)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -282,10 +271,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(decode_tile=True), dict(decode_tile=True, q_tiles=1),
-        dict(decode_tile=True, block_kv=64, depth=3), dict(decode_tile=True, programs=7)],
-        ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
