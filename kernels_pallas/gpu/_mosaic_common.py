@@ -133,12 +133,14 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     size = np.minimum(programs, n - rnd * programs)
     snake = np.where(rnd % 2 == 1, rnd * programs + size - 1 - pos, k)
     by_cost = jnp.argsort(-cost, stable=True)
-    if order == "mix":  # each kind longest first, the decodes spread evenly among the rest
-        kind = jnp.tile(jnp.where(live, jnp.where(q_len == 1, 1, 0), 2), num_kv_heads)[by_cost]
+    if order in ("mix", "mix_lpt"):  # decodes spread evenly among the rest; each kind in
+        # batch order ("mix") or longest first ("mix_lpt")
+        base = by_cost if order == "mix_lpt" else jnp.arange(n)
+        kind = jnp.tile(jnp.where(live, jnp.where(q_len == 1, 1, 0), 2), num_kv_heads)[base]
         rank = [jnp.cumsum(kind == c) - 1 for c in (0, 1)]
         frac = [(rank[c] + 0.5) / jnp.maximum(jnp.sum(kind == c), 1) for c in (0, 1)]
         key = jnp.where(kind == 0, frac[0], jnp.where(kind == 1, frac[1], 2.0))
-        return _round_robin(items[by_cost[jnp.argsort(key, stable=True)][snake]], programs)
+        return _round_robin(items[base[jnp.argsort(key, stable=True)][snake]], programs)
     lpt = _round_robin(items[by_cost[snake]], programs)
     if order == "lpt":
         return lpt
