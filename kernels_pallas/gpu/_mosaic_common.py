@@ -100,9 +100,6 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     * "lpt": most KV blocks first (the long items start early instead of forming the tail),
       dealt round-robin in snake order (every other round reversed, so the CTA that takes a
       round's longest item takes the next round's shortest);
-    * "mix": "lpt" within each kind of item (single-token decodes; the rest), the decodes
-      spread evenly among the rest (a decode at every n_rest / n_decode-th place), dead items
-      last, so that the CTAs resident at any time mix memory-bound and compute-bound items;
     * "auto": "lpt" when no live request is a single-token decode, else "natural" (measured
       best for prefill-only and for mixed batches respectively, NOTES.md fifth pass);
 
@@ -132,16 +129,7 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     rnd, pos = k // programs, k % programs
     size = np.minimum(programs, n - rnd * programs)
     snake = np.where(rnd % 2 == 1, rnd * programs + size - 1 - pos, k)
-    by_cost = jnp.argsort(-cost, stable=True)
-    if order in ("mix", "mix_lpt"):  # decodes spread evenly among the rest; each kind in
-        # batch order ("mix") or longest first ("mix_lpt")
-        base = by_cost if order == "mix_lpt" else jnp.arange(n)
-        kind = jnp.tile(jnp.where(live, jnp.where(q_len == 1, 1, 0), 2), num_kv_heads)[base]
-        rank = [jnp.cumsum(kind == c) - 1 for c in (0, 1)]
-        frac = [(rank[c] + 0.5) / jnp.maximum(jnp.sum(kind == c), 1) for c in (0, 1)]
-        key = jnp.where(kind == 0, frac[0], jnp.where(kind == 1, frac[1], 2.0))
-        return _round_robin(items[base[jnp.argsort(key, stable=True)][snake]], programs)
-    lpt = _round_robin(items[by_cost[snake]], programs)
+    lpt = _round_robin(items[jnp.argsort(-cost, stable=True)[snake]], programs)
     if order == "lpt":
         return lpt
     q_lens = query_start_loc[1:] - query_start_loc[:-1]

@@ -390,7 +390,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
-ORDERS = ("natural", "lpt", "mix", "mix_lpt", "auto")
+ORDERS = ("natural", "lpt", "auto")
 
 
 @functools.partial(jax.jit, static_argnames=(

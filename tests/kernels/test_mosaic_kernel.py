@@ -71,8 +71,7 @@ def test_interpret_shallow_ring_many_blocks():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-@pytest.mark.parametrize("case,order", [(CASES[0], "natural"), (CASES[4], "lpt"),
-                                        (CASES[3], "mix")],
+@pytest.mark.parametrize("case,order", [(CASES[0], "natural"), (CASES[4], "lpt")],
                          ids=lambda c: getattr(c, "id", c))
 def test_interpret_two_tiles_pingpong_persistent(case, order):
     # Two 64-row tiles per item on one K/V stream, taking turns on the tensor cores: the
@@ -157,42 +156,6 @@ def test_item_schedule_orders(programs):
     auto = ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="auto", **kw)
     assert _per_cta(auto) == _per_cta(
         ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="lpt", **kw))
-
-
-def test_item_schedule_mix():
-    # Two prefill chunks (64 and 30 tokens), four decodes of different lengths, an empty
-    # request; 16-token spans, 64-token KV blocks, 2 kv heads, one CTA per item.
-    q_lens, kv_lens = [64, 1, 1, 1, 30, 1, 0], [200, 50, 300, 9, 30, 70, 0]
-    qsl = np.concatenate([[0], np.cumsum(q_lens)])
-    num_tokens, span, num_kv = 104, 16, 2
-    num_slots = num_tokens // span + len(q_lens) + 1
-    items, _ = ragged_mosaic.item_schedule(
-        jnp.asarray(kv_lens, jnp.int32), jnp.asarray(qsl, jnp.int32), jnp.int32(6), span=span,
-        num_slots=num_slots, num_kv_heads=num_kv, block_kv=64, order="mix",
-        programs=num_slots * num_kv)
-    got = [tuple(r) for r in np.asarray(items)]
-    want = [tuple(r) for r in _natural_items(q_lens, 6, span, num_slots, num_kv)]
-    assert sorted(got) == sorted(want)  # a permutation
-
-    def kind_cost(b, t):
-        live = b < 6 and t < q_lens[b]
-        if not live:
-            return "dead", 0
-        hi = min(kv_lens[b], kv_lens[b] - q_lens[b] + min(q_lens[b], t + span))
-        return ("decode" if q_lens[b] == 1 else "rest"), -(-hi // 64)
-
-    kinds = [kind_cost(b, t) for b, _, t in got]
-    n = {k: sum(1 for kk, _ in kinds if kk == k) for k in ("decode", "rest", "dead")}
-    assert n == {"decode": 8, "rest": 12, "dead": len(got) - 20}
-    assert all(k == "dead" for k, _ in kinds[20:])  # dead items last
-    for k in ("decode", "rest"):  # longest first within each kind
-        costs = [c for kk, c in kinds if kk == k]
-        assert costs == sorted(costs, reverse=True)
-    # decode j sits after exactly the rest-items r with (r + 1/2) / 12 < (j + 1/2) / 8
-    decode_at = [i for i, (k, _) in enumerate(kinds) if k == "decode"]
-    for j, i in enumerate(decode_at):
-        rest_before = i - j
-        assert rest_before == sum(1 for r in range(12) if (r + 0.5) / 12 < (j + 0.5) / 8)
 
 
 def test_item_scalars_by_definition():
@@ -308,8 +271,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(order="mix"), dict(order="mix", programs=5)], ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
