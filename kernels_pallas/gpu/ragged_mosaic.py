@@ -59,6 +59,7 @@ from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, I
                                                        register_ops, store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
+MEMORY_REGS = 40  # setmaxnreg of the memory warpgroup (with ``compute_regs``)
 PROFILE_RANGES = 512  # named ranges per warpgroup kept by the profiler (``profile_dir``)
 region = jax.named_scope  # a range in the profiler's trace; nothing without ``profile_dir``
 
@@ -343,7 +344,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
     @pl.when(wg == q_tiles)
     def _memory():
         if compute_regs and not interpret:
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(MEMORY_REGS, action="decrease")
         chunk = min(page_size, block_kv)
 
         def block_pages(it, s):
