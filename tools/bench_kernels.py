@@ -11,8 +11,13 @@ a PNG to ``--out``.
 
 Timing: each measured call is one jitted function running ``n_inner`` kernel calls back to back
 over distinct q arrays (no CSE) and, when one KV pool fits in L2, rotating over several pools
-(>= 192 MB touched), so the figure is device time per call, not host dispatch or L2 hits.
-Median of >= 20 such runs after warm-up, ``block_until_ready`` before reading the clock.
+(>= 192 MB touched), so that no call hits L2 from the one before. Two clocks, both recorded:
+the wall clock (median of >= 20 groups of such runs after warm-up, ``block_until_ready`` before
+reading it; ``wall_us``) and the GPU's own, the kernels' durations as the profiler (CUPTI)
+records them (median over runs; ``gpu_us``). ``time_us``, every ratio and the ceilings use
+the GPU clock where the profiler records GPU activity: the wall clock also counts the host's
+dispatch of each group's first run, during which the GPU idles (+3 to +15% measured on an
+H100, most for calls of a few 100 µs; NOTES.md, "Two clocks").
 
     python tools/bench_kernels.py --out /tmp/kbench              # full
     python tools/bench_kernels.py --pages 16 --sweep --out ...   # page 16 + tuning sweeps
@@ -23,11 +28,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import glob
+import gzip
 import json
 import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -87,31 +95,95 @@ def bench_calls(call, qs, pools, n_runs: int = 20):
     jax.block_until_ready(many(qs, pools))
     t_compile = time.perf_counter() - t_compile
     times = time_runs(many, (qs, pools), n_runs)
-    per_call = sorted(t / n_inner for t in times)
+    r = dict(n_inner=n_inner, n_runs=n_runs, compile_s=t_compile,
+             **_summary("wall", [t / n_inner for t in times]))
+    gpu = gpu_runs(many, (qs, pools))
+    if gpu:
+        r.update(_summary("gpu", [t / n_inner for t in gpu]))
+    return _headline(r)
+
+
+def _summary(clock, per_call):
+    per_call = sorted(per_call)
     med = statistics.median(per_call)
-    return dict(time_us=med * 1e6, min_us=per_call[0] * 1e6,
-                spread=(per_call[int(0.8 * len(per_call))] - per_call[0]) / med,
-                n_inner=n_inner, n_runs=n_runs, compile_s=t_compile)
+    return {f"{clock}_us": med * 1e6, f"{clock}_min_us": per_call[0] * 1e6,
+            f"{clock}_spread": (per_call[int(0.8 * len(per_call))] - per_call[0]) / med}
+
+
+def _headline(r):
+    """``time_us`` / ``spread`` from the GPU clock where there is one, else the wall clock."""
+    clock = "gpu" if "gpu_us" in r else "wall"
+    r.update(time_us=r[f"{clock}_us"], min_us=r[f"{clock}_min_us"],
+             spread=r[f"{clock}_spread"], clock=clock)
+    return r
+
+
+def gpu_runs(fn, args, n_runs: int = 7, gap_us: float = 30.0) -> list[float] | None:
+    """Seconds of GPU time of each of ``n_runs`` runs of ``fn(*args)`` (already warm): the
+    durations of the kernels (and copies) the profiler records on the GPU, summed per run. Runs
+    are told apart by the idle time between them (each waits for the one before, so > ``gap_us``
+    apart; within a run the kernels follow each other within a few µs). None where the profiler
+    records nothing on a GPU (CPU, or no CUPTI) or the runs cannot be told apart."""
+    with tempfile.TemporaryDirectory() as logdir:
+        try:
+            with jax.profiler.trace(logdir, create_perfetto_trace=True):
+                for _ in range(n_runs):
+                    jax.block_until_ready(fn(*args))
+        except Exception as e:  # no profiler here: the wall clock stands alone
+            log(f"  profiler unavailable: {type(e).__name__}: {str(e)[:200]}")
+            return None
+        return split_runs(gpu_events(logdir), n_runs, gap_us)
+
+
+def split_runs(events, n_runs: int, gap_us: float = 30.0) -> list[float] | None:
+    """Seconds of GPU activity per run from (start, duration) events in µs, a new run starting
+    after more than ``gap_us`` of idle time; None unless that makes exactly ``n_runs`` runs."""
+    runs, end = [], -math.inf
+    for ts, dur in sorted(events):
+        if ts - end > gap_us:
+            runs.append(0.0)
+        runs[-1] += dur * 1e-6
+        end = max(end, ts + dur)
+    return runs if len(runs) == n_runs else None
+
+
+def gpu_events(logdir) -> list[tuple[float, float]]:
+    """(start, duration) in µs of every event on a GPU in the profiler's Perfetto trace."""
+    paths = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json*"), recursive=True)
+    if not paths:
+        return []
+    with (gzip.open if paths[0].endswith(".gz") else open)(paths[0], "rb") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") ==
+                "process_name" and "GPU" in str(e.get("args", {}).get("name", ""))}
+    return [(e["ts"], e["dur"]) for e in events
+            if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
 # ---------------------------------------------------------------------------------- ceilings
 def ceilings(gib: float = 4.0):
+    """HBM read (jnp.sum), copy (read + write) and bf16 matmul rates, on the GPU clock where
+    there is one (as the kernels' times; ``*_wall``: the same on the wall clock)."""
+    def seconds(fn, args):
+        wall, gpu = time_runs(fn, args, 20), gpu_runs(fn, args)
+        r = _headline(dict(_summary("wall", wall), **(_summary("gpu", gpu) if gpu else {})))
+        return r["time_us"] * 1e-6, r["wall_us"] * 1e-6
+
     n = int(gib * 2**29)  # 4 GiB of bf16 by default
     x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    red = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    t = statistics.median(time_runs(red, (x,), 20))
-    read_bw = n * 2 / t
-    cp = jax.jit(lambda x: x + jnp.bfloat16(1))
-    t = statistics.median(time_runs(cp, (x,), 20))
-    copy_bw = 2 * n * 2 / t
+    t, tw = seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (x,))
+    out = dict(read_bw=n * 2 / t, read_bw_wall=n * 2 / tw)
+    t, tw = seconds(jax.jit(lambda x: x + jnp.bfloat16(1)), (x,))
+    out.update(copy_bw=2 * n * 2 / t, copy_bw_wall=2 * n * 2 / tw)
     del x
     gc.collect()
     m = 8192 if gib >= 1 else 512
     a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    t = statistics.median(time_runs(mm, (a, b), 20))
-    return dict(read_bw=read_bw, copy_bw=copy_bw, matmul_flops=2 * m**3 / t)
+    t, tw = seconds(jax.jit(lambda a, b: a @ b), (a, b))
+    out.update(matmul_flops=2 * m**3 / t, matmul_flops_wall=2 * m**3 / tw)
+    return out
 
 
 # ------------------------------------------------------------------------------------ inputs

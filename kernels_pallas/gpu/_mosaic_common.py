@@ -49,6 +49,30 @@ def register_ops(interpret: bool):
     return iota, plgpu.layout_cast, load_tile
 
 
+def fetch_add_into(counter_ref, dst_ref):
+    """``dst_ref[0] = counter_ref[0]; counter_ref[0] += 1`` as one atomic operation on global
+    memory, by one thread of the calling warpgroup, visible to all of its threads on return
+    (a warpgroup barrier). Mosaic GPU code inlined into the Pallas kernel: Pallas' own
+    ``atomic_add`` returns nothing."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm, memref
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+    def _fetch_add(ctx, counter, dst):
+        del ctx
+        i32 = ir.IntegerType.get_signless(32)
+        with mgpu_utils.single_thread(scope=mgpu_utils.ThreadSubset.WARPGROUP):
+            old = llvm.inline_asm(i32, [mgpu_utils.memref_ptr(counter), mgpu.c(1, i32)],
+                                  "atom.relaxed.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r",
+                                  has_side_effects=True)
+            memref.store(old, dst, [mgpu.c(0, ir.IndexType.get())])
+        mgpu_utils.warpgroup_barrier()
+
+    _fetch_add(counter_ref, dst_ref)
+
+
 def interpreter():
     """Mosaic GPU's CPU interpreter (private in JAX 0.10). Reads past an array's end return the
     interpreter's fill value (NaN) where the TMA unit would return zeros: only query rows of a
@@ -129,7 +153,7 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     rnd, pos = k // programs, k % programs
     size = np.minimum(programs, n - rnd * programs)
     snake = np.where(rnd % 2 == 1, rnd * programs + size - 1 - pos, k)
-    lpt = _round_robin(items[jnp.argsort(-cost, stable=True)[snake]], programs)
+    lpt = _round_robin(items[_largest_first(cost)[snake]], programs)
     if order == "lpt":
         return lpt
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
@@ -158,6 +182,23 @@ def item_scalars(items, kv_lens, query_start_loc, num_seqs, num_tokens: int):
     return jnp.concatenate([items, jnp.stack(
         [q_start, q_end - q_start, kv_len, is_pad.astype(jnp.int32)], axis=1)],
         axis=1).astype(jnp.int32)
+
+
+RANK_SORT_MAX = 4096  # work lists up to this long are ordered by counting, not by a sort
+
+
+def _largest_first(cost):
+    """``argsort(-cost, stable=True)``. Up to ``RANK_SORT_MAX`` entries as ranks counted in
+    one fused n x n comparison and a scatter: XLA's GPU sort took 10.5 µs on the mixed
+    batch's 1,040 entries (H100), once per step."""
+    n = cost.shape[0]
+    if n > RANK_SORT_MAX:
+        return jnp.argsort(-cost, stable=True)
+    i = jnp.arange(n, dtype=jnp.int32)
+    ahead = (cost[None, :] > cost[:, None]) | (
+        (cost[None, :] == cost[:, None]) & (i[None, :] < i[:, None]))
+    rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
+    return jnp.zeros(n, jnp.int32).at[rank].set(i, unique_indices=True)
 
 
 def _round_robin(items, programs: int):

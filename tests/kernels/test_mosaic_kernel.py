@@ -18,6 +18,7 @@ import pytest
 
 from jaxpage.kernels_pallas import gpu
 from jaxpage.kernels_pallas.gpu import ragged_mosaic
+from jaxpage.kernels_pallas.gpu import _mosaic_common as _mc
 from tests.kernels.paged_inputs import assert_close
 from tests.kernels.test_gpu_kernels import Case, _expected
 
@@ -83,6 +84,16 @@ def test_interpret_two_tiles_pingpong_persistent(case, order):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
+def test_interpret_claims_queue():
+    # ``claims``: the memory warpgroup takes each item and hands it to the compute warpgroups
+    # through a two-slot queue (the interpreter deals every P-th item instead of the atomic
+    # counter); three CTAs, so each takes several items and the queue's slots wrap.
+    case = CASES[0]
+    x = case.inputs()
+    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, claims=True)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
@@ -91,7 +102,8 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
+                                dict(q_tiles=2, claims=True)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -156,6 +168,16 @@ def test_item_schedule_orders(programs):
     auto = ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="auto", **kw)
     assert _per_cta(auto) == _per_cta(
         ragged_mosaic.item_schedule(kv2, qsl2, jnp.int32(3), order="lpt", **kw))
+
+
+@pytest.mark.parametrize("n", [1, 9, 1040, _mc.RANK_SORT_MAX + 3])
+def test_largest_first_is_a_stable_descending_argsort(n):
+    # Costs with many ties (the counting path must keep index order among equals), on both
+    # sides of the size where it hands over to XLA's sort.
+    cost = jnp.asarray(np.random.default_rng(n).integers(0, 12, n), jnp.int32)
+    got = np.asarray(_mc._largest_first(cost))
+    want = sorted(range(n), key=lambda i: (-int(cost[i]), i))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_item_scalars_by_definition():
@@ -271,7 +293,9 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
+        dict(q_tiles=2, claims=True), dict(q_tiles=2, claims=True, programs=3),
+        dict(q_tiles=1, claims=True, order="lpt")], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
