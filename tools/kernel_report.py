@@ -36,6 +36,18 @@ def _by_setting(result, title, labels, lead=()):
     return lines
 
 
+def _clock_line(result):
+    """Which clock the times (and the ceilings) are on."""
+    c = result["ceilings"]
+    if c.get("clock") != "gpu":  # no profiler records (CPU), or a result from before them
+        return "Times: wall clock per call (median over groups of back-to-back runs)."
+    return ("Times: **GPU time per call** — the kernels' durations as the profiler (CUPTI) "
+            "records them, median over 20 runs — and the ceilings on the same clock (on the "
+            f"wall clock: read {c['read_bw_wall'] / 1e12:.2f} TB/s, copy "
+            f"{c['copy_bw_wall'] / 1e12:.2f} TB/s); the wall clock also counts the host's "
+            "dispatch of each group's first run (JSON: `wall_us`).")
+
+
 def markdown(result):
     c = result["ceilings"]
     lines = [
@@ -46,6 +58,8 @@ def markdown(result):
         f"(read + write) {c['copy_bw'] / 1e12:.2f} TB/s; bf16 matmul 8192^3 "
         f"{c['matmul_flops'] / 1e12:.0f} TFLOP/s. % = floor / time with floor = KV bytes / "
         "jnp.sum read bandwidth.",
+        "",
+        _clock_line(result),
         "",
         f"Decode, bf16, N/K = 32/8, H = {result.get('head_dim', 128)}; time in µs per call "
         "(% of read BW):",
@@ -72,13 +86,14 @@ def markdown(result):
                   f"floor {m['floor_us']:.0f} µs (bytes {m['floor_bytes_us']:.0f} µs, FLOPs "
                   f"{m['floor_flops_us']:.0f} µs; bytes + FLOPs "
                   f"{m['floor_bytes_us'] + m['floor_flops_us']:.0f} µs).", "",
-                  "| variant | µs | × floor | spread | rel. err | config |",
-                  "|---|---|---|---|---|---|"]
+                  "| variant | µs | × floor | spread | wall-clock µs | rel. err | config |",
+                  "|---|---|---|---|---|---|---|"]
         for k, v in m.items():
             if isinstance(v, dict) and "time_us" in v:
                 err = "-" if v.get("rel_err") is None else f"{v['rel_err']:.4f}"
+                wall = f"{v['wall_us']:.0f}" if "wall_us" in v else "-"
                 lines.append(f"| {k} | {v['time_us']:.0f} | {v['x_floor']:.2f} | "
-                             f"{v['spread']:.1%} | {err} | {v.get('config') or ''} |")
+                             f"{v['spread']:.1%} | {wall} | {err} | {v.get('config') or ''} |")
     extra = sorted({k for r in result["decode"] for k in r if k.startswith("ragged_")})
     if extra:  # --ragged-cfgs: the ragged kernel under several settings on the decode shapes
         lines += _by_setting(result, "Ragged kernel on the decode shapes, by setting", extra,

@@ -49,30 +49,6 @@ def register_ops(interpret: bool):
     return iota, plgpu.layout_cast, load_tile
 
 
-def fetch_add_into(counter_ref, dst_ref):
-    """``dst_ref[0] = counter_ref[0]; counter_ref[0] += 1`` as one atomic operation on global
-    memory, by one thread of the calling warpgroup, visible to all of its threads on return
-    (a warpgroup barrier). Mosaic GPU code inlined into the Pallas kernel: Pallas' own
-    ``atomic_add`` returns nothing."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import llvm, memref
-    from jax.experimental.mosaic import gpu as mgpu
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
-    def _fetch_add(ctx, counter, dst):
-        del ctx
-        i32 = ir.IntegerType.get_signless(32)
-        with mgpu_utils.single_thread(scope=mgpu_utils.ThreadSubset.WARPGROUP):
-            old = llvm.inline_asm(i32, [mgpu_utils.memref_ptr(counter), mgpu.c(1, i32)],
-                                  "atom.relaxed.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r",
-                                  has_side_effects=True)
-            memref.store(old, dst, [mgpu.c(0, ir.IndexType.get())])
-        mgpu_utils.warpgroup_barrier()
-
-    _fetch_add(counter_ref, dst_ref)
-
-
 def interpreter():
     """Mosaic GPU's CPU interpreter (private in JAX 0.10). Reads past an array's end return the
     interpreter's fill value (NaN) where the TMA unit would return zeros: only query rows of a

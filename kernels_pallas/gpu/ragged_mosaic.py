@@ -54,8 +54,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxpage.kernels_pallas.gpu import _common as cm
 from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, ITEM_KV_HEAD,
                                                        ITEM_KV_LEN, ITEM_Q_LEN, ITEM_Q_START,
-                                                       ITEM_REQ, ITEM_TOK0, fetch_add_into,
-                                                       interpreter,
+                                                       ITEM_REQ, ITEM_TOK0, interpreter,
                                                        item_scalars, item_schedule,
                                                        register_ops, store_rows)
 
@@ -74,7 +73,6 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
-    claims: bool = False  # persistent CTAs taking items in list order from a global counter
 
 
 # By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
@@ -118,45 +116,24 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             o_ref,  # output
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
-            claimed, claim_full, claim_free,  # ``claims``: the item queue
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, programs, mode, interpret):
+            q_tiles, pingpong, compute_regs, one_per_cta, interpret):
     num_reqs, max_pages = block_tables_ref.shape
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     span = q_tiles * block_q  # query tokens per item
     program = lax.axis_index("program")
-    n_items = items_ref.shape[0]
-    # This CTA's items: item ``program`` ("one"); items[starts[program] : starts[program + 1]]
-    # ("static"); or ("claim") item ``program`` and then, as each is taken, the next one not
-    # yet taken by any CTA (list order, as the hardware hands out CTAs). The K/V ring runs on
-    # from one item into the next (ring step = blocks before + s).
-    my_first = program if mode == "one" else starts_ref[program]
-    my_items = 1 if mode == "one" else starts_ref[program + 1] - my_first
-
-    def items_loop(one_item, claim):
-        """Runs ``one_item(k, base) -> base`` over this CTA's items; ``claim(j)``: the j-th
-        item (claims only). Returns (claims made, ring steps)."""
-        if mode != "claim":
-            return 0, lax.fori_loop(0, my_items, lambda i, b: one_item(my_first + i, b),
-                                    jnp.int32(0))
-
-        def body(c):
-            j, base, k = c
-            base = one_item(k, base)
-            return j + 1, base, claim(j, base, k)
-        j, base, _ = lax.while_loop(lambda c: c[2] < n_items, body,
-                                    (jnp.int32(0), jnp.int32(0), claim(-1, 0, 0)))
-        return j, base
-
-    def read_claim(j):
-        """Item of claim j (> 0): the counter's value it took, past the first P items."""
-        return programs + claimed[lax.rem(j, 2)]
+    # This CTA's items: items[starts[program] : starts[program + 1]]; the K/V ring runs on
+    # from one item into the next (ring step = blocks before + s). With one item per CTA it
+    # is item ``program``, known without a load.
+    my_first = program if one_per_cta else starts_ref[program]
+    my_items = 1 if one_per_cta else starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
     iota, in_layout, load_tile = register_ops(interpret)
 
-    def item_at(k):
-        """The scalars of item k of the list (``item_scalars``: one level of loads)."""
+    def item_at(i):
+        """The scalars of this CTA's item i (``item_scalars``: one level of loads)."""
+        k = my_first + i
         row = [items_ref[k, c] for c in range(ITEM_COLS)]  # independent loads
         req, kv_head, item_tok0 = row[ITEM_REQ], row[ITEM_KV_HEAD], row[ITEM_TOK0]
         it = dict(req=req, kv_head=kv_head, is_pad=row[ITEM_IS_PAD] != 0)
@@ -195,8 +172,8 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
         q_tile, io = q_smem.at[wg], o_smem.at[wg]
         rows_shape = (TILE_ROWS, block_kv)
 
-        def one_item(k, base):
-            it = item_at(k)
+        def one_item(i, base):
+            it = item_at(i)
             q_start, kv_head, kv_len, lo_blk, n_blk = (
                 it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk"))
             tok0, n_tok, first_pos, hi = it["tile"](wg)
@@ -361,19 +338,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
 
             return base + n_blk
 
-        def next_claim(j, base, k):
-            """Wait for the memory warpgroup's claim j + 1, after releasing claim j's slot."""
-            del base, k
-            @pl.when(j >= 0)
-            def _release():
-                plgpu.barrier_arrive(claim_free.at[lax.rem(j, 2)])
-            plgpu.barrier_wait(claim_full.at[lax.rem(j + 1, 2)])
-            return jnp.where(j < 0, program, read_claim(j + 1))
-
-        items_loop(one_item, next_claim)
+        lax.fori_loop(0, my_items, one_item, jnp.int32(0))
         # Before the CTA ends, the output stores must have read shared memory; their global
-        # writes complete on their own (as CUTLASS's epilogues end), so the SM is free ~1 µs
-        # sooner.
+        # writes complete on their own (as CUTLASS's epilogues end).
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == q_tiles)
@@ -389,8 +356,8 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                 lax.div(pos + c * chunk, jnp.int32(page_size)), max_pages - 1)]
                 for c in range(block_kv // chunk))
 
-        def one_item(k, base):
-            it = item_at(k)
+        def one_item(i, base):
+            it = item_at(i)
 
             def fetch(s, _):
                 buf = lax.rem(base + s, jnp.int32(depth))
@@ -414,32 +381,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             lax.fori_loop(0, it["n_blk"], fetch, None)
             return base + it["n_blk"]
 
-        if mode == "claim" and not interpret:  # shared by the CTAs, zeroed per launch
-            counter = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
-
-        def claim(j, base, k):
-            """Claim j + 1 into the queue slot the compute warpgroups freed (claim j - 1's)."""
-            del base, k
-            j, slot = j + 1, lax.rem(j + 1, 2)
-
-            @pl.when(j >= 2)
-            def _wait():
-                plgpu.barrier_wait(claim_free.at[slot])
-
-            @pl.when(j >= 1)
-            def _take():
-                if interpret:  # no atomics there: every P-th item, as "static" deals them
-                    claimed[slot] = program + (j - 1) * programs
-                else:
-                    fetch_add_into(counter, claimed.at[pl.ds(slot, 1)])
-            plgpu.barrier_arrive(claim_full.at[slot])
-            return jnp.where(j == 0, program, read_claim(j))
-
-        n_claims, total = items_loop(one_item, claim)
-
-        @pl.when(n_claims >= 1)  # the compute warpgroups' release of the last item's slot
-        def _last_free():
-            plgpu.barrier_wait(claim_free.at[lax.rem(n_claims - 1, 2)])
+        total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
         # Observe the last ``depth`` releases too, so every barrier phase has been waited on
         # when the CTA ends (the interpreter checks it).
@@ -456,22 +398,20 @@ ORDERS = ("natural", "lpt", "auto")
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "claims", "profile_dir", "interpret"))
+    "compute_regs", "order", "programs", "profile_dir", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           claims: bool | None = None, profile_dir: str | None = None,
+                           profile_dir: str | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
     override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
-    per SM of the device with the tuned ``persistent`` or ``claims``, 132 SMs off GPU);
-    ``claims``: those CTAs take the items in list order, each the next one not yet taken
-    (a global atomic counter; on the interpreter every P-th item instead); ``profile_dir``
+    per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
     ``tools/profile_mosaic.py``); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI
     tests; see ``_mosaic_common.interpreter``)."""
@@ -503,8 +443,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.
     num_slots = num_tokens // (q_tiles * block_q) + num_reqs + 1
-    claims = cfg.claims if claims is None else claims
-    if programs is None and (cfg.persistent or claims):
+    if programs is None and cfg.persistent:
         dev = jax.devices()[0]
         programs = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
         programs = programs or 132
@@ -519,9 +458,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, programs=programs,
-        mode="claim" if claims else "one" if programs == num_slots * num_kv_heads else "static",
-        interpret=interpret)
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
+        one_per_cta=programs == num_slots * num_kv_heads, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,
@@ -537,10 +475,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # k slot free
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # v slot free
             plgpu.Barrier(num_arrivals=2) if pingpong else None,  # pingpong turns
-            # ``claims``: the claimed items' queue and its barriers (claim made / slot free)
-            *((plgpu.SMEM((2,), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=2),
-               plgpu.Barrier(num_arrivals=q_tiles, num_barriers=2)) if claims
-              else (None,) * 3),
         ],
         grid=(programs,),
         grid_names=("program",),

@@ -1,4 +1,4 @@
-"""``tools/bench_kernels.py``'s GPU clock: runs told apart in a profiler trace (no GPU)."""
+"""``tools/bench_timing.py``'s GPU clock: runs told apart in a profiler trace (no GPU)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-import bench_kernels  # noqa: E402
+import bench_timing  # noqa: E402
 
 
 def test_split_runs_sums_each_runs_kernels():
     # Two runs of three back-to-back kernels (µs), 400 µs of host turnaround between them.
     run = [(0.0, 10.0), (11.0, 200.0), (212.0, 5.0)]
     events = run + [(617.0 + t, d) for t, d in run]
-    got = bench_kernels.split_runs(events[::-1], 2)  # any order in the trace
+    got = bench_timing.split_runs(events[::-1], 2)  # any order in the trace
     assert got == pytest.approx([215e-6, 215e-6])
-    assert bench_kernels.split_runs(events, 3) is None  # the runs must match what was run
+    assert bench_timing.split_runs(events, 3) is None  # the runs must match what was run
     # A gap inside a run longer than the threshold splits it: then the count is wrong.
-    assert bench_kernels.split_runs(events, 2, gap_us=0.5) is None
+    assert bench_timing.split_runs(events, 2, gap_us=0.5) is None
 
 
 def test_gpu_events_reads_only_gpu_processes(tmp_path):
@@ -36,8 +36,8 @@ def test_gpu_events_reads_only_gpu_processes(tmp_path):
     run_dir.mkdir(parents=True)
     with gzip.open(run_dir / "perfetto_trace.json.gz", "wt") as f:
         json.dump(trace, f)
-    assert bench_kernels.gpu_events(str(tmp_path)) == [(5.0, 3.0)]
-    assert bench_kernels.gpu_events(str(tmp_path / "nothing")) == []
+    assert bench_timing.gpu_events(str(tmp_path)) == [(5.0, 3.0)]
+    assert bench_timing.gpu_events(str(tmp_path / "nothing")) == []
 
 
 def test_gpu_runs_on_cpu_falls_back_to_none():
@@ -47,4 +47,4 @@ def test_gpu_runs_on_cpu_falls_back_to_none():
     fn = jax.jit(lambda x: x * 2)
     x = jnp.ones(8)
     fn(x)
-    assert bench_kernels.gpu_runs(fn, (x,), n_runs=2) is None  # no GPU in the trace
+    assert bench_timing.gpu_runs(fn, (x,), n_runs=2) is None  # no GPU in the trace

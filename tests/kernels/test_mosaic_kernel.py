@@ -84,16 +84,6 @@ def test_interpret_two_tiles_pingpong_persistent(case, order):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-def test_interpret_claims_queue():
-    # ``claims``: the memory warpgroup takes each item and hands it to the compute warpgroups
-    # through a two-slot queue (the interpreter deals every P-th item instead of the atomic
-    # counter); three CTAs, so each takes several items and the queue's slots wrap.
-    case = CASES[0]
-    x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, depth=2, programs=3, claims=True)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
 def test_interpret_two_tiles_window_no_pingpong():
     case = CASES[3]  # soft cap + sliding window: the item's first block is the first tile's
     x = case.inputs()
@@ -102,8 +92,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 
 
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
-                                dict(q_tiles=2, claims=True)],
+                                dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232)],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
@@ -293,9 +282,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, pingpong=False), dict(q_tiles=2, block_kv=64, depth=4),
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
-        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(q_tiles=2, claims=True), dict(q_tiles=2, claims=True, programs=3),
-        dict(q_tiles=1, claims=True, order="lpt")], ids=str)
+        dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()

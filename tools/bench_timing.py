@@ -1,0 +1,119 @@
+"""Timing for the kernel benchmarks (split out of ``bench_kernels.py``): the wall clock over
+groups of back-to-back runs, and the GPU clock — the kernels' durations as the profiler
+(CUPTI) records them. Method: shared/BENCHMARKS.md; why two clocks: docs/benchmarks/NOTES.md,
+tenth pass."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+
+
+def time_runs(fn, args, n_runs: int, warmup: int = 2, target_s: float = 3e-3) -> list[float]:
+    """Seconds per ``fn(*args)``, one figure per group of back-to-back calls.
+
+    Calls inside a group are dispatched asynchronously (the host stays ahead of the GPU), and
+    only the group is bracketed by ``block_until_ready``: host dispatch and sync latency (tens
+    of µs) are paid once per group, not once per call.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    group = int(min(10, max(1, math.ceil(target_s / (time.perf_counter() - t)))))
+    times = []
+    for _ in range(n_runs):
+        t = time.perf_counter()
+        outs = [fn(*args) for _ in range(group)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t) / group)
+    return times
+
+
+def bench_calls(call, qs, pools, n_runs: int = 20):
+    """Median seconds per ``call(q, pool)``; ``len(qs)`` calls per jitted run, pools rotated."""
+    n_inner = len(qs)
+
+    @jax.jit
+    def many(qs, pools):
+        return [call(qs[i], pools[i % len(pools)]) for i in range(n_inner)]
+
+    t_compile = time.perf_counter()
+    jax.block_until_ready(many(qs, pools))
+    t_compile = time.perf_counter() - t_compile
+    times = time_runs(many, (qs, pools), n_runs)
+    r = dict(n_inner=n_inner, n_runs=n_runs, compile_s=t_compile,
+             **_summary("wall", [t / n_inner for t in times]))
+    gpu = gpu_runs(many, (qs, pools), n_runs)
+    if gpu:
+        r.update(_summary("gpu", [t / n_inner for t in gpu]))
+    return _headline(r)
+
+
+def _summary(clock, per_call):
+    per_call = sorted(per_call)
+    med = statistics.median(per_call)
+    return {f"{clock}_us": med * 1e6, f"{clock}_min_us": per_call[0] * 1e6,
+            f"{clock}_spread": (per_call[int(0.8 * len(per_call))] - per_call[0]) / med}
+
+
+def _headline(r):
+    """``time_us`` / ``spread`` from the GPU clock where there is one, else the wall clock."""
+    clock = "gpu" if "gpu_us" in r else "wall"
+    r.update(time_us=r[f"{clock}_us"], min_us=r[f"{clock}_min_us"],
+             spread=r[f"{clock}_spread"], clock=clock)
+    return r
+
+
+def gpu_runs(fn, args, n_runs: int = 20, gap_us: float = 100.0) -> list[float] | None:
+    """Seconds of GPU time of each of ``n_runs`` runs of ``fn(*args)`` (already warm): the
+    durations of the kernels (and copies) the profiler records on the GPU, summed per run. Runs
+    are told apart by the idle time between them (each waits for the one before, so > ``gap_us``
+    apart; within a run the kernels follow each other within a few µs). None where the profiler
+    records nothing on a GPU (CPU, or no CUPTI) or the runs cannot be told apart (without the
+    sleep between runs, calls of ~1 ms or more did not split, likely because the host's next
+    dispatch followed the sync by less than the gap)."""
+    with tempfile.TemporaryDirectory() as logdir:
+        try:
+            with jax.profiler.trace(logdir, create_perfetto_trace=True):
+                for _ in range(n_runs):
+                    jax.block_until_ready(fn(*args))
+                    time.sleep(4 * gap_us * 1e-6)  # the GPU idles between runs, always
+        except Exception as e:  # no profiler here: the wall clock stands alone
+            print(f"  profiler unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            return None
+        return split_runs(gpu_events(logdir), n_runs, gap_us)
+
+
+def split_runs(events, n_runs: int, gap_us: float = 30.0) -> list[float] | None:
+    """Seconds of GPU activity per run from (start, duration) events in µs, a new run starting
+    after more than ``gap_us`` of idle time; None unless that makes exactly ``n_runs`` runs."""
+    runs, end = [], -math.inf
+    for ts, dur in sorted(events):
+        if ts - end > gap_us:
+            runs.append(0.0)
+        runs[-1] += dur * 1e-6
+        end = max(end, ts + dur)
+    return runs if len(runs) == n_runs else None
+
+
+def gpu_events(logdir) -> list[tuple[float, float]]:
+    """(start, duration) in µs of every event on a GPU in the profiler's Perfetto trace."""
+    paths = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json*"), recursive=True)
+    if not paths:
+        return []
+    with (gzip.open if paths[0].endswith(".gz") else open)(paths[0], "rb") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") ==
+                "process_name" and "GPU" in str(e.get("args", {}).get("name", ""))}
+    return [(e["ts"], e["dur"]) for e in events
+            if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
