@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -187,3 +188,56 @@ def _round_robin(items, programs: int):
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return items[np.lexsort((k // programs, k % programs))], jnp.asarray(starts)
 
+
+def memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref, k_ring, v_ring, *,
+                     block_kv: int, depth: int, page_size: int):
+    """The ragged kernel's memory warpgroup (``ragged_mosaic``): for each of the CTA's items
+    (``item_at(i)``: the scalars of its i-th), for each KV block, the block's page ids from the block
+    table (once for K and V), then TMA copies of the K and V chunks (min(page, block_kv) rows
+    each) into the ``depth``-deep rings — ``k_ring``/``v_ring`` = (slots, landed barriers,
+    free barriers) — each slot reused once the compute warpgroups have released it. The ring
+    runs on from one item into the next."""
+    max_pages = block_tables_ref.shape[1]
+    region = jax.named_scope
+    chunk = min(page_size, block_kv)
+
+    def block_pages(it, s):
+        """Page ids of the chunks of the item's KV block s (K and V share them)."""
+        pos = (it["lo_blk"] + s) * block_kv
+        return tuple(block_tables_ref[it["req_row"], jnp.minimum(
+            lax.div(pos + c * chunk, jnp.int32(page_size)), max_pages - 1)]
+            for c in range(block_kv // chunk))
+
+    def one_item(i, base):
+        it = item_at(i)
+
+        def fetch(s, _):
+            buf = lax.rem(base + s, jnp.int32(depth))
+            with region("pages"):
+                pages = block_pages(it, s)
+            for kind, (smem, bar, free) in enumerate((k_ring, v_ring)):
+                with region("wait_free"):
+                    @pl.when(base + s >= depth)
+                    def _wait():
+                        plgpu.barrier_wait(free.at[buf])
+
+                with region("issue"):
+                    for c, page in enumerate(pages):
+                        pos = (it["lo_blk"] + s) * block_kv + c * chunk
+                        plgpu.copy_gmem_to_smem(
+                            kv_ref.at[page, kind, it["kv_head"],
+                                      pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
+                            smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
+
+        lax.fori_loop(0, it["n_blk"], fetch, None)
+        return base + it["n_blk"]
+
+    total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
+
+    # Observe the last ``depth`` releases too, so every barrier phase has been waited on
+    # when the CTA ends (the interpreter checks it).
+    @pl.loop(jnp.maximum(total - depth, 0), total)
+    def _drain(s):
+        buf = lax.rem(s, jnp.int32(depth))
+        plgpu.barrier_wait(k_ring[2].at[buf])
+        plgpu.barrier_wait(v_ring[2].at[buf])

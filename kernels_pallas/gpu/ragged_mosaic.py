@@ -26,7 +26,8 @@ from one item into the next::
     warpgroups 0..q_tiles-1 (compute): one tile each, all on the same K/V blocks:
         QK^T (wgmma) -> masked online softmax (exp2) -> PV (wgmma); with two tiles and
         ``pingpong`` they take turns on the tensor cores (one's softmax hides behind the
-        other's matmuls); a tile with fewer blocks (causal) releases the rest unread
+        other's matmuls); with ``overlap`` a block's softmax also runs under the next block's
+        QK^T; a tile with fewer blocks (causal) releases the rest unread
     warpgroup q_tiles (memory): page ids from the block table (once per block, for K and V)
         -> TMA copies of K and V chunks (min(page, block_kv) rows each) into a ``depth``-deep
         ring of mbarrier-guarded slots, each slot freed when every compute warpgroup has
@@ -56,7 +57,8 @@ from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, I
                                                        ITEM_KV_LEN, ITEM_Q_LEN, ITEM_Q_START,
                                                        ITEM_REQ, ITEM_TOK0, interpreter,
                                                        item_scalars, item_schedule,
-                                                       register_ops, store_rows)
+                                                       memory_warpgroup, register_ops,
+                                                       store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
 MEMORY_REGS = 40  # setmaxnreg of the memory warpgroup (with ``compute_regs``)
@@ -73,19 +75,13 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
+    overlap: bool = False  # each block's softmax under the next block's QKᵀ (unmeasured)
 
 
-# By measurement on H200s (JAX 0.11.2; tools/study_mosaic.py, docs/benchmarks/
-# kernels_mosaic_runs.md), mixed batch of bench_kernels at H = 128: block_kv 128 / depth 2
-# 263-274 µs in four runs (Triton kernel 318-354 in the same runs); 128 / 3 269; 64 / 3 291-296;
-# 64 / 2 291-299; 64 / 4 292; two compute warpgroups 285-320 (every variant slower). At H = 64
-# the same tile was the best Mosaic candidate (214-223 µs) but slower than Triton (167-176).
-# Session 4 (same card): two tiles per item with ping-pong and setmaxnreg 232: mixed 226 µs
-# (one tile 269, Triton 335 in the same run), prefill half 137 µs; at H = 64 mixed 177-183
-# (one tile 216, Triton 175). Work list (run 8): one CTA per item in batch order: mixed 233,
-# prefill half 129; longest first: 252 / 115; persistent, longest first (snake): 241 / 109;
-# persistent in batch order: 285 / 270 (run 7: static round-robin leaves CTAs unbalanced). So
-# "auto" order (LPT without decodes, batch order with them), one CTA per item.
+# By measurement (tools/study_mosaic.py; docs/benchmarks/kernels_mosaic_runs.md, NOTES.md
+# fourth to tenth passes): two 64-row tiles per item with ping-pong and setmaxnreg 232,
+# 128-key blocks two deep, one CTA per item in batch order ("auto" with decodes), on H200 and
+# H100; every other block size, depth, order, persistent and claimed-CTA form measured slower.
 MOSAIC_TUNING: dict[int, MosaicConfig] = {
     64: MosaicConfig(block_kv=128, depth=2, q_tiles=2, compute_regs=232),
     128: MosaicConfig(block_kv=128, depth=2, q_tiles=2, compute_regs=232),
@@ -117,8 +113,8 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, one_per_cta, interpret):
-    num_reqs, max_pages = block_tables_ref.shape
+            q_tiles, pingpong, compute_regs, overlap, one_per_cta, interpret):
+    num_reqs = block_tables_ref.shape[0]
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     span = q_tiles * block_q  # query tokens per item
@@ -222,33 +218,40 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-                    def step(s, carry, masked):
-                        """Block s into the running softmax state (K(s) was awaited before,
-                        K(s + 1) is awaited during PV(s))."""
-                        acc, m_i, l_i = carry
+                    def scores(s, during=None, handoff=True):
+                        """Raw QKᵀ of block s (K(s) awaited before); ``during()`` runs while
+                        the tensor cores compute them, its result returned with them."""
                         buf = ring(s)
-                        blk = lo_blk + s
                         # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
                         # register wgmma operand, nor run_state: there both products are dots.
                         if interpret:
+                            extra = during() if during else None
                             sc = lax.dot_general(q_tile[...], k_smem.at[buf][...],
                                                  (((1,), (1,)), ((), ())),
                                                  preferred_element_type=jnp.float32)
-                            meet()
+                            if handoff:
+                                meet()
                         else:
                             def qk(acc_ref):
                                 plgpu.wgmma(acc_ref, q_tile, k_smem.at[buf].T)
-                                meet()  # the other warpgroup's turn while this QKᵀ runs
-                                return acc_ref[...]
+                                if handoff:
+                                    meet()  # the other warpgroup's turn while this QKᵀ runs
+                                return (during() if during else None), acc_ref[...]
                             with region("qk"):
-                                sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
+                                extra, sc = pl.run_scoped(qk, plgpu.ACC(rows_shape,
+                                                                        jnp.float32))
                         plgpu.barrier_arrive(k_free.at[buf])
+                        return sc, extra
+
+                    def softmax(sc, s, state, masked):
+                        """P of block s (bf16/fp16) and the running (acc, max, sum) rescaled."""
+                        acc, m_i, l_i = state
                         if soft_cap is None:
                             sc = sc * (sm_scale * cm.LOG2E)
                         else:
                             sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
                         if masked:
-                            kv_pos = blk * block_kv + col
+                            kv_pos = (lo_blk + s) * block_kv + col
                             mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
                             if sliding_window is not None:
                                 mask = mask & (kv_pos > q_pos - sliding_window)
@@ -258,7 +261,13 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
                         l_i = l_i * alpha + p.sum(axis=1)
                         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                        p16 = p.astype(dtype)
+                        return p.astype(dtype), (acc, m_new, l_i)
+
+                    def pv(s, p16, acc, masked, wait_next_k):
+                        """acc += P·V(s), then V(s)'s slot released; K(s + 1) awaited
+                        meanwhile with ``wait_next_k``."""
+                        buf = ring(s)
+                        blk = lo_blk + s
                         meet(wait=False)  # softmax done
                         with region("wait_v"):
                             plgpu.barrier_wait(v_bar.at[buf])
@@ -277,23 +286,45 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                                     blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
                                 plgpu.commit_smem()
 
-                        def wait_next_k():
-                            @pl.when(s + 1 < n_mine)
-                            def _wait():
-                                plgpu.barrier_wait(k_bar.at[ring(s + 1)])
+                        def wait_next():
+                            if wait_next_k:
+                                @pl.when(s + 1 < n_mine)
+                                def _wait():
+                                    plgpu.barrier_wait(k_bar.at[ring(s + 1)])
 
                         if interpret:
                             acc = acc + jnp.dot(p16, v_smem.at[buf][...],
                                                 preferred_element_type=jnp.float32)
-                            wait_next_k()
+                            wait_next()
                         else:  # accumulate into acc in place (the wgmma's C operand)
-                            def pv(acc_ref):
+                            def pv_(acc_ref):
                                 plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
-                                wait_next_k()  # while the tensor cores run PV
+                                wait_next()  # while the tensor cores run PV
                             with region("pv_wait_k"):
-                                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                                acc = pl.run_state(pv_)(plgpu.ACC.init(acc))
                         plgpu.barrier_arrive(v_free.at[buf])
-                        return acc, m_new, l_i
+                        return acc
+
+                    def step(s, carry, masked):
+                        """Block s into the running softmax state (K(s) was awaited before,
+                        K(s + 1) is awaited during PV(s))."""
+                        sc, _ = scores(s)
+                        p16, (acc, m_i, l_i) = softmax(sc, s, carry, masked)
+                        return pv(s, p16, acc, masked, True), m_i, l_i
+
+                    def step_overlap(s, carry, masked, last=False):
+                        """``overlap``: block s's softmax while the tensor cores compute block
+                        s + 1's scores (FlashAttention-3's in-warpgroup pipelining); the carry
+                        holds block s's raw scores."""
+                        *state, sc = carry
+                        if last:
+                            meet()  # the turn a QKᵀ would have taken
+                            p16, (acc, m_i, l_i) = softmax(sc, s, state, masked)
+                            return pv(s, p16, acc, masked, False), m_i, l_i, sc
+                        plgpu.barrier_wait(k_bar.at[ring(s + 1)])
+                        sc, (p16, (acc, m_i, l_i)) = scores(
+                            s + 1, during=lambda: softmax(sc, s, state, masked))
+                        return pv(s, p16, acc, masked, False), m_i, l_i, sc
 
                     carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
                                        plgpu.Layout.WGMMA),
@@ -304,10 +335,19 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                     with region("wait_k"):
                         plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
                     # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
-                    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
-                                          carry)
-                    acc, _, l_i = lax.fori_loop(n_full, n_mine,
-                                                functools.partial(step, masked=True), carry)
+                    if overlap:  # the last block on its own (no next scores to overlap)
+                        carry = carry + (scores(0, handoff=False)[0],)
+                        mid = jnp.minimum(n_full, n_mine - 1)
+                        carry = lax.fori_loop(0, mid, functools.partial(
+                            step_overlap, masked=False), carry)
+                        carry = lax.fori_loop(mid, n_mine - 1, functools.partial(
+                            step_overlap, masked=True), carry)
+                        acc, _, l_i, _ = step_overlap(n_mine - 1, carry, True, last=True)
+                    else:
+                        carry = lax.fori_loop(0, n_full, functools.partial(
+                            step, masked=False), carry)
+                        acc, _, l_i = lax.fori_loop(n_full, n_mine, functools.partial(
+                            step, masked=True), carry)
                     with region("out"):
                         l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
                         io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape,
@@ -347,49 +387,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
     def _memory():
         if compute_regs and not interpret:
             plgpu.set_max_registers(MEMORY_REGS, action="decrease")
-        chunk = min(page_size, block_kv)
-
-        def block_pages(it, s):
-            """Page ids of the chunks of the item's KV block s (K and V share them)."""
-            pos = (it["lo_blk"] + s) * block_kv
-            return tuple(block_tables_ref[it["req_row"], jnp.minimum(
-                lax.div(pos + c * chunk, jnp.int32(page_size)), max_pages - 1)]
-                for c in range(block_kv // chunk))
-
-        def one_item(i, base):
-            it = item_at(i)
-
-            def fetch(s, _):
-                buf = lax.rem(base + s, jnp.int32(depth))
-                with region("pages"):
-                    pages = block_pages(it, s)
-                for kind, smem, bar, free in ((0, k_smem, k_bar, k_free),
-                                              (1, v_smem, v_bar, v_free)):
-                    with region("wait_free"):
-                        @pl.when(base + s >= depth)
-                        def _wait():
-                            plgpu.barrier_wait(free.at[buf])
-
-                    with region("issue"):
-                        for c, page in enumerate(pages):
-                            pos = (it["lo_blk"] + s) * block_kv + c * chunk
-                            plgpu.copy_gmem_to_smem(
-                                kv_ref.at[page, kind, it["kv_head"],
-                                          pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
-                                smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
-
-            lax.fori_loop(0, it["n_blk"], fetch, None)
-            return base + it["n_blk"]
-
-        total = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
-
-        # Observe the last ``depth`` releases too, so every barrier phase has been waited on
-        # when the CTA ends (the interpreter checks it).
-        @pl.loop(jnp.maximum(total - depth, 0), total)
-        def _drain(s):
-            buf = lax.rem(s, jnp.int32(depth))
-            plgpu.barrier_wait(k_free.at[buf])
-            plgpu.barrier_wait(v_free.at[buf])
+        memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref,
+                         (k_smem, k_bar, k_free), (v_smem, v_bar, v_free),
+                         block_kv=block_kv, depth=depth, page_size=page_size)
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
@@ -398,18 +398,18 @@ ORDERS = ("natural", "lpt", "auto")
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "profile_dir", "interpret"))
+    "compute_regs", "order", "programs", "overlap", "profile_dir", "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           profile_dir: str | None = None,
+                           overlap: bool | None = None, profile_dir: str | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``
-    override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
+    ``overlap`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
@@ -427,6 +427,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
+    overlap = cfg.overlap if overlap is None else overlap
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if q_tiles not in (1, 2):
@@ -458,7 +459,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, overlap=overlap,
         one_per_cta=programs == num_slots * num_kv_heads, interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
