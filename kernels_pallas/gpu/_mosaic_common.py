@@ -1,5 +1,5 @@
 """Helpers of the Mosaic GPU ragged kernel (``ragged_mosaic``): register ops, the CPU
-interpreter, ragged TMA stores, and the work list."""
+interpreter, ragged TMA stores, the work list, and the memory warpgroup."""
 
 from __future__ import annotations
 
