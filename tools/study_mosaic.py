@@ -68,28 +68,44 @@ def batch_rows(md, q, pools, cfgs, triton, extra):
     return rows
 
 
+def _rows(val):
+    """(rows, floor µs or None) of one batch of a run: ``study_mosaic`` JSON ({"rows": ...,
+    "floor_us": ...}, or the rows themselves) or an A/B run's (label -> list of repeated
+    timings, one row each: "label #k")."""
+    rows = val["rows"] if "rows" in val else val
+    out = {}
+    for label, row in rows.items():
+        reps = row if isinstance(row, list) else [row]
+        names = [f"{label} #{k + 1}" for k in range(len(reps))] if len(reps) > 1 or \
+            isinstance(row, list) else [label]
+        out.update({n: r for n, r in zip(names, reps)
+                    if isinstance(r, dict) and ("time_us" in r or "error" in r)})
+    return out, val.get("floor_us")
+
+
 def report(md_path, json_paths):
     """One Markdown table (+ a PNG of the mixed batch) over several ``mosaic.json`` runs."""
     runs = []
     for path in json_paths:
         with open(path) as f:
             runs.append((os.path.basename(path), json.load(f)))
-    lines = ["| run | card | H | batch | floor µs | candidate | config | µs | metric |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | card | H | batch | floor µs | candidate | config | µs | clock | metric |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs:
         for key, val in r.items():
-            if not key.startswith(("prefill_", "mixed_", "decode_")):
+            if not key.startswith(("prefill_", "mixed_", "decode")) or not isinstance(val, dict):
                 continue
-            rows, floor = (val["rows"], f"{val['floor_us']:.1f}") if "rows" in val else (val, "")
+            rows, floor = _rows(val)
             for label, row in rows.items():
-                if not isinstance(row, dict):
-                    continue
+                t = row.get("time_us", float("nan"))
                 metric = next((f"{k} {row[k]:.3g}" for k in ("x_floor", "tflops", "pct_read_bw")
                                if k in row), row.get("error", "")[:60])
+                if not metric and floor and "time_us" in row:
+                    metric = f"x_floor {t / floor:.3g}"
                 cfg = json.dumps(row.get("config", {}))
                 lines.append(f"| {name} | {r['device']} | {r.get('head_dim', 128)} | {key} | "
-                             f"{floor} | {label} | `{cfg}` | {row.get('time_us', float('nan')):.1f}"
-                             f" | {metric} |")
+                             f"{'' if floor is None else f'{floor:.1f}'} | {label} | `{cfg}` | "
+                             f"{t:.1f} | {row.get('clock', 'wall')} | {metric} |")
     header = ""
     if os.path.exists(md_path):  # keep the hand-written header above the table
         with open(md_path) as f:
@@ -105,7 +121,7 @@ def report(md_path, json_paths):
     xs, names = 0, []
     for name, r in runs:
         for key in [k for k in r if k.startswith(("mixed_", "prefill_"))]:
-            rows = r[key]["rows"] if "rows" in r[key] else r[key]
+            rows = _rows(r[key])[0]
             labels = [k for k in rows if isinstance(rows[k], dict) and "time_us" in rows[k]]
             for j, label in enumerate(labels):
                 if label not in names:
