@@ -43,6 +43,7 @@ NaN inside the MMA.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -63,7 +64,6 @@ from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, I
 TILE_ROWS = 64  # one warpgroup's wgmma M
 MEMORY_REGS = 40  # setmaxnreg of the memory warpgroup (with ``compute_regs``)
 PROFILE_RANGES = 512  # named ranges per warpgroup kept by the profiler (``profile_dir``)
-region = jax.named_scope  # a range in the profiler's trace; nothing without ``profile_dir``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +113,11 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, overlap, one_per_cta, interpret):
+            q_tiles, pingpong, compute_regs, overlap, one_per_cta, profile_regions, interpret):
+    def region(name):  # a range in the profiler's trace (``profile_dir``), if one it keeps
+        keep = profile_regions is None or name in profile_regions
+        return jax.named_scope(name) if keep else contextlib.nullcontext()
+
     num_reqs = block_tables_ref.shape[0]
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
@@ -389,7 +393,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             plgpu.set_max_registers(MEMORY_REGS, action="decrease")
         memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref,
                          (k_smem, k_bar, k_free), (v_smem, v_bar, v_free),
-                         block_kv=block_kv, depth=depth, page_size=page_size)
+                         block_kv=block_kv, depth=depth, page_size=page_size, region=region)
 
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
@@ -398,7 +402,8 @@ ORDERS = ("natural", "lpt", "auto")
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "overlap", "profile_dir", "interpret"))
+    "compute_regs", "order", "programs", "overlap", "profile_dir", "profile_regions",
+    "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
@@ -406,6 +411,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
                            overlap: bool | None = None, profile_dir: str | None = None,
+                           profile_regions: tuple[str, ...] | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
@@ -413,7 +419,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
-    ``tools/profile_mosaic.py``); ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI
+    ``tools/profile_mosaic.py``), only those in ``profile_regions`` if given; ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI
     tests; see ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
@@ -460,7 +466,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
         q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, overlap=overlap,
-        one_per_cta=programs == num_slots * num_kv_heads, interpret=interpret)
+        one_per_cta=programs == num_slots * num_kv_heads, profile_regions=profile_regions,
+        interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
     call = plgpu.kernel(
         kernel,

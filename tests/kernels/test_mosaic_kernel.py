@@ -105,7 +105,8 @@ def test_interpret_two_tiles_window_no_pingpong():
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
                                 dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
                                 dict(q_tiles=2, overlap=True, compute_regs=232),
-                                dict(q_tiles=1, overlap=True)],
+                                dict(q_tiles=1, overlap=True),
+                                dict(q_tiles=2, profile_regions=("q_in", "out"))],
                          ids=str)
 def test_export_variants_lower_for_cuda(kw):
     case = CASES[7]
