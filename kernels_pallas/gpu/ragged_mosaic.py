@@ -222,10 +222,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-                    def scores(s, during=None, handoff=True):
-                        """Raw QKᵀ of block s (K(s) awaited before); ``during()`` runs while
-                        the tensor cores compute them, its result returned with them."""
-                        buf = ring(s)
+                    def scores(buf, during=None, handoff=True):
+                        """Raw QKᵀ of ring slot buf's block (K awaited); ``during()`` runs
+                        while the tensor cores compute them, its result returned with them."""
                         # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
                         # register wgmma operand, nor run_state: there both products are dots.
                         if interpret:
@@ -247,15 +246,15 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         plgpu.barrier_arrive(k_free.at[buf])
                         return sc, extra
 
-                    def softmax(sc, s, state, masked):
-                        """P of block s (bf16/fp16) and the running (acc, max, sum) rescaled."""
+                    def softmax(sc, blk, state, masked):
+                        """P of block blk (bf16/fp16), the running (acc, max, sum) rescaled."""
                         acc, m_i, l_i = state
                         if soft_cap is None:
                             sc = sc * (sm_scale * cm.LOG2E)
                         else:
                             sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
                         if masked:
-                            kv_pos = (lo_blk + s) * block_kv + col
+                            kv_pos = blk * block_kv + col
                             mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
                             if sliding_window is not None:
                                 mask = mask & (kv_pos > q_pos - sliding_window)
@@ -267,11 +266,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                         return p.astype(dtype), (acc, m_new, l_i)
 
-                    def pv(s, p16, acc, masked, wait_next_k):
+                    def pv(s, buf, blk, p16, acc, masked, wait_next_k):
                         """acc += P·V(s), then V(s)'s slot released; K(s + 1) awaited
                         meanwhile with ``wait_next_k``."""
-                        buf = ring(s)
-                        blk = lo_blk + s
                         meet(wait=False)  # softmax done
                         with region("wait_v"):
                             plgpu.barrier_wait(v_bar.at[buf])
@@ -312,23 +309,26 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                     def step(s, carry, masked):
                         """Block s into the running softmax state (K(s) was awaited before,
                         K(s + 1) is awaited during PV(s))."""
-                        sc, _ = scores(s)
-                        p16, (acc, m_i, l_i) = softmax(sc, s, carry, masked)
-                        return pv(s, p16, acc, masked, True), m_i, l_i
+                        buf, blk = ring(s), lo_blk + s
+                        sc, _ = scores(buf)
+                        p16, (acc, m_i, l_i) = softmax(sc, blk, carry, masked)
+                        return pv(s, buf, blk, p16, acc, masked, True), m_i, l_i
 
                     def step_overlap(s, carry, masked, last=False):
                         """``overlap``: block s's softmax while the tensor cores compute block
                         s + 1's scores (FlashAttention-3's in-warpgroup pipelining); the carry
                         holds block s's raw scores."""
                         *state, sc = carry
+                        buf, blk = ring(s), lo_blk + s
                         if last:
                             meet()  # the turn a QKᵀ would have taken
-                            p16, (acc, m_i, l_i) = softmax(sc, s, state, masked)
-                            return pv(s, p16, acc, masked, False), m_i, l_i, sc
-                        plgpu.barrier_wait(k_bar.at[ring(s + 1)])
+                            p16, (acc, m_i, l_i) = softmax(sc, blk, state, masked)
+                            return pv(s, buf, blk, p16, acc, masked, False), m_i, l_i, sc
+                        nxt = ring(s + 1)
+                        plgpu.barrier_wait(k_bar.at[nxt])
                         sc, (p16, (acc, m_i, l_i)) = scores(
-                            s + 1, during=lambda: softmax(sc, s, state, masked))
-                        return pv(s, p16, acc, masked, False), m_i, l_i, sc
+                            nxt, during=lambda: softmax(sc, blk, state, masked))
+                        return pv(s, buf, blk, p16, acc, masked, False), m_i, l_i, sc
 
                     carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
                                        plgpu.Layout.WGMMA),
@@ -340,7 +340,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
                     # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
                     if overlap:  # the last block on its own (no next scores to overlap)
-                        carry = carry + (scores(0, handoff=False)[0],)
+                        carry = carry + (scores(ring(0), handoff=False)[0],)
                         mid = jnp.minimum(n_full, n_mine - 1)
                         carry = lax.fori_loop(0, mid, functools.partial(
                             step_overlap, masked=False), carry)
