@@ -42,7 +42,7 @@ from jaxpage.kernels_pallas import gpu, reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_sweep  # noqa: E402  (tools/ is not a package)
-from bench_timing import (_headline, _summary, bench_calls, gpu_runs,  # noqa: E402
+from bench_timing import (bench_calls, clock_summary, gpu_runs, headline,  # noqa: E402
                           time_runs)
 from kernel_report import fmt, markdown, plot  # noqa: E402
 
@@ -64,13 +64,14 @@ def log(*a):
 def ceilings(gib: float = 4.0):
     """HBM read (jnp.sum), copy (read + write) and bf16 matmul rates, on the GPU clock where
     there is one (as the kernels' times; ``*_wall``: the same on the wall clock)."""
+    clocks = set()
+
     def seconds(fn, args):
         wall, gpu = time_runs(fn, args, 20), gpu_runs(fn, args)
-        r = _headline(dict(_summary("wall", wall), **(_summary("gpu", gpu) if gpu else {})))
+        r = headline(dict(clock_summary("wall", wall),
+                          **(clock_summary("gpu", gpu) if gpu else {})))
         clocks.add(r["clock"])
         return r["time_us"] * 1e-6, r["wall_us"] * 1e-6
-
-    clocks = set()
 
     n = int(gib * 2**29)  # 4 GiB of bf16 by default
     x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)

@@ -16,6 +16,8 @@ import time
 
 import jax
 
+GAP_US = 100.0  # idle time on the GPU that separates two profiled runs (``gpu_runs``)
+
 
 def time_runs(fn, args, n_runs: int, warmup: int = 2, target_s: float = 3e-3) -> list[float]:
     """Seconds per ``fn(*args)``, one figure per group of back-to-back calls.
@@ -51,21 +53,22 @@ def bench_calls(call, qs, pools, n_runs: int = 20):
     t_compile = time.perf_counter() - t_compile
     times = time_runs(many, (qs, pools), n_runs)
     r = dict(n_inner=n_inner, n_runs=n_runs, compile_s=t_compile,
-             **_summary("wall", [t / n_inner for t in times]))
+             **clock_summary("wall", [t / n_inner for t in times]))
     gpu = gpu_runs(many, (qs, pools), n_runs)
     if gpu:
-        r.update(_summary("gpu", [t / n_inner for t in gpu]))
-    return _headline(r)
+        r.update(clock_summary("gpu", [t / n_inner for t in gpu]))
+    return headline(r)
 
 
-def _summary(clock, per_call):
+def clock_summary(clock, per_call):
+    """``{clock}_us`` (median), ``{clock}_min_us`` and ``{clock}_spread`` of per-call seconds."""
     per_call = sorted(per_call)
     med = statistics.median(per_call)
     return {f"{clock}_us": med * 1e6, f"{clock}_min_us": per_call[0] * 1e6,
             f"{clock}_spread": (per_call[int(0.8 * len(per_call))] - per_call[0]) / med}
 
 
-def _headline(r):
+def headline(r):
     """``time_us`` / ``spread`` from the GPU clock where there is one, else the wall clock."""
     clock = "gpu" if "gpu_us" in r else "wall"
     r.update(time_us=r[f"{clock}_us"], min_us=r[f"{clock}_min_us"],
@@ -73,7 +76,7 @@ def _headline(r):
     return r
 
 
-def gpu_runs(fn, args, n_runs: int = 20, gap_us: float = 100.0) -> list[float] | None:
+def gpu_runs(fn, args, n_runs: int = 20, gap_us: float = GAP_US) -> list[float] | None:
     """Seconds of GPU time of each of ``n_runs`` runs of ``fn(*args)`` (already warm): the
     durations of the kernels (and copies) the profiler records on the GPU, summed per run. Runs
     are told apart by the idle time between them (each waits for the one before, so > ``gap_us``
@@ -93,7 +96,7 @@ def gpu_runs(fn, args, n_runs: int = 20, gap_us: float = 100.0) -> list[float] |
         return split_runs(gpu_events(logdir), n_runs, gap_us)
 
 
-def split_runs(events, n_runs: int, gap_us: float = 30.0) -> list[float] | None:
+def split_runs(events, n_runs: int, gap_us: float = GAP_US) -> list[float] | None:
     """Seconds of GPU activity per run from (start, duration) events in µs, a new run starting
     after more than ``gap_us`` of idle time; None unless that makes exactly ``n_runs`` runs."""
     runs, end = [], -math.inf

@@ -74,10 +74,9 @@ def _rows(val):
     rows = val["rows"] if "rows" in val else val
     out = {}
     for label, row in rows.items():
-        reps = row if isinstance(row, list) else [row]
-        names = [f"{label} #{k + 1}" for k in range(len(reps))] if len(reps) > 1 or \
-            isinstance(row, list) else [label]
-        out.update({n: r for n, r in zip(names, reps)
+        named = ([(f"{label} #{k + 1}", r) for k, r in enumerate(row)]
+                 if isinstance(row, list) else [(label, row)])
+        out.update({n: r for n, r in named
                     if isinstance(r, dict) and ("time_us" in r or "error" in r)})
     return out, val.get("floor_us")
 

@@ -192,9 +192,9 @@ def _round_robin(items, programs: int):
 def memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref, k_ring, v_ring, *,
                      block_kv: int, depth: int, page_size: int, region=None):
     """The ragged kernel's memory warpgroup (``ragged_mosaic``): for each of the CTA's items
-    (``item_at(i)``: the scalars of its i-th), for each KV block, the block's page ids from the block
-    table (once for K and V), then TMA copies of the K and V chunks (min(page, block_kv) rows
-    each) into the ``depth``-deep rings — ``k_ring``/``v_ring`` = (slots, landed barriers,
+    (``item_at(i)``: the scalars of its i-th), for each KV block, the block's page ids from the
+    block table (once for K and V), then TMA copies of the K and V chunks (min(page, block_kv)
+    rows each) into the ``depth``-deep rings — ``k_ring``/``v_ring`` = (slots, landed barriers,
     free barriers) — each slot reused once the compute warpgroups have released it. The ring
     runs on from one item into the next. ``region(name)``: the profiler range of a phase."""
     max_pages = block_tables_ref.shape[1]

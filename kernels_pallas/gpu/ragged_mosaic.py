@@ -419,8 +419,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
-    ``tools/profile_mosaic.py``), only those in ``profile_regions`` if given; ``interpret`` runs Mosaic GPU's interpreter on CPU (the CI
-    tests; see ``_mosaic_common.interpreter``)."""
+    ``tools/profile_mosaic.py``), only those in ``profile_regions`` if given; ``interpret``
+    runs Mosaic GPU's interpreter on CPU (the CI tests; see ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
     why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype)
