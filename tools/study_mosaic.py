@@ -5,6 +5,8 @@ Times, side by side in one run:
   * the prefill half of ``bench_kernels``' mixed batch (4 chunks x 512, ctx 512..2048);
   * the full mixed batch (+ 60 decodes at ctx 2048): Triton default vs Mosaic configs;
   * decode-only batches (B x ctx): the Triton decode kernel vs the Mosaic kernel;
+  * with ``--blocks``: uniform items (prefill: 32 new tokens, decode: 1) of b KV blocks each,
+    four waves of them, and the straight line through T / waves = fixed + b * per block;
 every candidate checked against the reference first (max error relative to max |ref|).
 
     python tools/study_mosaic.py --out /tmp/mosaic                # on a Hopper GPU
@@ -23,6 +25,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402  (tools/ is not a package)
@@ -65,6 +68,46 @@ def batch_rows(md, q, pools, cfgs, triton, extra):
         rows[label] = timed(label, mosaic_call(md, **cfg), q, qs, pools, want, extra)
         rows[label]["config"] = cfg
     return rows
+
+
+def uniform_batch(batch, q_len, kv_len, page, seed=0, shared=False):
+    """``batch`` requests of ``q_len`` new tokens at the end of ``kv_len`` each, every page
+    shuffled over the pool, or with ``shared`` every request on the same pages (their K/V
+    read from L2 after the first: the compute side alone); (metadata, pages in the pool)."""
+    need = -(-kv_len // page)
+    perm = np.random.default_rng(seed).permutation(need if shared else batch * need) + 1
+    tables = np.tile(perm, (batch, 1)) if shared else perm.reshape(batch, need)
+    md = dict(kv_lens=jnp.full((batch,), kv_len, jnp.int32),
+              block_tables=jnp.asarray(tables.astype(np.int32)),
+              query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32) * q_len,
+              num_seqs=jnp.asarray([batch], jnp.int32))
+    return md, int(perm.max()) + 1
+
+
+def item_costs(cfgs, blocks, page, waves=4, sms=132, shared=False):
+    """Fixed and per-block cost of one item, by kind: ``waves`` x ``sms`` uniform items of b
+    128-key blocks for each b, one CTA per item; least squares of T / waves on b
+    (``shared``: every request on the same pages, see ``uniform_batch``)."""
+    batch = waves * sms // bk.K
+    out = {}
+    for kind, q_len in (("prefill", 32), ("decode", 1)):
+        rows = {}
+        for b in blocks:
+            md, num_pages = uniform_batch(batch, q_len, 128 * b, page, shared=shared)
+            pools = bk.make_pools(num_pages, page, 1, 300 + b)
+            q = bk.make_qs(batch * q_len, 1, 7)[0]
+            bk.log(f"{kind} items, {b} blocks each: {batch * bk.K} items")
+            rows[b] = batch_rows(md, q, pools, cfgs, bk.ours_ragged(md), {})
+        fit = {}
+        for label in ["triton", *cfgs]:
+            pts = [(b, rows[b][label]["time_us"] / waves) for b in blocks
+                   if "time_us" in rows[b][label]]
+            if len(pts) >= 2:
+                slope, fixed = np.polyfit(*zip(*pts), 1)
+                fit[label] = dict(fixed_us=float(fixed), per_block_us=float(slope))
+                bk.log(f"  {kind} {label}: fixed {fixed:.2f} us + {slope:.3f} us per block")
+        out[kind] = dict(batch=batch, waves=waves, shared=shared, rows=rows, fit=fit)
+    return out
 
 
 def _rows(val):
@@ -151,6 +194,10 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128, help="H (N/K stay 32/8)")
     p.add_argument("--decode", default="16x2048,64x2048,256x2048",
                    help="comma list of BxCTX decode-only batches")
+    p.add_argument("--blocks", default=None,
+                   help="comma list of KV blocks per item: uniform-item fit instead of batches")
+    p.add_argument("--shared", action="store_true",
+                   help="with --blocks: every request on the same pages (K/V from L2)")
     p.add_argument("--once", default=None, metavar="JSON",
                    help="no timing: one call of the mixed batch (page 16) through the Mosaic "
                         "kernel with these kwargs, for a profiler (ncu) to catch")
@@ -178,6 +225,11 @@ def main(argv=None):
     bk.log("ceilings: read {:.2f} TB/s, matmul {:.0f} TFLOP/s".format(
         ceil["read_bw"] / 1e12, ceil["matmul_flops"] / 1e12))
     save = lambda: bk.dump(args.out, "mosaic.json", res)  # noqa: E731
+    if args.blocks:
+        res["items"] = item_costs(cfgs, list(map(int, args.blocks.split(","))), 16,
+                                  shared=args.shared)
+        save()
+        return
     for page in map(int, args.pages.split(",")):
         md, q, pools, info = bk.mixed_batch(page, seed=21)
         if "prefill" not in skip:

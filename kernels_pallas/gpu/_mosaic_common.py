@@ -161,6 +161,42 @@ def item_scalars(items, kv_lens, query_start_loc, num_seqs, num_tokens: int):
         axis=1).astype(jnp.int32)
 
 
+def item_fields(items_ref, k, *, num_reqs: int, block_q: int, span: int, block_kv: int,
+                sliding_window):
+    """Work item k's fields (``item_scalars``' row: one level of loads) and what follows from
+    them: its KV length, its blocks ``[lo_blk, lo_blk + n_blk)`` and ``tile(t)``."""
+    row = [items_ref[k, c] for c in range(ITEM_COLS)]  # independent loads
+    req, kv_head, item_tok0 = row[ITEM_REQ], row[ITEM_KV_HEAD], row[ITEM_TOK0]
+    it = dict(req=req, kv_head=kv_head, is_pad=row[ITEM_IS_PAD] != 0)
+    q_len = row[ITEM_Q_LEN]
+    it.update(q_start=row[ITEM_Q_START], q_len=q_len)
+    it["req_row"] = jnp.minimum(req, num_reqs - 1)  # the padding request reads no row
+    live = (~it["is_pad"]) & (item_tok0 < q_len)
+    it["kv_len"] = kv_len = jnp.where(live, row[ITEM_KV_LEN], 0)
+    ctx_len = kv_len - q_len
+
+    def tile(t):
+        """(first token, live rows per head, first query position, KV end) of tile t."""
+        tok0 = item_tok0 + t * block_q
+        n_tok = jnp.clip(q_len - tok0, 0, block_q)
+        first_pos = ctx_len + tok0
+        hi = jnp.where(live & (n_tok > 0), jnp.minimum(kv_len, first_pos + n_tok), 0)
+        return tok0, n_tok, first_pos, hi
+
+    it["tile"] = tile
+    # The item's KV blocks [lo_blk, lo_blk + n_blk): every tile's, streamed once for all.
+    hi_item = jnp.where(live, jnp.minimum(kv_len, ctx_len + jnp.minimum(
+        q_len, item_tok0 + span)), 0)
+    if sliding_window is None:
+        it["lo_blk"] = lo_blk = jnp.int32(0)
+    else:
+        it["lo_blk"] = lo_blk = lax.div(
+            jnp.maximum(tile(0)[2] - sliding_window + 1, 0), jnp.int32(block_kv))
+    it["n_blk"] = jnp.where(live, lax.div(hi_item + block_kv - 1, jnp.int32(block_kv))
+                            - lo_blk, 0)
+    return it
+
+
 RANK_SORT_MAX = 4096  # work lists up to this long are ordered by counting, not by a sort
 
 
@@ -187,6 +223,46 @@ def _round_robin(items, programs: int):
     counts = np.bincount(k % programs, minlength=programs)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return items[np.lexsort((k // programs, k % programs))], jnp.asarray(starts)
+
+
+MEMORY_REGS_MAX = 40  # the memory warpgroup's setmaxnreg when the compute side leaves more
+
+
+def memory_regs(q_tiles: int, compute_regs: int) -> int:
+    """setmaxnreg of the memory warpgroup beside ``q_tiles`` compute warpgroups at
+    ``compute_regs`` each: what the SM's 64K registers leave (split evenly over the CTA's
+    threads at launch, in steps of 8), at most ``MEMORY_REGS_MAX``; 232 → 40, 240 → 24 (as
+    FlashAttention-3 runs) with two compute warpgroups."""
+    per_thread = 65536 // (128 * (q_tiles + 1)) // 8 * 8
+    regs = min(MEMORY_REGS_MAX, (q_tiles + 1) * per_thread - q_tiles * compute_regs)
+    if compute_regs % 8 or not 24 <= compute_regs <= 256 or regs < 24:
+        raise ValueError(f"compute_regs {compute_regs} with {q_tiles} compute warpgroups leaves "
+                         f"{regs} registers for the memory warpgroup (setmaxnreg takes "
+                         f"multiples of 8 in 24..256)")
+    return regs
+
+
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+ORDERS = ("natural", "lpt", "auto")  # work list orders (``item_schedule``)
+
+
+def check_config(*, q_tiles: int, block_kv: int, depth: int, page_size: int, compute_regs: int,
+                 order: str, tile_bytes: int, row_bytes: int):
+    """Clear errors for a kernel configuration the hardware or the kernel cannot take."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if q_tiles not in (1, 2):
+        raise ValueError(f"q_tiles must be 1 or 2, got {q_tiles}")
+    if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
+        # 64: wgmma's K step for 16-bit operands in 128-byte swizzled tiles (P·V has K = block_kv)
+        raise ValueError(f"block_kv must be a multiple of 64 (<= 256) and of the page chunk, "
+                         f"got {block_kv}")
+    smem = 2 * q_tiles * tile_bytes + 2 * depth * block_kv * row_bytes  # Q in + tiled, K + V
+    if smem > SMEM_BYTES:
+        raise ValueError(f"q_tiles {q_tiles}, depth {depth}, block_kv {block_kv} need {smem} "
+                         f"bytes of shared memory (> {SMEM_BYTES})")
+    if compute_regs:
+        memory_regs(q_tiles, compute_regs)  # raises on a split the register file cannot take
 
 
 def memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref, k_ring, v_ring, *,

@@ -54,15 +54,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpage.kernels_pallas.gpu import _common as cm
-from jaxpage.kernels_pallas.gpu._mosaic_common import (ITEM_COLS, ITEM_IS_PAD, ITEM_KV_HEAD,
-                                                       ITEM_KV_LEN, ITEM_Q_LEN, ITEM_Q_START,
-                                                       ITEM_REQ, ITEM_TOK0, interpreter,
-                                                       item_scalars, item_schedule,
+from jaxpage.kernels_pallas.gpu._mosaic_common import (check_config, interpreter, item_fields,
+                                                       item_scalars, item_schedule, memory_regs,
                                                        memory_warpgroup, register_ops,
                                                        store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
-MEMORY_REGS = 40  # setmaxnreg of the memory warpgroup (with ``compute_regs``)
 PROFILE_RANGES = 512  # named ranges per warpgroup kept by the profiler (``profile_dir``)
 
 
@@ -133,37 +130,8 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
 
     def item_at(i):
         """The scalars of this CTA's item i (``item_scalars``: one level of loads)."""
-        k = my_first + i
-        row = [items_ref[k, c] for c in range(ITEM_COLS)]  # independent loads
-        req, kv_head, item_tok0 = row[ITEM_REQ], row[ITEM_KV_HEAD], row[ITEM_TOK0]
-        it = dict(req=req, kv_head=kv_head, is_pad=row[ITEM_IS_PAD] != 0)
-        q_len = row[ITEM_Q_LEN]
-        it.update(q_start=row[ITEM_Q_START], q_len=q_len)
-        it["req_row"] = jnp.minimum(req, num_reqs - 1)  # the padding request reads no row
-        live = (~it["is_pad"]) & (item_tok0 < q_len)
-        it["kv_len"] = kv_len = jnp.where(live, row[ITEM_KV_LEN], 0)
-        ctx_len = kv_len - q_len
-
-        def tile(t):
-            """(first token, live rows per head, first query position, KV end) of tile t."""
-            tok0 = item_tok0 + t * block_q
-            n_tok = jnp.clip(q_len - tok0, 0, block_q)
-            first_pos = ctx_len + tok0
-            hi = jnp.where(live & (n_tok > 0), jnp.minimum(kv_len, first_pos + n_tok), 0)
-            return tok0, n_tok, first_pos, hi
-
-        it["tile"] = tile
-        # The item's KV blocks [lo_blk, lo_blk + n_blk): every tile's, streamed once for all.
-        hi_item = jnp.where(live, jnp.minimum(kv_len, ctx_len + jnp.minimum(
-            q_len, item_tok0 + span)), 0)
-        if sliding_window is None:
-            it["lo_blk"] = lo_blk = jnp.int32(0)
-        else:
-            it["lo_blk"] = lo_blk = lax.div(
-                jnp.maximum(tile(0)[2] - sliding_window + 1, 0), jnp.int32(block_kv))
-        it["n_blk"] = jnp.where(live, lax.div(hi_item + block_kv - 1, jnp.int32(block_kv))
-                                - lo_blk, 0)
-        return it
+        return item_fields(items_ref, my_first + i, num_reqs=num_reqs, block_q=block_q,
+                           span=span, block_kv=block_kv, sliding_window=sliding_window)
 
     @pl.when(wg < q_tiles)
     def _compute():
@@ -222,33 +190,32 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-                    def scores(buf, during=None, handoff=True):
-                        """Raw QKᵀ of ring slot buf's block (K awaited); ``during()`` runs
-                        while the tensor cores compute them, its result returned with them."""
+                    def scores(buf):
+                        """Raw QKᵀ of ring slot buf's block (K awaited), the other warpgroup's
+                        turn on the tensor cores while it runs."""
                         # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
                         # register wgmma operand, nor run_state: there both products are dots.
                         if interpret:
-                            extra = during() if during else None
-                            sc = lax.dot_general(q_tile[...], k_smem.at[buf][...],
-                                                 (((1,), (1,)), ((), ())),
-                                                 preferred_element_type=jnp.float32)
-                            if handoff:
-                                meet()
+                            sc = qk_dot(buf)
+                            meet()
                         else:
                             def qk(acc_ref):
                                 plgpu.wgmma(acc_ref, q_tile, k_smem.at[buf].T)
-                                if handoff:
-                                    meet()  # the other warpgroup's turn while this QKᵀ runs
-                                return (during() if during else None), acc_ref[...]
+                                meet()  # the other warpgroup's turn while this QKᵀ runs
+                                return acc_ref[...]
                             with region("qk"):
-                                extra, sc = pl.run_scoped(qk, plgpu.ACC(rows_shape,
-                                                                        jnp.float32))
+                                sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
                         plgpu.barrier_arrive(k_free.at[buf])
-                        return sc, extra
+                        return sc
 
-                    def softmax(sc, blk, state, masked):
-                        """P of block blk (bf16/fp16), the running (acc, max, sum) rescaled."""
-                        acc, m_i, l_i = state
+                    def qk_dot(buf):
+                        return lax.dot_general(q_tile[...], k_smem.at[buf][...],
+                                               (((1,), (1,)), ((), ())),
+                                               preferred_element_type=jnp.float32)
+
+                    def probs(sc, blk, m_i, l_i, masked):
+                        """Block blk's P (f32), the new row max and sum, and the factor that
+                        rescales what was accumulated before it."""
                         if soft_cap is None:
                             sc = sc * (sm_scale * cm.LOG2E)
                         else:
@@ -262,9 +229,29 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         m_new = jnp.maximum(m_i, sc.max(axis=1))
                         alpha = jnp.exp2(m_i - m_new)
                         p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
-                        l_i = l_i * alpha + p.sum(axis=1)
-                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                        return p, m_new, l_i * alpha + p.sum(axis=1), alpha
+
+                    def rescale(acc, alpha):
+                        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+                    def softmax(sc, blk, state, masked):
+                        """P of block blk (bf16/fp16), the running (acc, max, sum) rescaled."""
+                        acc, m_i, l_i = state
+                        p, m_new, l_i, alpha = probs(sc, blk, m_i, l_i, masked)
+                        acc = rescale(acc, alpha)
                         return p.astype(dtype), (acc, m_new, l_i)
+
+                    def zero_tail(buf, blk):
+                        # Rows at or past kv_len may be NaN, and P (0 there) times NaN is NaN.
+                        # Every tile that reads this block zeroes them first: each writes the
+                        # same values, so a concurrent read sees real rows or zeros only.
+                        @pl.when(blk * block_kv + block_kv > kv_len)
+                        def _zero_tail():
+                            vrow = iota((block_kv, head_dim), 0)
+                            v = load_tile(v_smem.at[buf])
+                            v_smem.at[buf][...] = jnp.where(
+                                blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
+                            plgpu.commit_smem()
 
                     def pv(s, buf, blk, p16, acc, masked, wait_next_k):
                         """acc += P·V(s), then V(s)'s slot released; K(s + 1) awaited
@@ -275,17 +262,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         with region("turn"):
                             meet(arrive=False)  # the tensor cores are free
                         if masked:
-                            # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
-                            # NaN. Every tile that reads this block zeroes them first: each
-                            # writes the same values, so a concurrent read sees real rows or
-                            # zeros only.
-                            @pl.when(blk * block_kv + block_kv > kv_len)
-                            def _zero_tail():
-                                vrow = iota((block_kv, head_dim), 0)
-                                v = load_tile(v_smem.at[buf])
-                                v_smem.at[buf][...] = jnp.where(
-                                    blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
-                                plgpu.commit_smem()
+                            zero_tail(buf, blk)
 
                         def wait_next():
                             if wait_next_k:
@@ -310,25 +287,43 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         """Block s into the running softmax state (K(s) was awaited before,
                         K(s + 1) is awaited during PV(s))."""
                         buf, blk = ring(s), lo_blk + s
-                        sc, _ = scores(buf)
+                        sc = scores(buf)
                         p16, (acc, m_i, l_i) = softmax(sc, blk, carry, masked)
                         return pv(s, buf, blk, p16, acc, masked, True), m_i, l_i
 
-                    def step_overlap(s, carry, masked, last=False):
-                        """``overlap``: block s's softmax while the tensor cores compute block
-                        s + 1's scores (FlashAttention-3's in-warpgroup pipelining); the carry
-                        holds block s's raw scores."""
-                        *state, sc = carry
-                        buf, blk = ring(s), lo_blk + s
-                        if last:
-                            meet()  # the turn a QKᵀ would have taken
-                            p16, (acc, m_i, l_i) = softmax(sc, blk, state, masked)
-                            return pv(s, buf, blk, p16, acc, masked, False), m_i, l_i, sc
-                        nxt = ring(s + 1)
+                    def window(s, carry, masked):
+                        """``overlap`` (FlashAttention-3's order): one turn on the tensor cores
+                        issues QKᵀ(s + 1) and PV(s); block s + 1's softmax runs while PV(s)
+                        does, and acc is rescaled after it. The carry holds P(s)."""
+                        acc, m_i, l_i, p16 = carry
+                        buf, nxt, blk = ring(s), ring(s + 1), lo_blk + s
+                        meet(wait=False)  # softmax done
                         plgpu.barrier_wait(k_bar.at[nxt])
-                        sc, (p16, (acc, m_i, l_i)) = scores(
-                            nxt, during=lambda: softmax(sc, blk, state, masked))
-                        return pv(s, buf, blk, p16, acc, masked, False), m_i, l_i, sc
+                        plgpu.barrier_wait(v_bar.at[buf])
+                        meet(arrive=False)  # the tensor cores are free
+                        if masked:
+                            zero_tail(buf, blk)
+                        if interpret:
+                            sc = qk_dot(nxt)
+                            acc = acc + jnp.dot(p16, v_smem.at[buf][...],
+                                                preferred_element_type=jnp.float32)
+                            meet()
+                            plgpu.barrier_arrive(k_free.at[nxt])
+                            p, m_i, l_i, alpha = probs(sc, blk + 1, m_i, l_i, masked)
+                        else:
+                            def both(s_ref, o_ref):
+                                o_ref[...] = acc
+                                plgpu.wgmma(s_ref, q_tile, k_smem.at[nxt].T)
+                                plgpu.wgmma(o_ref, p16, v_smem.at[buf])
+                                meet()  # the other warpgroup's turn
+                                sc = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # PV runs on
+                                plgpu.barrier_arrive(k_free.at[nxt])
+                                return probs(sc, blk + 1, m_i, l_i, masked), o_ref[...]
+                            (p, m_i, l_i, alpha), acc = pl.run_scoped(
+                                both, plgpu.ACC(rows_shape, jnp.float32),
+                                plgpu.ACC((TILE_ROWS, head_dim), jnp.float32))
+                        plgpu.barrier_arrive(v_free.at[buf])
+                        return rescale(acc, alpha), m_i, l_i, p.astype(dtype)
 
                     carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
                                        plgpu.Layout.WGMMA),
@@ -339,14 +334,15 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                     with region("wait_k"):
                         plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
                     # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
-                    if overlap:  # the last block on its own (no next scores to overlap)
-                        carry = carry + (scores(ring(0), handoff=False)[0],)
-                        mid = jnp.minimum(n_full, n_mine - 1)
+                    if overlap:  # block 0's softmax first; the last block's PV on its own
+                        p16, carry = softmax(scores(ring(0)), lo_blk, carry, True)
+                        mid = jnp.clip(n_full - 1, 0, n_mine - 1)
                         carry = lax.fori_loop(0, mid, functools.partial(
-                            step_overlap, masked=False), carry)
-                        carry = lax.fori_loop(mid, n_mine - 1, functools.partial(
-                            step_overlap, masked=True), carry)
-                        acc, _, l_i, _ = step_overlap(n_mine - 1, carry, True, last=True)
+                            window, masked=False), carry + (p16,))
+                        acc, m_i, l_i, p16 = lax.fori_loop(mid, n_mine - 1, functools.partial(
+                            window, masked=True), carry)
+                        acc = pv(n_mine - 1, ring(n_mine - 1), lo_blk + n_mine - 1, p16, acc,
+                                 True, False)
                     else:
                         carry = lax.fori_loop(0, n_full, functools.partial(
                             step, masked=False), carry)
@@ -390,14 +386,10 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
     @pl.when(wg == q_tiles)
     def _memory():
         if compute_regs and not interpret:
-            plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+            plgpu.set_max_registers(memory_regs(q_tiles, compute_regs), action="decrease")
         memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref,
                          (k_smem, k_bar, k_free), (v_smem, v_bar, v_free),
                          block_kv=block_kv, depth=depth, page_size=page_size, region=region)
-
-
-SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
-ORDERS = ("natural", "lpt", "auto")
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -434,18 +426,9 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
     overlap = cfg.overlap if overlap is None else overlap
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if q_tiles not in (1, 2):
-        raise ValueError(f"q_tiles must be 1 or 2, got {q_tiles}")
-    if block_kv % 64 or block_kv % min(page_size, block_kv) or block_kv > 256:
-        # 64: wgmma's K step for 16-bit operands in 128-byte swizzled tiles (P·V has K = block_kv)
-        raise ValueError(f"block_kv must be a multiple of 64 (<= 256) and of the page chunk, "
-                         f"got {block_kv}")
-    smem = (2 * q_tiles * TILE_ROWS + 2 * depth * block_kv) * head_dim * q.dtype.itemsize
-    if smem > SMEM_BYTES:
-        raise ValueError(f"q_tiles {q_tiles}, depth {depth}, block_kv {block_kv} need {smem} "
-                         f"bytes of shared memory (> {SMEM_BYTES})")
+    check_config(q_tiles=q_tiles, block_kv=block_kv, depth=depth, page_size=page_size,
+                 compute_regs=compute_regs, order=order, tile_bytes=TILE_ROWS * head_dim
+                 * q.dtype.itemsize, row_bytes=head_dim * q.dtype.itemsize)
     group = num_q_heads // num_kv_heads
     block_q = TILE_ROWS // group
     # Σ cdiv(q_len_b, span) over live requests + the padding pseudo request's spans.

@@ -105,6 +105,7 @@ def test_interpret_two_tiles_window_no_pingpong():
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
                                 dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
                                 dict(q_tiles=2, overlap=True, compute_regs=232),
+                                dict(q_tiles=2, overlap=True, compute_regs=240),
                                 dict(q_tiles=1, overlap=True),
                                 dict(q_tiles=2, profile_regions=("q_in", "out"))],
                          ids=str)
@@ -195,7 +196,7 @@ def test_item_scalars_by_definition():
     full = np.asarray(ragged_mosaic.item_scalars(
         items, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(qsl, jnp.int32), jnp.int32(3),
         num_tokens))
-    assert full.shape == (len(items), ragged_mosaic.ITEM_COLS)
+    assert full.shape == (len(items), _mc.ITEM_COLS)
     np.testing.assert_array_equal(full[:, :3], np.asarray(items))
     for req, _, _, q_start, q_len, kv_len, is_pad in full:
         assert is_pad == (req == 3)
@@ -239,6 +240,20 @@ def test_supported_says_why_not(args, why):
     assert ragged_mosaic.supported(32, 8, 128, 16, BF16) is None
 
 
+@pytest.mark.parametrize("q_tiles, compute_regs, want", [
+    (2, 232, 40), (2, 240, 24), (2, 200, 40), (1, 232, 40), (1, 256, 40), (2, 248, None),
+    (2, 236, None), (1, 264, None)])
+def test_memory_regs_fit_the_register_file(q_tiles, compute_regs, want):
+    # 64K registers over (q_tiles + 1) warpgroups of 128 threads: 168 each for three, so two
+    # compute warpgroups at 232 leave 40 and at 240 leave 24 (setmaxnreg's least).
+    if want is None:
+        with pytest.raises(ValueError, match="setmaxnreg"):
+            _mc.memory_regs(q_tiles, compute_regs)
+    else:
+        assert _mc.memory_regs(q_tiles, compute_regs) == want
+        assert want + q_tiles * compute_regs <= 65536 // 128
+
+
 def test_rejects_unsupported_shapes_with_a_clear_error():
     case = CASES[0]
     x = case.inputs()
@@ -248,6 +263,8 @@ def test_rejects_unsupported_shapes_with_a_clear_error():
         _run(case, x, interpret=True, q_tiles=3)
     with pytest.raises(ValueError, match="bytes of shared memory"):
         _run(case, x, interpret=True, q_tiles=2, block_kv=256, depth=4)
+    with pytest.raises(ValueError, match="compute_regs 248 with 2 compute warpgroups"):
+        _run(case, x, interpret=True, q_tiles=2, compute_regs=248)
     with pytest.raises(ValueError, match="does not take dtype float32"):
         ragged_mosaic.ragged_paged_attention(x.q.astype(jnp.float32),
                                              x.kv_pages.astype(jnp.float32), *x.args()[2:],
@@ -298,6 +315,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
         dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
         dict(q_tiles=2, overlap=True), dict(q_tiles=1, overlap=True),
+        dict(q_tiles=2, overlap=True, compute_regs=240),
         dict(q_tiles=2, overlap=True, programs=5, order="lpt")], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
