@@ -215,7 +215,8 @@ def check_correctness(small=False):
 # ----------------------------------------------------------------------------------- mixed
 def mixed_batch(page_size, seed=0, scale=1.0, shuffle=True):
     """4 prefill chunks of 512 tokens (with 0..1536 tokens of earlier context) + 60 decodes at
-    ctx 2048, as one ragged batch. ``scale`` shrinks it for the correctness check; without
+    ctx 2048, as one ragged batch, its rows padded to a multiple of 8 as every engine bucket
+    is (2108 tokens in 2112 rows). ``scale`` shrinks it for the correctness check; without
     ``shuffle`` each request's pages are consecutive in the pool."""
     pre = [(int(512 * scale), int(512 * scale) * (i + 1)) for i in range(4)]  # (q_len, kv_len)
     dec = [(1, int(2048 * scale))] * (60 if scale >= 0.25 else 6)
@@ -240,7 +241,7 @@ def mixed_batch(page_size, seed=0, scale=1.0, shuffle=True):
     for a, b in reqs:  # QK^T and PV over the causally visible keys
         flops += 4 * N * H * sum(b - a + j + 1 for j in range(a))
     pools = make_pools(sum(need) + 1, page_size, 1, seed + 50)
-    q = make_qs(num_tokens, 1, seed + 60)[0]
+    q = make_qs(-(-num_tokens // 8) * 8, 1, seed + 60)[0]
     return md, q, pools, dict(kv_bytes=kv_bytes, flops=flops, num_tokens=num_tokens,
                               q_lens=q_lens, kv_lens=kv_lens)
 

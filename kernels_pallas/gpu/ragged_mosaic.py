@@ -19,15 +19,16 @@ from one item into the next::
     which get zeros.
 
     tile rows (64 = G heads x block_q tokens):  row r = head g * block_q + token t
-        Q comes in as G TMA copies (one per q head of the group, block_q rows each, landing
-        untiled because a request starts at any row) and is re-laid into a swizzled tile; the
-        output leaves the same way, partial bands as a ladder of power-of-two TMA stores.
+        Q comes in as G TMA copies (one per q head of the group, block_q rows each): straight
+        into the swizzled tile where the rows start on a multiple of 8 (and Q's row count is
+        one), else untiled and re-laid into the tile. A full tile that came in tiled leaves
+        from the tile; the others from the untiled buffer, partial bands as a ladder of
+        power-of-two TMA stores.
 
     warpgroups 0..q_tiles-1 (compute): one tile each, all on the same K/V blocks:
         QK^T (wgmma) -> masked online softmax (exp2) -> PV (wgmma); with two tiles and
         ``pingpong`` they take turns on the tensor cores (one's softmax hides behind the
-        other's matmuls); with ``overlap`` a block's softmax also runs under the next block's
-        QK^T; a tile with fewer blocks (causal) releases the rest unread
+        other's matmuls); a tile with fewer blocks (causal) releases the rest unread
     warpgroup q_tiles (memory): page ids from the block table (once per block, for K and V)
         -> TMA copies of K and V chunks (min(page, block_kv) rows each) into a ``depth``-deep
         ring of mbarrier-guarded slots, each slot freed when every compute warpgroup has
@@ -72,7 +73,6 @@ class MosaicConfig:
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
-    overlap: bool = False  # each block's softmax under the next block's QKᵀ (unmeasured)
 
 
 # By measurement (tools/study_mosaic.py; docs/benchmarks/kernels_mosaic_runs.md, NOTES.md
@@ -110,7 +110,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
             q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, compute_regs, overlap, one_per_cta, profile_regions, interpret):
+            q_tiles, pingpong, compute_regs, one_per_cta, profile_regions, interpret):
     def region(name):  # a range in the profiler's trace (``profile_dir``), if one it keeps
         keep = profile_regions is None or name in profile_regions
         return jax.named_scope(name) if keep else contextlib.nullcontext()
@@ -176,18 +176,31 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
 
                 @pl.when(n_mine > 0)
                 def _attend():
-                    # Q rows start anywhere: a TMA copy into tiled shared memory needs a
-                    # tile-aligned (8-row) start in global memory too, so Q lands untiled (in
-                    # the output buffer, free until the end) and is re-laid into the swizzled
-                    # tile.
-                    with region("q_in"):
+                    # A TMA copy into tiled shared memory addresses global memory in whole
+                    # 8-row tiles too (Mosaic GPU): Q rows that start on a multiple of 8, of a
+                    # Q whose row count is one (every engine bucket's), land in the swizzled
+                    # tile directly; the others land untiled (in the output buffer, free until
+                    # the end) and are re-laid into the tile (~1 µs an item, bank conflicts).
+                    q_row = q_start + tok0
+
+                    def q_copies(dst):
                         for g in range(group):
                             plgpu.copy_gmem_to_smem(
-                                q_ref.at[pl.ds(q_start + tok0, block_q), kv_head * group + g],
-                                io.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
+                                q_ref.at[pl.ds(q_row, block_q), kv_head * group + g],
+                                dst.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
                         plgpu.barrier_wait(q_bar.at[wg])
-                        q_tile[...] = load_tile(io, fast=False)  # bank conflicts, once per item
-                        plgpu.commit_smem()
+
+                    with region("q_in"):
+                        aligned = False
+                        if q_ref.shape[0] % 8 == 0:
+                            aligned = lax.rem(q_row, jnp.int32(8)) == 0
+                            pl.when(aligned)(lambda: q_copies(q_tile))
+
+                        @pl.when(jnp.logical_not(aligned))
+                        def _relayout():
+                            q_copies(io)
+                            q_tile[...] = load_tile(io, fast=False)
+                            plgpu.commit_smem()
                     row, col = iota(rows_shape, 0), iota(rows_shape, 1)
                     q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
                     def scores(buf):
@@ -291,40 +304,6 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         p16, (acc, m_i, l_i) = softmax(sc, blk, carry, masked)
                         return pv(s, buf, blk, p16, acc, masked, True), m_i, l_i
 
-                    def window(s, carry, masked):
-                        """``overlap`` (FlashAttention-3's order): one turn on the tensor cores
-                        issues QKᵀ(s + 1) and PV(s); block s + 1's softmax runs while PV(s)
-                        does, and acc is rescaled after it. The carry holds P(s)."""
-                        acc, m_i, l_i, p16 = carry
-                        buf, nxt, blk = ring(s), ring(s + 1), lo_blk + s
-                        meet(wait=False)  # softmax done
-                        plgpu.barrier_wait(k_bar.at[nxt])
-                        plgpu.barrier_wait(v_bar.at[buf])
-                        meet(arrive=False)  # the tensor cores are free
-                        if masked:
-                            zero_tail(buf, blk)
-                        if interpret:
-                            sc = qk_dot(nxt)
-                            acc = acc + jnp.dot(p16, v_smem.at[buf][...],
-                                                preferred_element_type=jnp.float32)
-                            meet()
-                            plgpu.barrier_arrive(k_free.at[nxt])
-                            p, m_i, l_i, alpha = probs(sc, blk + 1, m_i, l_i, masked)
-                        else:
-                            def both(s_ref, o_ref):
-                                o_ref[...] = acc
-                                plgpu.wgmma(s_ref, q_tile, k_smem.at[nxt].T)
-                                plgpu.wgmma(o_ref, p16, v_smem.at[buf])
-                                meet()  # the other warpgroup's turn
-                                sc = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # PV runs on
-                                plgpu.barrier_arrive(k_free.at[nxt])
-                                return probs(sc, blk + 1, m_i, l_i, masked), o_ref[...]
-                            (p, m_i, l_i, alpha), acc = pl.run_scoped(
-                                both, plgpu.ACC(rows_shape, jnp.float32),
-                                plgpu.ACC((TILE_ROWS, head_dim), jnp.float32))
-                        plgpu.barrier_arrive(v_free.at[buf])
-                        return rescale(acc, alpha), m_i, l_i, p.astype(dtype)
-
                     carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
                                        plgpu.Layout.WGMMA),
                              in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
@@ -334,26 +313,31 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                     with region("wait_k"):
                         plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
                     # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
-                    if overlap:  # block 0's softmax first; the last block's PV on its own
-                        p16, carry = softmax(scores(ring(0)), lo_blk, carry, True)
-                        mid = jnp.clip(n_full - 1, 0, n_mine - 1)
-                        carry = lax.fori_loop(0, mid, functools.partial(
-                            window, masked=False), carry + (p16,))
-                        acc, m_i, l_i, p16 = lax.fori_loop(mid, n_mine - 1, functools.partial(
-                            window, masked=True), carry)
-                        acc = pv(n_mine - 1, ring(n_mine - 1), lo_blk + n_mine - 1, p16, acc,
-                                 True, False)
-                    else:
-                        carry = lax.fori_loop(0, n_full, functools.partial(
-                            step, masked=False), carry)
-                        acc, _, l_i = lax.fori_loop(n_full, n_mine, functools.partial(
-                            step, masked=True), carry)
+                    carry = lax.fori_loop(0, n_full, functools.partial(
+                        step, masked=False), carry)
+                    acc, _, l_i = lax.fori_loop(n_full, n_mine, functools.partial(
+                        step, masked=True), carry)
                     with region("out"):
                         l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-                        io[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape,
-                                                              [0])).astype(dtype)
-                        plgpu.commit_smem()
-                        store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
+                        out = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                        # A full tile whose Q came in tiled goes out the same way, from the Q
+                        # tile (free after the last QKᵀ); the others row by row from io.
+                        tiled = aligned is not False and aligned & (n_tok == block_q)
+                        if tiled is not False:
+                            @pl.when(tiled)
+                            def _tiled_out():
+                                q_tile[...] = out
+                                plgpu.commit_smem()
+                                for g in range(group):
+                                    plgpu.copy_smem_to_gmem(
+                                        q_tile.at[pl.ds(g * block_q, block_q)],
+                                        o_ref.at[pl.ds(q_row, block_q), kv_head * group + g])
+
+                        @pl.when(jnp.logical_not(tiled))
+                        def _rows_out():
+                            io[...] = out
+                            plgpu.commit_smem()
+                            store_rows(io, o_ref, q_row, n_tok, kv_head, group, block_q)
 
                 # The item's blocks past this tile's: observed and released, turn for turn.
                 @pl.loop(n_mine, n_blk)
@@ -394,7 +378,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "compute_regs", "order", "programs", "overlap", "profile_dir", "profile_regions",
+    "compute_regs", "order", "programs", "profile_dir", "profile_regions",
     "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
@@ -402,12 +386,12 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
                            depth: int | None = None, q_tiles: int | None = None,
                            pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
-                           overlap: bool | None = None, profile_dir: str | None = None,
+                           profile_dir: str | None = None,
                            profile_regions: tuple[str, ...] | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
     it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
-    ``overlap`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
@@ -425,7 +409,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
-    overlap = cfg.overlap if overlap is None else overlap
     check_config(q_tiles=q_tiles, block_kv=block_kv, depth=depth, page_size=page_size,
                  compute_regs=compute_regs, order=order, tile_bytes=TILE_ROWS * head_dim
                  * q.dtype.itemsize, row_bytes=head_dim * q.dtype.itemsize)
@@ -448,7 +431,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs, overlap=overlap,
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
         one_per_cta=programs == num_slots * num_kv_heads, profile_regions=profile_regions,
         interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
