@@ -21,7 +21,7 @@ from jaxpage.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from jaxpage.models.attention import AttentionMetadata
 from jaxpage.runner import kv_cache
 from jaxpage.runner.buckets import Buckets
-from jaxpage.runner.input_batch import InputBatch, PackedLayout
+from jaxpage.runner.input_batch import InputBatch, PackedLayout, packing_order
 from jaxpage.runner.sampling import StepSampler
 
 logger = logging.getLogger("jaxpage")
@@ -139,7 +139,7 @@ class ModelRunner:
         self.input_batch.update(so)
         if so.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(sampled_token_ids={})
-        req_ids = list(so.num_scheduled_tokens)
+        req_ids = packing_order(so.num_scheduled_tokens)
         bucket = self.buckets.pick(so.total_num_scheduled_tokens, len(req_ids))
         layout = self._layout(bucket)
         packed = self.input_batch.prepare(so, req_ids, layout)

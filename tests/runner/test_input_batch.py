@@ -3,7 +3,7 @@
 import numpy as np
 
 from jaxpage.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
-from jaxpage.runner.input_batch import InputBatch, PackedLayout
+from jaxpage.runner.input_batch import InputBatch, PackedLayout, packing_order
 from jaxpage.sampling_params import SamplingParams
 
 S = 4  # page size
@@ -53,3 +53,14 @@ def test_slots_are_reused_after_finish():
     batch.update(SchedulerOutput([_new("z", [4], [3])], CachedRequestData(), {"z": 1}, 1, {"x"}))
     assert sorted(batch.requests) == ["y", "z"]
     assert np.array_equal(batch.token_ids[batch.requests["z"].slot, :1], [4])
+
+
+def test_packing_order_starts_chunks_on_8_row_boundaries():
+    # running decodes first, then new chunks, as the scheduler lists them
+    num_scheduled = {"d0": 1, "c37": 37, "d1": 1, "c512": 512, "c40": 40, "c3": 3, "d2": 1}
+    order = packing_order(num_scheduled)
+    assert order == ["c512", "c40", "c37", "c3", "d0", "d1", "d2"]  # stable within each kind
+    starts = np.cumsum([0] + [num_scheduled[r] for r in order])[:-1]
+    assert [s % 8 for s in starts[:3]] == [0, 0, 0]  # every multiple-of-8 chunk, and one more
+    assert sorted(order) == sorted(num_scheduled)
+
