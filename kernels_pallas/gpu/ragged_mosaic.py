@@ -209,7 +209,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
                         # register wgmma operand, nor run_state: there both products are dots.
                         if interpret:
-                            sc = qk_dot(buf)
+                            sc = lax.dot_general(q_tile[...], k_smem.at[buf][...],
+                                                 (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
                             meet()
                         else:
                             def qk(acc_ref):
@@ -221,14 +223,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         plgpu.barrier_arrive(k_free.at[buf])
                         return sc
 
-                    def qk_dot(buf):
-                        return lax.dot_general(q_tile[...], k_smem.at[buf][...],
-                                               (((1,), (1,)), ((), ())),
-                                               preferred_element_type=jnp.float32)
-
-                    def probs(sc, blk, m_i, l_i, masked):
-                        """Block blk's P (f32), the new row max and sum, and the factor that
-                        rescales what was accumulated before it."""
+                    def softmax(sc, blk, state, masked):
+                        """P of block blk (bf16/fp16), the running (acc, max, sum) rescaled."""
+                        acc, m_i, l_i = state
                         if soft_cap is None:
                             sc = sc * (sm_scale * cm.LOG2E)
                         else:
@@ -242,29 +239,9 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         m_new = jnp.maximum(m_i, sc.max(axis=1))
                         alpha = jnp.exp2(m_i - m_new)
                         p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
-                        return p, m_new, l_i * alpha + p.sum(axis=1), alpha
-
-                    def rescale(acc, alpha):
-                        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-                    def softmax(sc, blk, state, masked):
-                        """P of block blk (bf16/fp16), the running (acc, max, sum) rescaled."""
-                        acc, m_i, l_i = state
-                        p, m_new, l_i, alpha = probs(sc, blk, m_i, l_i, masked)
-                        acc = rescale(acc, alpha)
+                        l_i = l_i * alpha + p.sum(axis=1)
+                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                         return p.astype(dtype), (acc, m_new, l_i)
-
-                    def zero_tail(buf, blk):
-                        # Rows at or past kv_len may be NaN, and P (0 there) times NaN is NaN.
-                        # Every tile that reads this block zeroes them first: each writes the
-                        # same values, so a concurrent read sees real rows or zeros only.
-                        @pl.when(blk * block_kv + block_kv > kv_len)
-                        def _zero_tail():
-                            vrow = iota((block_kv, head_dim), 0)
-                            v = load_tile(v_smem.at[buf])
-                            v_smem.at[buf][...] = jnp.where(
-                                blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
-                            plgpu.commit_smem()
 
                     def pv(s, buf, blk, p16, acc, masked, wait_next_k):
                         """acc += P·V(s), then V(s)'s slot released; K(s + 1) awaited
@@ -275,7 +252,17 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                         with region("turn"):
                             meet(arrive=False)  # the tensor cores are free
                         if masked:
-                            zero_tail(buf, blk)
+                            # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
+                            # NaN. Every tile that reads this block zeroes them first: each
+                            # writes the same values, so a concurrent read sees real rows or
+                            # zeros only.
+                            @pl.when(blk * block_kv + block_kv > kv_len)
+                            def _zero_tail():
+                                vrow = iota((block_kv, head_dim), 0)
+                                v = load_tile(v_smem.at[buf])
+                                v_smem.at[buf][...] = jnp.where(
+                                    blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
+                                plgpu.commit_smem()
 
                         def wait_next():
                             if wait_next_k:
