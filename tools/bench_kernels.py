@@ -100,16 +100,17 @@ def make_qs(num_tokens, n, seed):
                  for i in range(n))
 
 
-def decode_batch(batch, ctx, page_size, seed=0):
-    """Uniform decode batch: every request has kv_len ctx, pages shuffled over the pool."""
+def decode_batch(batch, ctx, page_size, seed=0, q_len=1, shared=False):
+    """Uniform batch: every request has kv_len ctx (its last ``q_len`` tokens new), pages
+    shuffled over the pool — or with ``shared`` every request on the same pages."""
     pps = ctx // page_size
-    num_pages = batch * pps + 1  # + the null page 0
     rng = np.random.default_rng(seed)
-    tables = (rng.permutation(batch * pps) + 1).reshape(batch, pps).astype(np.int32)
+    perm = rng.permutation(pps if shared else batch * pps) + 1
+    tables = (np.tile(perm, (batch, 1)) if shared else perm.reshape(batch, pps)).astype(np.int32)
     md = dict(kv_lens=jnp.full((batch,), ctx, jnp.int32), block_tables=jnp.asarray(tables),
-              query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32),
+              query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32) * q_len,
               num_seqs=jnp.asarray([batch], jnp.int32))
-    return num_pages, md
+    return len(perm) + 1, md  # + the null page 0
 
 
 def n_inner_for(est_s):

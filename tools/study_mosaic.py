@@ -71,17 +71,11 @@ def batch_rows(md, q, pools, cfgs, triton, extra):
 
 
 def uniform_batch(batch, q_len, kv_len, page, seed=0, shared=False):
-    """``batch`` requests of ``q_len`` new tokens at the end of ``kv_len`` each, every page
-    shuffled over the pool, or with ``shared`` every request on the same pages (their K/V
-    read from L2 after the first: the compute side alone); (metadata, pages in the pool)."""
-    need = -(-kv_len // page)
-    perm = np.random.default_rng(seed).permutation(need if shared else batch * need) + 1
-    tables = np.tile(perm, (batch, 1)) if shared else perm.reshape(batch, need)
-    md = dict(kv_lens=jnp.full((batch,), kv_len, jnp.int32),
-              block_tables=jnp.asarray(tables.astype(np.int32)),
-              query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32) * q_len,
-              num_seqs=jnp.asarray([batch], jnp.int32))
-    return md, int(perm.max()) + 1
+    """``bench_kernels.decode_batch`` with ``q_len`` new tokens per request; (metadata, pages
+    in the pool). ``shared``: every request on the same pages, their K/V read from L2 after the
+    first (the compute side alone)."""
+    num_pages, md = bk.decode_batch(batch, -(-kv_len // page) * page, page, seed, q_len, shared)
+    return dict(md, kv_lens=jnp.full((batch,), kv_len, jnp.int32)), num_pages
 
 
 def item_costs(cfgs, blocks, page, waves=4, sms=132, shared=False):
