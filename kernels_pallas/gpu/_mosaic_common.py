@@ -25,7 +25,7 @@ def load(ref, **kw):
 
 
 def register_ops(interpret: bool):
-    """(iota, in_layout, load_tile) in wgmma's register layout, or — for Mosaic GPU's
+    """(iota, in_layout, load_tile, load_row) in wgmma's register layout, or — for Mosaic GPU's
     interpreter, which knows no register layouts — their plain jnp forms."""
     if interpret:
         def iota(shape, dim):
@@ -39,7 +39,7 @@ def register_ops(interpret: bool):
             del fast
             return ref[...]
 
-        return iota, in_layout, load_tile
+        return iota, in_layout, load_tile, load_tile
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
@@ -47,7 +47,10 @@ def register_ops(interpret: bool):
     def load_tile(ref, fast=True):  # fast=False: allow a bank-conflicted transfer (untiled)
         return load(ref, layout=plgpu.Layout.WGMMA, optimized=fast)
 
-    return iota, plgpu.layout_cast, load_tile
+    def load_row(ref):  # one value per tile row (a row max or sum)
+        return load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
+
+    return iota, plgpu.layout_cast, load_tile, load_row
 
 
 def interpreter():
@@ -266,13 +269,17 @@ def check_config(*, q_tiles: int, block_kv: int, depth: int, page_size: int, com
 
 
 def memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref, k_ring, v_ring, *,
-                     block_kv: int, depth: int, page_size: int, region=None):
+                     block_kv: int, depth: int, page_size: int, region=None, l2_ahead: int = 0,
+                     interpret: bool = False):
     """The ragged kernel's memory warpgroup (``ragged_mosaic``): for each of the CTA's items
     (``item_at(i)``: the scalars of its i-th), for each KV block, the block's page ids from the
     block table (once for K and V), then TMA copies of the K and V chunks (min(page, block_kv)
     rows each) into the ``depth``-deep rings — ``k_ring``/``v_ring`` = (slots, landed barriers,
     free barriers) — each slot reused once the compute warpgroups have released it. The ring
-    runs on from one item into the next. ``region(name)``: the profiler range of a phase."""
+    runs on from one item into the next. ``region(name)``: the profiler range of a phase.
+    ``l2_ahead`` = a: with block s's copies, block s + a of the item is prefetched into L2 (one
+    TMA prefetch of K and V per page chunk), so that more of the stream is in flight than the
+    ring holds; a hint only (the interpreter skips it)."""
     max_pages = block_tables_ref.shape[1]
     region = region or jax.named_scope
     chunk = min(page_size, block_kv)
@@ -304,6 +311,16 @@ def memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref, k_ring, v_ring
                             kv_ref.at[page, kind, it["kv_head"],
                                       pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
                             smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
+
+            if l2_ahead and not interpret:
+                @pl.when(s + l2_ahead < it["n_blk"])
+                def _prefetch():
+                    with region("l2_ahead"):
+                        for c, page in enumerate(block_pages(it, s + l2_ahead)):
+                            pos = (it["lo_blk"] + s + l2_ahead) * block_kv + c * chunk
+                            plgpu.async_prefetch(kv_ref.at[
+                                page, :, it["kv_head"],
+                                pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)])
 
         lax.fori_loop(0, it["n_blk"], fetch, None)
         return base + it["n_blk"]

@@ -91,7 +91,28 @@ def test_interpret_two_tiles_window_no_pingpong():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
+def test_interpret_key_halves():
+    # key_halves: an item with one live tile (here decodes at 1, 15, 16, 17 and 300 keys) puts
+    # both compute warpgroups on it, each on one 64-key half of every 128-key block, and
+    # merges their softmax states at the end. Dropping warpgroup 1's share from the merge, or
+    # the half's key offset from the mask, fails this case.
+    case = CASES[5]
+    x = case.inputs()
+    out = _run(case, x, interpret=True, q_tiles=2, block_kv=128, key_halves=True)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
+def test_key_halves_needs_two_tiles_of_128_key_blocks():
+    case = CASES[5]
+    x = case.inputs()
+    for kw in (dict(q_tiles=1), dict(q_tiles=2, block_kv=64)):
+        with pytest.raises(ValueError, match="key_halves needs q_tiles 2"):
+            _run(case, x, interpret=True, key_halves=True, **kw)
+
+
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
+                                dict(q_tiles=2, key_halves=True),
+                                dict(q_tiles=2, key_halves=True, programs=5),
                                 dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
                                 dict(q_tiles=2, compute_regs=240),
                                 dict(q_tiles=2, profile_regions=("q_in", "out"))],
@@ -313,7 +334,8 @@ class TestMosaicCompiled:
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
         dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(q_tiles=2, compute_regs=240)], ids=str)
+        dict(q_tiles=2, compute_regs=240), dict(q_tiles=2, key_halves=True),
+        dict(q_tiles=2, key_halves=True, programs=7)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
