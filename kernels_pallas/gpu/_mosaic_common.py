@@ -25,7 +25,7 @@ def load(ref, **kw):
 
 
 def register_ops(interpret: bool):
-    """(iota, in_layout, load_tile, load_row) in wgmma's register layout, or — for Mosaic GPU's
+    """(iota, in_layout, load_tile) in wgmma's register layout, or — for Mosaic GPU's
     interpreter, which knows no register layouts — their plain jnp forms."""
     if interpret:
         def iota(shape, dim):
@@ -39,7 +39,7 @@ def register_ops(interpret: bool):
             del fast
             return ref[...]
 
-        return iota, in_layout, load_tile, load_tile
+        return iota, in_layout, load_tile
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
@@ -47,10 +47,7 @@ def register_ops(interpret: bool):
     def load_tile(ref, fast=True):  # fast=False: allow a bank-conflicted transfer (untiled)
         return load(ref, layout=plgpu.Layout.WGMMA, optimized=fast)
 
-    def load_row(ref):  # one value per tile row (a row max or sum)
-        return load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
-
-    return iota, plgpu.layout_cast, load_tile, load_row
+    return iota, plgpu.layout_cast, load_tile
 
 
 def interpreter():
@@ -90,6 +87,12 @@ def store_rows(o_smem, o_ref, row0, n_rows, kv_head, group, block_q):
                 size //= 2
 
 
+# Spans of padding rows per item of the padding pseudo request. An engine step padded to its
+# bucket has up to ~T / 2 padding rows; one CTA per span and kv head writing zeros cost the
+# H100 10.8 µs of 216 on the mixed batch padded 2112 → 4096 rows (NOTES twelfth pass).
+PAD_SPANS = 8
+
+
 def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: int,
                   num_kv_heads: int, block_kv: int, order: str, programs: int):
     """The work list: ``(items, starts)``. ``items`` (num_items, 3) int32 holds (request, kv
@@ -97,7 +100,8 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     ``items[starts[p]:starts[p + 1]]`` in that order, its K/V ring running on across them.
 
     Request b's spans are slots qsl[b] // span + b ...; request num_seqs is the padding pseudo
-    request (rows [qsl[num_seqs], T), written as zeros). ``order``:
+    request (rows [qsl[num_seqs], T), written as zeros), whose items take ``PAD_SPANS`` spans
+    each: its later slots stay empty. ``order``:
 
     * "natural": kv head outermost, slots in batch order, dealt round-robin (CTA p takes
       entries p, p + programs, ... of that list);
@@ -115,7 +119,7 @@ def item_schedule(kv_lens, query_start_loc, num_seqs, *, span: int, num_slots: i
     first = jnp.where(b <= num_seqs, query_start_loc // span + b, jnp.iinfo(jnp.int32).max)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     req = jnp.sum(first[None, :] <= slots[:, None], axis=1, dtype=jnp.int32) - 1
-    tok0 = (slots - first[req]) * span
+    tok0 = (slots - first[req]) * span * jnp.where(req == num_seqs, PAD_SPANS, 1)
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
     items = jnp.stack([jnp.broadcast_to(req[None, :], (num_kv_heads, num_slots)),
                        jnp.broadcast_to(heads[:, None], (num_kv_heads, num_slots)),
@@ -269,17 +273,13 @@ def check_config(*, q_tiles: int, block_kv: int, depth: int, page_size: int, com
 
 
 def memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref, k_ring, v_ring, *,
-                     block_kv: int, depth: int, page_size: int, region=None, l2_ahead: int = 0,
-                     interpret: bool = False):
+                     block_kv: int, depth: int, page_size: int, region=None):
     """The ragged kernel's memory warpgroup (``ragged_mosaic``): for each of the CTA's items
     (``item_at(i)``: the scalars of its i-th), for each KV block, the block's page ids from the
     block table (once for K and V), then TMA copies of the K and V chunks (min(page, block_kv)
     rows each) into the ``depth``-deep rings — ``k_ring``/``v_ring`` = (slots, landed barriers,
     free barriers) — each slot reused once the compute warpgroups have released it. The ring
-    runs on from one item into the next. ``region(name)``: the profiler range of a phase.
-    ``l2_ahead`` = a: with block s's copies, block s + a of the item is prefetched into L2 (one
-    TMA prefetch of K and V per page chunk), so that more of the stream is in flight than the
-    ring holds; a hint only (the interpreter skips it)."""
+    runs on from one item into the next. ``region(name)``: the profiler range of a phase."""
     max_pages = block_tables_ref.shape[1]
     region = region or jax.named_scope
     chunk = min(page_size, block_kv)
@@ -311,16 +311,6 @@ def memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref, k_ring, v_ring
                             kv_ref.at[page, kind, it["kv_head"],
                                       pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)],
                             smem.at[buf, pl.ds(c * chunk, chunk)], bar.at[buf])
-
-            if l2_ahead and not interpret:
-                @pl.when(s + l2_ahead < it["n_blk"])
-                def _prefetch():
-                    with region("l2_ahead"):
-                        for c, page in enumerate(block_pages(it, s + l2_ahead)):
-                            pos = (it["lo_blk"] + s + l2_ahead) * block_kv + c * chunk
-                            plgpu.async_prefetch(kv_ref.at[
-                                page, :, it["kv_head"],
-                                pl.ds(lax.rem(pos, jnp.int32(page_size)), chunk)])
 
         lax.fori_loop(0, it["n_blk"], fetch, None)
         return base + it["n_blk"]

@@ -55,10 +55,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpage.kernels_pallas.gpu import _common as cm
-from jaxpage.kernels_pallas.gpu._mosaic_common import (check_config, interpreter, item_fields,
-                                                       item_scalars, item_schedule, memory_regs,
-                                                       memory_warpgroup, register_ops,
-                                                       store_rows)
+from jaxpage.kernels_pallas.gpu._mosaic_common import (PAD_SPANS, check_config, interpreter,
+                                                       item_fields, item_scalars, item_schedule,
+                                                       memory_regs, memory_warpgroup,
+                                                       register_ops, store_rows)
 
 TILE_ROWS = 64  # one warpgroup's wgmma M
 PROFILE_RANGES = 512  # named ranges per warpgroup kept by the profiler (``profile_dir``)
@@ -70,8 +70,6 @@ class MosaicConfig:
     depth: int = 3  # K/V ring depth (pipeline stages)
     q_tiles: int = 1  # 64-row tiles per item, one compute warpgroup each (1 or 2)
     pingpong: bool = True  # with two tiles: take turns on the tensor cores
-    key_halves: bool = False  # two tiles: an item with one live tile splits each block's keys
-    l2_ahead: int = 0  # prefetch the K/V block this many ahead into L2 (0: none)
     compute_regs: int = 0  # setmaxnreg for the compute warpgroups (0: compiler's choice)
     order: str = "auto"  # work list order: one of ORDERS (``item_schedule``)
     persistent: bool = False  # one CTA per SM looping over the work list (else one per item)
@@ -110,11 +108,9 @@ def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             o_ref,  # output
             q_smem, o_smem, k_smem, v_smem,  # scratch: per-tile Q (swizzled), Q in / O out
-            ml_smem,  # scratch: warpgroup 1's row max and sum (``key_halves``)
-            q_bar, k_bar, v_bar, k_free, v_free, sched, merge_bar,  # barriers
+            q_bar, k_bar, v_bar, k_free, v_free, sched,  # barriers
             *, sm_scale, soft_cap, sliding_window, group, block_q, block_kv, depth, page_size,
-            q_tiles, pingpong, key_halves, l2_ahead, compute_regs, one_per_cta,
-            profile_regions, interpret):
+            q_tiles, pingpong, compute_regs, one_per_cta, profile_regions, interpret):
     def region(name):  # a range in the profiler's trace (``profile_dir``), if one it keeps
         keep = profile_regions is None or name in profile_regions
         return jax.named_scope(name) if keep else contextlib.nullcontext()
@@ -130,7 +126,7 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
     my_first = program if one_per_cta else starts_ref[program]
     my_items = 1 if one_per_cta else starts_ref[program + 1] - my_first
     wg = lax.axis_index("wg")
-    iota, in_layout, load_tile, load_row = register_ops(interpret)
+    iota, in_layout, load_tile = register_ops(interpret)
 
     def item_at(i):
         """The scalars of this CTA's item i (``item_scalars``: one level of loads)."""
@@ -142,20 +138,13 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
         if compute_regs and not interpret:
             plgpu.set_max_registers(compute_regs, action="increase")
         q_tile, io = q_smem.at[wg], o_smem.at[wg]
+        rows_shape = (TILE_ROWS, block_kv)
 
         def one_item(i, base):
             it = item_at(i)
             q_start, kv_head, kv_len, lo_blk, n_blk = (
                 it[k] for k in ("q_start", "kv_head", "kv_len", "lo_blk", "n_blk"))
-            # ``key_halves``: an item whose second tile has no rows (every decode, a chunk's
-            # short last span) puts both compute warpgroups on its first tile, warpgroup w on
-            # keys [w * block_kv / 2, (w + 1) * block_kv / 2) of every block — two dependent
-            # chains of half a block each on the slot the ring hands out, instead of one
-            # chain and an idle warpgroup; warpgroup 1 hands its softmax state to warpgroup 0
-            # at the end, which merges and stores.
-            halves = (it["tile"](1)[1] == 0) if key_halves else False
-            tok0, n_tok, first_pos, hi = it["tile"](jnp.where(halves, 0, wg) if key_halves
-                                                    else wg)
+            tok0, n_tok, first_pos, hi = it["tile"](wg)
             n_mine = jnp.where(hi > 0, lax.div(hi + block_kv - 1, jnp.int32(block_kv)) - lo_blk,
                                0)
             # Blocks every row of the tile sees in full (no mask): before its first query.
@@ -178,202 +167,6 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             def ring(s):
                 return lax.rem(base + s, jnp.int32(depth))
 
-            def normalized(acc, l_i):
-                l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-                return acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-
-            def attend(keys, key_off, finish):
-                """This tile's attention over keys [key_off, key_off + keys) of every block
-                of the item, then ``finish(acc, max, sum, q_row, aligned)``."""
-                # A TMA copy into tiled shared memory addresses global memory in whole 8-row
-                # tiles too (Mosaic GPU): Q rows that start on a multiple of 8, of a Q whose
-                # row count is one (every engine bucket's), land in the swizzled tile
-                # directly; the others land untiled (in the output buffer, free until the
-                # end) and are re-laid into the tile (~1 µs an item, bank conflicts).
-                q_row = q_start + tok0
-
-                def q_copies(dst):
-                    for g in range(group):
-                        plgpu.copy_gmem_to_smem(
-                            q_ref.at[pl.ds(q_row, block_q), kv_head * group + g],
-                            dst.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
-                    plgpu.barrier_wait(q_bar.at[wg])
-
-                with region("q_in"):
-                    aligned = False
-                    if q_ref.shape[0] % 8 == 0:
-                        aligned = lax.rem(q_row, jnp.int32(8)) == 0
-                        pl.when(aligned)(lambda: q_copies(q_tile))
-
-                    @pl.when(jnp.logical_not(aligned))
-                    def _relayout():
-                        q_copies(io)
-                        q_tile[...] = load_tile(io, fast=False)
-                        plgpu.commit_smem()
-                rows_shape = (TILE_ROWS, keys)
-                row, col = iota(rows_shape, 0), iota(rows_shape, 1)
-                q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
-
-                def part(ring_smem, buf):
-                    return ring_smem.at[buf] if keys == block_kv else ring_smem.at[
-                        buf, pl.ds(key_off, keys)]
-
-                def scores(buf):
-                    """Raw QKᵀ of ring slot buf's block (K awaited), the other warpgroup's
-                    turn on the tensor cores while it runs."""
-                    # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
-                    # register wgmma operand, nor run_state: there both products are dots.
-                    if interpret:
-                        sc = lax.dot_general(q_tile[...], part(k_smem, buf)[...],
-                                             (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
-                        meet()
-                    else:
-                        def qk(acc_ref):
-                            plgpu.wgmma(acc_ref, q_tile, part(k_smem, buf).T)
-                            meet()  # the other warpgroup's turn while this QKᵀ runs
-                            return acc_ref[...]
-                        with region("qk"):
-                            sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
-                    plgpu.barrier_arrive(k_free.at[buf])
-                    return sc
-
-                def softmax(sc, blk, state, masked):
-                    """P of block blk (bf16/fp16), the running (acc, max, sum) rescaled."""
-                    acc, m_i, l_i = state
-                    if soft_cap is None:
-                        sc = sc * (sm_scale * cm.LOG2E)
-                    else:
-                        sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
-                    if masked:
-                        kv_pos = blk * block_kv + key_off + col
-                        mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
-                        if sliding_window is not None:
-                            mask = mask & (kv_pos > q_pos - sliding_window)
-                        sc = jnp.where(mask, sc, cm.NEG)
-                    m_new = jnp.maximum(m_i, sc.max(axis=1))
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    return p.astype(dtype), (acc, m_new, l_i)
-
-                def pv(s, buf, blk, p16, acc, masked, wait_next_k):
-                    """acc += P·V(s), then V(s)'s slot released; K(s + 1) awaited
-                    meanwhile with ``wait_next_k``."""
-                    meet(wait=False)  # softmax done
-                    with region("wait_v"):
-                        plgpu.barrier_wait(v_bar.at[buf])
-                    with region("turn"):
-                        meet(arrive=False)  # the tensor cores are free
-                    v_part = part(v_smem, buf)
-                    if masked:
-                        # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
-                        # NaN. Every tile that reads this block zeroes them first: each
-                        # writes the same values (or its own half), so a concurrent read
-                        # sees real rows or zeros only.
-                        @pl.when(blk * block_kv + key_off + keys > kv_len)
-                        def _zero_tail():
-                            vrow = iota((keys, head_dim), 0)
-                            v = load_tile(v_part)
-                            v_part[...] = jnp.where(
-                                blk * block_kv + key_off + vrow < kv_len, v,
-                                jnp.zeros_like(v))
-                            plgpu.commit_smem()
-
-                    def wait_next():
-                        if wait_next_k:
-                            @pl.when(s + 1 < n_mine)
-                            def _wait():
-                                plgpu.barrier_wait(k_bar.at[ring(s + 1)])
-
-                    if interpret:
-                        acc = acc + jnp.dot(p16, v_part[...],
-                                            preferred_element_type=jnp.float32)
-                        wait_next()
-                    else:  # accumulate into acc in place (the wgmma's C operand)
-                        def pv_(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_part)
-                            wait_next()  # while the tensor cores run PV
-                        with region("pv_wait_k"):
-                            acc = pl.run_state(pv_)(plgpu.ACC.init(acc))
-                    plgpu.barrier_arrive(v_free.at[buf])
-                    return acc
-
-                def step(s, carry, masked):
-                    """Block s into the running softmax state (K(s) was awaited before,
-                    K(s + 1) is awaited during PV(s))."""
-                    buf, blk = ring(s), lo_blk + s
-                    sc = scores(buf)
-                    p16, (acc, m_i, l_i) = softmax(sc, blk, carry, masked)
-                    return pv(s, buf, blk, p16, acc, masked, True), m_i, l_i
-
-                carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
-                                   plgpu.Layout.WGMMA),
-                         in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
-                                   plgpu.Layout.WGMMA.reduce(1)),
-                         in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
-                                   plgpu.Layout.WGMMA.reduce(1)))
-                with region("wait_k"):
-                    plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
-                # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
-                carry = lax.fori_loop(0, n_full, functools.partial(
-                    step, masked=False), carry)
-                acc, m_i, l_i = lax.fori_loop(n_full, n_mine, functools.partial(
-                    step, masked=True), carry)
-                finish(acc, m_i, l_i, q_row, aligned)
-
-            def rows_out(out, q_row):
-                io[...] = out
-                plgpu.commit_smem()
-                store_rows(io, o_ref, q_row, n_tok, kv_head, group, block_q)
-
-            def finish_whole(acc, m_i, l_i, q_row, aligned):
-                del m_i
-                with region("out"):
-                    out = normalized(acc, l_i).astype(dtype)
-                    # A full tile whose Q came in tiled goes out the same way, from the Q
-                    # tile (free after the last QKᵀ); the others row by row from io.
-                    tiled = aligned is not False and aligned & (n_tok == block_q)
-                    if tiled is not False:
-                        @pl.when(tiled)
-                        def _tiled_out():
-                            q_tile[...] = out
-                            plgpu.commit_smem()
-                            for g in range(group):
-                                plgpu.copy_smem_to_gmem(
-                                    q_tile.at[pl.ds(g * block_q, block_q)],
-                                    o_ref.at[pl.ds(q_row, block_q), kv_head * group + g])
-
-                    pl.when(jnp.logical_not(tiled))(lambda: rows_out(out, q_row))
-
-            def finish_halves(acc, m_i, l_i, q_row, aligned):
-                del aligned
-                with region("out"):
-                    @pl.when(wg == 1)
-                    def _give():  # its half's output (through its Q tile), max and sum
-                        q_tile[...] = normalized(acc, l_i).astype(dtype)
-                        ml_smem.at[0][...] = m_i
-                        ml_smem.at[1][...] = l_i
-                        plgpu.barrier_arrive(merge_bar.at[0])
-                        plgpu.barrier_wait(merge_bar.at[1])  # read: the Q tile is free
-
-                    @pl.when(wg == 0)
-                    def _merge():
-                        plgpu.barrier_wait(merge_bar.at[0])
-                        o1 = load_tile(q_smem.at[1]).astype(jnp.float32)
-                        m1, l1 = load_row(ml_smem.at[0]), load_row(ml_smem.at[1])
-                        plgpu.barrier_arrive(merge_bar.at[1])
-                        m = jnp.maximum(m_i, m1)
-                        a0 = jnp.exp2(m_i - m)
-                        a1 = jnp.exp2(m1 - m) * l1
-                        den = l_i * a0 + a1
-                        den = jnp.where(den > 0, den, jnp.ones_like(den))
-                        bc = functools.partial(lax.broadcast_in_dim, shape=acc.shape,
-                                               broadcast_dimensions=[0])
-                        rows_out(((acc * bc(a0) + o1 * bc(a1)) / bc(den)).astype(dtype),
-                                 q_row)
-
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output has left io
 
             @pl.when(n_blk > 0)
@@ -381,14 +174,157 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                 if q_tiles > 1:
                     pl.when(wg == 1)(meet)
 
-                if key_halves:
-                    half = block_kv // 2
-                    pl.when((n_mine > 0) & halves)(
-                        lambda: attend(half, wg * half, finish_halves))
-                    pl.when((n_mine > 0) & jnp.logical_not(halves))(
-                        lambda: attend(block_kv, 0, finish_whole))
-                else:
-                    pl.when(n_mine > 0)(lambda: attend(block_kv, 0, finish_whole))
+                @pl.when(n_mine > 0)
+                def _attend():
+                    # A TMA copy into tiled shared memory addresses global memory in whole
+                    # 8-row tiles too (Mosaic GPU): Q rows that start on a multiple of 8, of a
+                    # Q whose row count is one (every engine bucket's), land in the swizzled
+                    # tile directly; the others land untiled (in the output buffer, free until
+                    # the end) and are re-laid into the tile (~1 µs an item, bank conflicts).
+                    q_row = q_start + tok0
+
+                    def q_copies(dst):
+                        for g in range(group):
+                            plgpu.copy_gmem_to_smem(
+                                q_ref.at[pl.ds(q_row, block_q), kv_head * group + g],
+                                dst.at[pl.ds(g * block_q, block_q)], q_bar.at[wg])
+                        plgpu.barrier_wait(q_bar.at[wg])
+
+                    with region("q_in"):
+                        aligned = False
+                        if q_ref.shape[0] % 8 == 0:
+                            aligned = lax.rem(q_row, jnp.int32(8)) == 0
+                            pl.when(aligned)(lambda: q_copies(q_tile))
+
+                        @pl.when(jnp.logical_not(aligned))
+                        def _relayout():
+                            q_copies(io)
+                            q_tile[...] = load_tile(io, fast=False)
+                            plgpu.commit_smem()
+                    row, col = iota(rows_shape, 0), iota(rows_shape, 1)
+                    q_pos = first_pos + lax.rem(row, jnp.int32(block_q))
+                    def scores(buf):
+                        """Raw QKᵀ of ring slot buf's block (K awaited), the other warpgroup's
+                        turn on the tensor cores while it runs."""
+                        # Mosaic GPU's interpreter (0.10) takes neither a transposed nor a
+                        # register wgmma operand, nor run_state: there both products are dots.
+                        if interpret:
+                            sc = lax.dot_general(q_tile[...], k_smem.at[buf][...],
+                                                 (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+                            meet()
+                        else:
+                            def qk(acc_ref):
+                                plgpu.wgmma(acc_ref, q_tile, k_smem.at[buf].T)
+                                meet()  # the other warpgroup's turn while this QKᵀ runs
+                                return acc_ref[...]
+                            with region("qk"):
+                                sc = pl.run_scoped(qk, plgpu.ACC(rows_shape, jnp.float32))
+                        plgpu.barrier_arrive(k_free.at[buf])
+                        return sc
+
+                    def softmax(sc, blk, state, masked):
+                        """P of block blk (bf16/fp16), the running (acc, max, sum) rescaled."""
+                        acc, m_i, l_i = state
+                        if soft_cap is None:
+                            sc = sc * (sm_scale * cm.LOG2E)
+                        else:
+                            sc = jnp.tanh(sc * (sm_scale / soft_cap)) * (soft_cap * cm.LOG2E)
+                        if masked:
+                            kv_pos = blk * block_kv + col
+                            mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
+                            if sliding_window is not None:
+                                mask = mask & (kv_pos > q_pos - sliding_window)
+                            sc = jnp.where(mask, sc, cm.NEG)
+                        m_new = jnp.maximum(m_i, sc.max(axis=1))
+                        alpha = jnp.exp2(m_i - m_new)
+                        p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, rows_shape, [0]))
+                        l_i = l_i * alpha + p.sum(axis=1)
+                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                        return p.astype(dtype), (acc, m_new, l_i)
+
+                    def pv(s, buf, blk, p16, acc, masked, wait_next_k):
+                        """acc += P·V(s), then V(s)'s slot released; K(s + 1) awaited
+                        meanwhile with ``wait_next_k``."""
+                        meet(wait=False)  # softmax done
+                        with region("wait_v"):
+                            plgpu.barrier_wait(v_bar.at[buf])
+                        with region("turn"):
+                            meet(arrive=False)  # the tensor cores are free
+                        if masked:
+                            # Rows at or past kv_len may be NaN, and P (0 there) times NaN is
+                            # NaN. Every tile that reads this block zeroes them first: each
+                            # writes the same values, so a concurrent read sees real rows or
+                            # zeros only.
+                            @pl.when(blk * block_kv + block_kv > kv_len)
+                            def _zero_tail():
+                                vrow = iota((block_kv, head_dim), 0)
+                                v = load_tile(v_smem.at[buf])
+                                v_smem.at[buf][...] = jnp.where(
+                                    blk * block_kv + vrow < kv_len, v, jnp.zeros_like(v))
+                                plgpu.commit_smem()
+
+                        def wait_next():
+                            if wait_next_k:
+                                @pl.when(s + 1 < n_mine)
+                                def _wait():
+                                    plgpu.barrier_wait(k_bar.at[ring(s + 1)])
+
+                        if interpret:
+                            acc = acc + jnp.dot(p16, v_smem.at[buf][...],
+                                                preferred_element_type=jnp.float32)
+                            wait_next()
+                        else:  # accumulate into acc in place (the wgmma's C operand)
+                            def pv_(acc_ref):
+                                plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
+                                wait_next()  # while the tensor cores run PV
+                            with region("pv_wait_k"):
+                                acc = pl.run_state(pv_)(plgpu.ACC.init(acc))
+                        plgpu.barrier_arrive(v_free.at[buf])
+                        return acc
+
+                    def step(s, carry, masked):
+                        """Block s into the running softmax state (K(s) was awaited before,
+                        K(s + 1) is awaited during PV(s))."""
+                        buf, blk = ring(s), lo_blk + s
+                        sc = scores(buf)
+                        p16, (acc, m_i, l_i) = softmax(sc, blk, carry, masked)
+                        return pv(s, buf, blk, p16, acc, masked, True), m_i, l_i
+
+                    carry = (in_layout(jnp.zeros((TILE_ROWS, head_dim), jnp.float32),
+                                       plgpu.Layout.WGMMA),
+                             in_layout(jnp.full((TILE_ROWS,), cm.NEG, jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1)),
+                             in_layout(jnp.zeros((TILE_ROWS,), jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1)))
+                    with region("wait_k"):
+                        plgpu.barrier_wait(k_bar.at[ring(0)])  # later K: during PV
+                    # Unmasked blocks first, then the rest (the diagonal and the kv_len tail).
+                    carry = lax.fori_loop(0, n_full, functools.partial(
+                        step, masked=False), carry)
+                    acc, _, l_i = lax.fori_loop(n_full, n_mine, functools.partial(
+                        step, masked=True), carry)
+                    with region("out"):
+                        l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+                        out = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                        # A full tile whose Q came in tiled goes out the same way, from the Q
+                        # tile (free after the last QKᵀ); the others row by row from io.
+                        tiled = aligned is not False and aligned & (n_tok == block_q)
+                        if tiled is not False:
+                            @pl.when(tiled)
+                            def _tiled_out():
+                                q_tile[...] = out
+                                plgpu.commit_smem()
+                                for g in range(group):
+                                    plgpu.copy_smem_to_gmem(
+                                        q_tile.at[pl.ds(g * block_q, block_q)],
+                                        o_ref.at[pl.ds(q_row, block_q), kv_head * group + g])
+
+                        @pl.when(jnp.logical_not(tiled))
+                        def _rows_out():
+                            io[...] = out
+                            plgpu.commit_smem()
+                            store_rows(io, o_ref, q_row, n_tok, kv_head, group, block_q)
 
                 # The item's blocks past this tile's: observed and released, turn for turn.
                 @pl.loop(n_mine, n_blk)
@@ -404,12 +340,20 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
                 if q_tiles > 1:
                     pl.when(wg == 0)(meet)
 
-            @pl.when(it["is_pad"] & (n_tok > 0))
+            pad_tok0 = it["tile"](0)[0]
+
+            @pl.when(it["is_pad"] & (pad_tok0 < it["q_len"]))
             def _zeros():  # padding rows: the output is defined as zero there
                 io[...] = in_layout(jnp.zeros((TILE_ROWS, head_dim), dtype),
                                     plgpu.Layout.WGMMA)
                 plgpu.commit_smem()
-                store_rows(io, o_ref, q_start + tok0, n_tok, kv_head, group, block_q)
+
+                @pl.loop(0, PAD_SPANS)  # a padding item takes PAD_SPANS spans
+                def _band(j):
+                    band = pad_tok0 + (j * q_tiles + wg) * block_q
+                    n_rows = jnp.clip(it["q_len"] - band, 0, block_q)
+                    pl.when(n_rows > 0)(lambda: store_rows(
+                        io, o_ref, q_start + band, n_rows, kv_head, group, block_q))
 
             return base + n_blk
 
@@ -424,27 +368,25 @@ def _kernel(block_tables_ref, items_ref, starts_ref, q_ref, kv_ref,  # inputs
             plgpu.set_max_registers(memory_regs(q_tiles, compute_regs), action="decrease")
         memory_warpgroup(item_at, my_items, block_tables_ref, kv_ref,
                          (k_smem, k_bar, k_free), (v_smem, v_bar, v_free),
-                         block_kv=block_kv, depth=depth, page_size=page_size, region=region,
-                         l2_ahead=l2_ahead, interpret=interpret)
+                         block_kv=block_kv, depth=depth, page_size=page_size, region=region)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "block_kv", "depth", "q_tiles", "pingpong",
-    "key_halves", "l2_ahead", "compute_regs", "order", "programs", "profile_dir", "profile_regions",
+    "compute_regs", "order", "programs", "profile_dir", "profile_regions",
     "interpret"))
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_kv: int | None = None,
                            depth: int | None = None, q_tiles: int | None = None,
-                           pingpong: bool | None = None, key_halves: bool | None = None,
-                           l2_ahead: int | None = None, compute_regs: int | None = None,
+                           pingpong: bool | None = None, compute_regs: int | None = None,
                            order: str | None = None, programs: int | None = None,
                            profile_dir: str | None = None,
                            profile_regions: tuple[str, ...] | None = None,
                            interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.ragged_paged_attention``; see ``supported`` for the shapes
-    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``key_halves``, ``l2_ahead``,
-    ``compute_regs``, ``order`` override the tuned table (benchmarks); ``programs`` is the number of CTAs,
+    it takes. ``block_kv``, ``depth``, ``q_tiles``, ``pingpong``, ``compute_regs``, ``order``,
+    override the tuned table (benchmarks); ``programs`` is the number of CTAs,
     each taking its share of the work list (``item_schedule``; default: one per item, or one
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
@@ -460,12 +402,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     depth = depth or cfg.depth
     q_tiles = q_tiles or cfg.q_tiles
     pingpong = (cfg.pingpong if pingpong is None else pingpong) and q_tiles == 2
-    if key_halves and (q_tiles != 2 or block_kv % 128):
-        raise ValueError(f"key_halves needs q_tiles 2 and block_kv a multiple of 128 (halves "
-                         f"of >= 64 keys), got q_tiles {q_tiles}, block_kv {block_kv}")
-    key_halves = ((cfg.key_halves if key_halves is None else key_halves) and q_tiles == 2
-                  and block_kv % 128 == 0)
-    l2_ahead = cfg.l2_ahead if l2_ahead is None else l2_ahead
     compute_regs = cfg.compute_regs if compute_regs is None else compute_regs
     order = order or cfg.order
     check_config(q_tiles=q_tiles, block_kv=block_kv, depth=depth, page_size=page_size,
@@ -490,8 +426,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group=group, block_q=block_q, block_kv=block_kv, depth=depth, page_size=page_size,
-        q_tiles=q_tiles, pingpong=pingpong, key_halves=key_halves, l2_ahead=l2_ahead,
-        compute_regs=compute_regs,
+        q_tiles=q_tiles, pingpong=pingpong, compute_regs=compute_regs,
         one_per_cta=programs == num_slots * num_kv_heads, profile_regions=profile_regions,
         interpret=interpret)
     chunks = block_kv // min(page_size, block_kv)
@@ -503,15 +438,12 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
             plgpu.SMEM((q_tiles, TILE_ROWS, head_dim), q.dtype),  # q in, o out: untiled
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # k ring
             plgpu.SMEM((depth, block_kv, head_dim), q.dtype, transforms=tiled),  # v ring
-            plgpu.SMEM((2, TILE_ROWS), jnp.float32) if key_halves else None,  # max, sum
             plgpu.Barrier(num_arrivals=group, num_barriers=q_tiles),  # q landed, per tile
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # k landed
             plgpu.Barrier(num_arrivals=chunks, num_barriers=depth),  # v landed
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # k slot free
             plgpu.Barrier(num_arrivals=q_tiles, num_barriers=depth),  # v slot free
             plgpu.Barrier(num_arrivals=2) if pingpong else None,  # pingpong turns
-            # key_halves: warpgroup 1's half is in shared memory / was read
-            plgpu.Barrier(num_arrivals=1, num_barriers=2) if key_halves else None,
         ],
         grid=(programs,),
         grid_names=("program",),

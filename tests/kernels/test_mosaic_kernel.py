@@ -64,6 +64,21 @@ def test_interpret_matches_reference(case):
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
+# An engine bucket far above the step's tokens: 314 padding rows over 2 kv heads, so the
+# padding request's items (PAD_SPANS spans of 32 rows each) write full and partial bands and
+# its later slots are empty. Every padding row must come out zero.
+PAD_CASE = Case("m-pad-g4-h64-s16", (5, 1), (20, 9), 2, 4, 64, 16, BF16, num_tokens=320,
+                num_reqs=3)
+
+
+def test_interpret_many_padding_rows():
+    case = PAD_CASE
+    x = case.inputs()
+    assert x.q.shape[0] - x.num_valid_rows > _mc.PAD_SPANS * 32
+    out = _run(case, x, interpret=True)
+    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
+
+
 def test_interpret_shallow_ring_many_blocks():
     # depth 2: the ring of 64-token blocks wraps (300 keys = 5 blocks) before the diagonal.
     case = CASES[4]
@@ -91,28 +106,7 @@ def test_interpret_two_tiles_window_no_pingpong():
     assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
 
-def test_interpret_key_halves():
-    # key_halves: an item with one live tile (here decodes at 1, 15, 16, 17 and 300 keys) puts
-    # both compute warpgroups on it, each on one 64-key half of every 128-key block, and
-    # merges their softmax states at the end. Dropping warpgroup 1's share from the merge, or
-    # the half's key offset from the mask, fails this case.
-    case = CASES[5]
-    x = case.inputs()
-    out = _run(case, x, interpret=True, q_tiles=2, block_kv=128, key_halves=True)
-    assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
-
-
-def test_key_halves_needs_two_tiles_of_128_key_blocks():
-    case = CASES[5]
-    x = case.inputs()
-    for kw in (dict(q_tiles=1), dict(q_tiles=2, block_kv=64)):
-        with pytest.raises(ValueError, match="key_halves needs q_tiles 2"):
-            _run(case, x, interpret=True, key_halves=True, **kw)
-
-
 @pytest.mark.parametrize("kw", [dict(q_tiles=2), dict(q_tiles=2, pingpong=False),
-                                dict(q_tiles=2, key_halves=True),
-                                dict(q_tiles=2, key_halves=True, programs=5),
                                 dict(q_tiles=2, block_kv=64, depth=4, compute_regs=232),
                                 dict(q_tiles=2, compute_regs=240),
                                 dict(q_tiles=2, profile_regions=("q_in", "out"))],
@@ -139,12 +133,14 @@ def test_export_lowers_for_cuda_at_any_row_count(case):
 
 def _natural_items(q_lens, num_seqs, span, num_slots, num_kv_heads):
     """The work list by its definition: request b's spans start at slot qsl[b] // span + b;
-    request num_seqs (padding) owns the slots from its first to the end."""
+    request num_seqs (padding) owns the slots from its first to the end, ``PAD_SPANS`` spans
+    an item."""
     qsl = np.concatenate([[0], np.cumsum(q_lens)])
     owner = []
     for slot in range(num_slots):
         b = max(b for b in range(num_seqs + 1) if qsl[b] // span + b <= slot)
-        owner.append((b, (slot - (qsl[b] // span + b)) * span))
+        per = span * (_mc.PAD_SPANS if b == num_seqs else 1)
+        owner.append((b, (slot - (qsl[b] // span + b)) * per))
     return np.array([(b, h, t) for h in range(num_kv_heads) for b, t in owner])
 
 
@@ -321,7 +317,7 @@ class TestMosaicCompiled:
         out = gpu.ragged_paged_attention(*x.args(), **case.attn_kwargs)
         assert_close(out, _expected(case, x), dtype=case.dtype, num_valid_rows=x.num_valid_rows)
 
-    @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+    @pytest.mark.parametrize("case", CASES + [PAD_CASE], ids=lambda c: c.id)
     def test_matches_reference(self, case):
         x = case.inputs()
         out = _run(case, x, interpret=False)
@@ -334,8 +330,7 @@ class TestMosaicCompiled:
         dict(q_tiles=2, block_kv=64, depth=3, compute_regs=232), dict(programs=7),
         dict(q_tiles=2, order="lpt"), dict(q_tiles=2, programs=5, order="lpt"),
         dict(q_tiles=2, programs=1 << 20), dict(order="lpt", programs=1 << 20),
-        dict(q_tiles=2, compute_regs=240), dict(q_tiles=2, key_halves=True),
-        dict(q_tiles=2, key_halves=True, programs=7)], ids=str)
+        dict(q_tiles=2, compute_regs=240)], ids=str)
     def test_configs(self, kw):
         for case in (CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[7]):
             x = case.inputs()
