@@ -42,6 +42,9 @@ class SchedulerConfig:
         max_model_len: longest sequence (prompt + output) a request may reach.
         enable_chunked_prefill: split long prompts across steps under the token budget.
         max_waiting_requests: cap on the waiting queue (RELIABILITY: bounded everything).
+        token_padding_gap: 0 pads a step's tokens to the next power of two; g (a multiple of
+            16) pads to powers of two up to g, then to the next multiple of g — fewer padding
+            rows in partly filled steps, more buckets to compile.
     """
 
     max_num_seqs: int = 64
@@ -49,8 +52,12 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting_requests: int = 100_000
+    token_padding_gap: int = 0
 
     def __post_init__(self) -> None:
+        if self.token_padding_gap < 0 or self.token_padding_gap % 16:
+            raise ValueError(f"token_padding_gap must be 0 or a positive multiple of 16, got "
+                             f"{self.token_padding_gap}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens < 1:
@@ -101,6 +108,13 @@ class EngineConfig:
     compilation_cache_dir: str | None = field(default=None)
 
 
+# Tokens per KV page on GPUs unless set: on the H100 a mixed prefill + decode step's attention
+# took 209 µs at pages of 64 (or 128) tokens against 217 at 16, prefill-only 87 against 91, and
+# decode-only steps the same at every page size (docs/benchmarks/NOTES.md, twelfth pass;
+# kernels_h100.md). The price: prefix caching and a request's last page in 64-token steps.
+GPU_BLOCK_SIZE = 64
+
+
 @dataclass
 class EngineArgs:
     """Every knob of ``LLM(**kwargs)`` and the CLI, with vLLM's names; ``None`` means "pick a
@@ -114,7 +128,7 @@ class EngineArgs:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
-    block_size: int = 16
+    block_size: int | None = None  # None: 64 on GPU, 16 elsewhere (GPU_BLOCK_SIZE)
     gpu_memory_utilization: float = 0.9
     num_pages: int | None = None
     kv_cache_dtype: str = "auto"
@@ -122,6 +136,7 @@ class EngineArgs:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    token_padding_gap: int = 0  # 0: steps pad to powers of two (SchedulerConfig)
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxpage/xla; "": off
     compile_all_buckets: bool | None = None  # None: on for accelerators, lazy on CPU
 
@@ -138,13 +153,15 @@ class EngineArgs:
             model_config=ModelConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
                                      load_format=self.load_format, max_model_len=max_model_len,
                                      seed=self.seed, attention_backend=self.attention_backend),
-            cache_config=CacheConfig(page_size=self.block_size,
+            cache_config=CacheConfig(page_size=self.block_size or (
+                                         GPU_BLOCK_SIZE if platform == "gpu" else 16),
                                      gpu_memory_utilization=self.gpu_memory_utilization,
                                      num_pages=self.num_pages, kv_cache_dtype=self.kv_cache_dtype,
                                      enable_prefix_caching=self.enable_prefix_caching),
             scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs,
                                              max_num_batched_tokens=batched,
                                              max_model_len=max_model_len,
-                                             enable_chunked_prefill=self.enable_chunked_prefill),
+                                             enable_chunked_prefill=self.enable_chunked_prefill,
+                                             token_padding_gap=self.token_padding_gap),
             compilation_cache_dir=self.compilation_cache_dir,
         )

@@ -19,7 +19,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--token-padding-gap", type=int, default=0,
+                   help="0: steps pad to powers of two; g: to powers of two up to g, then to "
+                        "multiples of g (less padding, more compiled buckets)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV page (default: 64 on GPU, 16 elsewhere)")
     g.add_argument("--num-pages", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
@@ -40,7 +44,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _engine_args(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model=ns.model, dtype=ns.dtype, load_format=ns.load_format,
                       max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
-                      max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
+                      max_num_batched_tokens=ns.max_num_batched_tokens,
+                      token_padding_gap=ns.token_padding_gap, block_size=ns.block_size,
                       num_pages=ns.num_pages, gpu_memory_utilization=ns.gpu_memory_utilization,
                       attention_backend=ns.attention_backend,
                       enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,

@@ -6,11 +6,18 @@ import bisect
 from dataclasses import dataclass
 
 
-def _powers_of_two(lo: int, hi: int) -> list[int]:
+def _powers_of_two(lo: int, hi: int, gap: int = 0) -> list[int]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi; with ``gap``: from ``gap`` on, every multiple of
+    it instead of doubling."""
     out, v = [], lo
     while v < hi:
         out.append(v)
-        v *= 2
+        if gap and v >= gap:
+            v += gap
+        elif gap and 2 * v > gap:
+            v = gap
+        else:
+            v *= 2
     out.append(hi)
     return out
 
@@ -18,7 +25,10 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
 @dataclass(frozen=True)
 class Buckets:
     """Token buckets: powers of two from 16 up to ``max_num_batched_tokens`` (which is always
-    one); request buckets: powers of two from ``min(8, max_num_seqs)`` up to ``max_num_seqs``.
+    one), or with ``token_padding_gap`` g > 0 powers of two up to g and then every multiple of g
+    (as vLLM's TPU runner pads: a partly filled step pads to fewer rows, for more compiled
+    buckets); request buckets: powers of two from ``min(8, max_num_seqs)`` up to
+    ``max_num_seqs``.
 
     A step with ``t`` tokens of ``r`` requests pads to the smallest token bucket >= t and the
     smallest request bucket >= r. Since every request has at least one token (r <= t), only
@@ -29,8 +39,10 @@ class Buckets:
     req_buckets: tuple[int, ...]
 
     @classmethod
-    def create(cls, max_num_batched_tokens: int, max_num_seqs: int) -> "Buckets":
-        tok = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
+    def create(cls, max_num_batched_tokens: int, max_num_seqs: int,
+               token_padding_gap: int = 0) -> "Buckets":
+        tok = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens,
+                             token_padding_gap)
         req = _powers_of_two(min(8, max_num_seqs), max_num_seqs)
         return cls(tuple(tok), tuple(req))
 

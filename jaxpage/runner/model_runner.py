@@ -83,7 +83,8 @@ class ModelRunner:
         self.kv_pages = kv_cache.allocate_kv_pool(self.spec, self.num_pages, self.backend)
         self.pages_per_req = math.ceil(max_model_len / self.page_size)
         self.buckets = Buckets.create(scheduler_config.max_num_batched_tokens,
-                                      scheduler_config.max_num_seqs)
+                                      scheduler_config.max_num_seqs,
+                                      scheduler_config.token_padding_gap)
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, max_model_len,
                                       self.pages_per_req, self.page_size)
         self.sampler = StepSampler(self.vocab_size, self.input_batch)

@@ -42,3 +42,34 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 def test_bad_sampling_flag_is_a_clear_error(default_gguf):
     proc = _run("generate", "hi", "--temperature", "5")
     assert proc.returncode == 2 and "temperature" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_flags_reach_engine_args():
+    from jaxpage.entrypoints import cli
+    import argparse
+
+    p = argparse.ArgumentParser()
+    cli._add_engine_args(p)
+    args = cli._engine_args(p.parse_args(["--token-padding-gap", "256",
+                                          "--max-num-batched-tokens", "1024"]))
+    assert args.token_padding_gap == 256 and args.max_num_batched_tokens == 1024
+    cfg = args.create_engine_config(platform="cpu", model_max_len=2048)
+    assert cfg.scheduler_config.token_padding_gap == 256
+
+
+def test_block_size_default_per_platform():
+    # GPUs get 64-token pages unless told (measured faster there, GPU_BLOCK_SIZE), the rest 16.
+    from jaxpage.config import GPU_BLOCK_SIZE, EngineArgs
+
+    page = {p: EngineArgs().create_engine_config(platform=p, model_max_len=2048)
+            .cache_config.page_size for p in ("gpu", "cpu", "tpu")}
+    assert page == {"gpu": GPU_BLOCK_SIZE, "cpu": 16, "tpu": 16} and GPU_BLOCK_SIZE == 64
+    for p in ("gpu", "cpu"):
+        assert EngineArgs(block_size=32).create_engine_config(
+            platform=p, model_max_len=2048).cache_config.page_size == 32
+
+
+def test_bad_token_padding_gap_is_a_clear_error():
+    proc = _run("generate", "hi", "--token-padding-gap", "100")
+    assert proc.returncode == 2 and "token_padding_gap" in proc.stderr
+    assert "Traceback" not in proc.stderr

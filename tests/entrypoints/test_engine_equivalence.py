@@ -55,6 +55,17 @@ def test_prefix_caching(prompts, reference, caching):
     print(f"prefix caching={caching}: {n}/{NUM} identical, {hits} cached tokens")
 
 
+def test_token_padding_gap(prompts, reference):
+    # Steps pad to multiples of 48 past 48 instead of powers of two: other padded shapes, the
+    # same tokens.
+    llm, outs = _run(prompts, max_num_seqs=32, max_num_batched_tokens=256, token_padding_gap=48)
+    runner = llm.engine.model_runner
+    assert runner.buckets.token_buckets[:5] == (16, 32, 48, 96, 144)
+    assert any(t & (t - 1) for t, *_ in runner.compile_seconds)  # a step ran at a multiple of 48
+    n = assert_close(reference, outs)
+    print(f"token padding gap 48: {n}/{NUM} identical")
+
+
 def test_small_prefill_chunks(prompts, reference):
     llm, outs = _run(prompts, max_num_seqs=8, max_num_batched_tokens=16)
     n = assert_close(reference, outs)
