@@ -45,8 +45,9 @@ def test_bad_sampling_flag_is_a_clear_error(default_gguf):
 
 
 def test_engine_flags_reach_engine_args():
-    from jaxpage.entrypoints import cli
     import argparse
+
+    from jaxpage.entrypoints import cli
 
     p = argparse.ArgumentParser()
     cli._add_engine_args(p)
@@ -69,7 +70,7 @@ def test_block_size_default_per_platform():
             platform=p, model_max_len=2048).cache_config.page_size == 32
 
 
-def test_bad_token_padding_gap_is_a_clear_error():
+def test_bad_token_padding_gap_is_a_clear_error(default_gguf):
     proc = _run("generate", "hi", "--token-padding-gap", "100")
     assert proc.returncode == 2 and "token_padding_gap" in proc.stderr
     assert "Traceback" not in proc.stderr
