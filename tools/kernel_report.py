@@ -80,8 +80,8 @@ def markdown(result):
                      f"{fmt(r.get('ours'))} | {fmt(r.get('ours_ragged'))} | "
                      f"{fmt(r.get('ours_two_launch'))} | {jtxt} | "
                      f"{fmt(r.get('reference'))} | {speed} |")
-    if result.get("mixed"):
-        m = result["mixed"]
+    mixed = [result["mixed"]] + result.get("mixed_more", []) if result.get("mixed") else []
+    for m in mixed:  # one table per page size of the mixed batch (``--mixed-pages``)
         lines += ["", f"Mixed batch ({m['shape']}, page {m['page']}, T = {m['num_tokens']}): "
                   f"floor {m['floor_us']:.0f} µs (bytes {m['floor_bytes_us']:.0f} µs, FLOPs "
                   f"{m['floor_flops_us']:.0f} µs; bytes + FLOPs "

@@ -46,3 +46,17 @@ def test_no_settings_no_extra_tables():
             del row[k]
     md = kernel_report.markdown(result)
     assert "by setting" not in md and kernel_report.decode_cfg_labels(result) == []
+
+
+def test_one_mixed_table_per_page():
+    def mixed(page, us):
+        return dict(shape="4 chunks + 60 decodes", page=page, num_tokens=2108, floor_us=160.0,
+                    floor_bytes_us=160.0, floor_flops_us=50.0,
+                    ours=dict(time_us=us, x_floor=us / 160.0, spread=0.01))
+
+    result = dict(_result(), mixed=mixed(16, 216.0), mixed_more=[mixed(64, 208.0)])
+    md = kernel_report.markdown(result)
+    at16, at64 = md.index("page 16, T = 2108"), md.index("page 64, T = 2108")
+    assert at16 < md.index("| ours | 216 | 1.35 |") < at64 < md.index("| ours | 208 | 1.30 |")
+    del result["mixed_more"]  # results written before --mixed-pages: one table
+    assert "page 64, T" not in kernel_report.markdown(result)
