@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,8 @@ def resolve_dtype(dtype: str | Any) -> Any:
 
 def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
                load_format: str = "auto", seed: int = 0, hf_config: dict[str, Any] | None = None,
-               tokenizer_path: str | os.PathLike | None = None) -> LoadedModel:
+               tokenizer_path: str | os.PathLike | None = None,
+               before_weights: Callable[[Any], None] | None = None) -> LoadedModel:
     """Loads weights, config, tokenizer and generation defaults.
 
     Args:
@@ -82,6 +83,8 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
         seed: seed for dummy weights.
         hf_config: an HF config dict that replaces the checkpoint's ``config.json``.
         tokenizer_path: a directory to load the tokenizer from instead of ``model_path``.
+        before_weights: called with the model's config once it is read, before any weight is
+            (the engine checks its own arguments there: a bad flag fails before a long load).
 
     Raises:
         FileNotFoundError: a missing path, config or weights.
@@ -105,6 +108,8 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
     if gguf is not None and gguf.rope_freq_divisors is not None:
         config = dataclasses.replace(config, rope=dataclasses.replace(
             config.rope, freq_divisors=gguf.rope_freq_divisors))
+    if before_weights is not None:
+        before_weights(config)
 
     def create(key) -> nnx.Module:
         return model_cls(config, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(params=key))

@@ -159,3 +159,23 @@ def test_penalties_and_logit_bias_reach_the_sampler(llm):
                                                    logit_bias={77: 100.0}),
                           use_tqdm=False)[0].outputs[0].token_ids
     assert biased == [77] * 8
+
+
+def test_bad_engine_args_fail_before_the_weights_load(tmp_path):
+    # A tiny Llama's config.json beside a checkpoint that lacks its tensors: a bad engine
+    # argument is what gets reported, so a flag never waits for a long load to fail.
+    import json
+
+    from safetensors.numpy import save_file
+
+    from jaxpage import LLM
+    from tests.entrypoints.engine_util import TINY_LLAMA
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    save_file({"unrelated": np.zeros(2, np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        LLM(model=str(tmp_path), block_size=3)
+    with pytest.raises(ValueError, match="max_model_len 512 exceeds the model's limit 256"):
+        LLM(model=str(tmp_path), max_model_len=512)
+    with pytest.raises(ValueError, match="checkpoint tensor"):  # good arguments: the weights fail
+        LLM(model=str(tmp_path))
