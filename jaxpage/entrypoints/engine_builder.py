@@ -32,12 +32,14 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
     enable_compilation_cache(args.compilation_cache_dir)
     dtype = jnp.dtype(resolve_dtype(args.dtype)).name  # "auto": bfloat16 on accelerators, f32 on CPU
     path = None if args.model is None else resolve_model(args.model)
-    # The engine's arguments are checked against the model's config before its weights load.
+    # The engine's configuration is made (and its arguments checked) from the model's config,
+    # before the weights load.
+    made = []
     loaded = load_model(path, dtype=dtype, load_format=args.load_format, seed=args.seed,
                         hf_config=args.hf_config, tokenizer_path=args.tokenizer,
-                        before_weights=lambda config: args.create_engine_config(
-                            platform=platform, model_max_len=config.max_position_embeddings))
-    cfg = args.create_engine_config(platform=platform, model_max_len=loaded.max_model_len)
+                        before_weights=lambda config: made.append(args.create_engine_config(
+                            platform=platform, model_max_len=config.max_position_embeddings)))
+    cfg = made[0]
     kv_dtype = dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     runner = ModelRunner(loaded.model, cache_config=cfg.cache_config,
                          scheduler_config=cfg.scheduler_config,

@@ -6,7 +6,7 @@ import bisect
 from dataclasses import dataclass
 
 
-def _powers_of_two(lo: int, hi: int, gap: int = 0) -> list[int]:
+def _bucket_sizes(lo: int, hi: int, gap: int = 0) -> list[int]:
     """lo, 2 lo, 4 lo, ... below hi, then hi; with ``gap``: from ``gap`` on, every multiple of
     it instead of doubling."""
     out, v = [], lo
@@ -41,9 +41,9 @@ class Buckets:
     @classmethod
     def create(cls, max_num_batched_tokens: int, max_num_seqs: int,
                token_padding_gap: int = 0) -> "Buckets":
-        tok = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens,
+        tok = _bucket_sizes(min(16, max_num_batched_tokens), max_num_batched_tokens,
                              token_padding_gap)
-        req = _powers_of_two(min(8, max_num_seqs), max_num_seqs)
+        req = _bucket_sizes(min(8, max_num_seqs), max_num_seqs)
         return cls(tuple(tok), tuple(req))
 
     def pick(self, num_tokens: int, num_reqs: int) -> tuple[int, int]:
