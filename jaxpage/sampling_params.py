@@ -141,18 +141,18 @@ class SamplingParams:
         """Checks what depends on the model; raises ``ValueError`` naming the bad field."""
         for t in self.stop_token_ids:
             if t >= vocab_size:
-                raise _param_error("stop_token_ids", f"contains {t}, outside the vocabulary [0, {vocab_size}).")
+                raise param_error("stop_token_ids", f"contains {t}, outside the vocabulary [0, {vocab_size}).")
         if self.logit_bias:
             for t in self.logit_bias:
                 if not 0 <= t < vocab_size:
-                    raise _param_error("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab_size}).")
+                    raise param_error("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab_size}).")
         if num_prompt_tokens >= max_model_len:
-            raise _param_error(
+            raise param_error(
                 "prompt",
                 f"has {num_prompt_tokens} tokens; the model's context length is {max_model_len}, "
                 "leaving no room for output.", code="context_length_exceeded")
         if self.max_tokens is not None and num_prompt_tokens + self.max_tokens > max_model_len:
-            raise _param_error(
+            raise param_error(
                 "max_tokens",
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                 f"{num_prompt_tokens + self.max_tokens} tokens ({num_prompt_tokens} in the prompt, "
@@ -173,7 +173,7 @@ class SamplingParams:
         return copy.deepcopy(self)
 
 
-def _param_error(param: str, msg: str, code: str | None = None) -> ValueError:
+def param_error(param: str, msg: str, code: str | None = None) -> ValueError:
     err = ValueError(f"{param} {msg}" if not msg[:1].isupper() else msg)
     err.param = param  # type: ignore[attr-defined]
     err.code = code  # type: ignore[attr-defined]

@@ -1,10 +1,11 @@
-"""``jaxpage generate | chat`` on the default model or ``--model``."""
+"""``jaxpage generate | chat | serve | bench`` on the default model or ``--model``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from jaxpage.config import EngineArgs
@@ -71,6 +72,29 @@ def _run_generate(ns: argparse.Namespace, chat: bool) -> int:
     return 0
 
 
+def _run_serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jaxpage import LLM
+    from jaxpage.entrypoints.openai.server import app_for_llm
+
+    def exit_cleanly(signum, frame):
+        raise SystemExit(0)
+
+    # SIGTERM exits with status 0: at once while the model loads, and after the drain below
+    # once serving (uvicorn re-raises the signal it caught, under this handler).
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    llm = LLM(**vars(_engine_args(ns)))
+    app = app_for_llm(llm, model_name=ns.served_model_name or ns.model,
+                      api_key=ns.api_key or None, max_body_bytes=ns.max_body_bytes,
+                      drain_timeout_s=ns.drain_timeout)
+    # uvicorn stops taking connections on SIGTERM / SIGINT, waits for the open ones, then runs
+    # the app's shutdown, which drains the engine (refusing new requests with 503 meanwhile).
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info" if ns.verbose else "warning",
+                timeout_graceful_shutdown=int(ns.drain_timeout) + 5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpage", description="LLM inference on JAX with paged attention")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine start-up")
@@ -83,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _add_engine_args(p)
         _add_sampling_args(p)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("JAXPAGE_API_KEY"),
+                       help="required as 'Authorization: Bearer KEY' on every route but /health "
+                            "(default: $JAXPAGE_API_KEY; none: no check)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: the --model argument)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds requests in flight may take to finish after SIGTERM")
+    _add_engine_args(serve)
     from jaxpage.entrypoints import bench
     bench.add_parser(sub)
     return parser
@@ -96,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command in ("generate", "chat"):
             return _run_generate(ns, chat=ns.command == "chat")
+        if ns.command == "serve":
+            return _run_serve(ns)
         if ns.command == "bench":
             from jaxpage.entrypoints import bench
             return bench.main(ns)

@@ -1,0 +1,135 @@
+"""Request bodies of the OpenAI-compatible routes (pydantic), and their mapping onto
+:class:`SamplingParams`, where every value is validated (one validator for every front end).
+
+Fields follow the OpenAI API; vLLM's extra sampling fields (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
+``skip_special_tokens``, ``include_stop_str_in_output``, ``cache_salt``) are accepted too.
+Unknown fields are ignored, as OpenAI clients send fields a server may not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxpage.sampling_params import MAX_LOGIT_BIAS, SamplingParams, param_error
+
+# OpenAI's own cap on the completions route's ``logprobs``; chat's ``top_logprobs`` is 20.
+MAX_COMPLETION_LOGPROBS = 5
+MAX_PROMPTS = 128  # prompts in one completions request (RELIABILITY.md: bounded everything)
+MAX_MESSAGES = 1024
+
+
+class _Body(BaseModel):
+    # Strict types: "0.5" is no temperature and true is no token id (JSON numbers still fill
+    # float fields); unknown fields are ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    cache_salt: str | None = None
+
+    def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict[str, Any]) -> SamplingParams:
+        """SamplingParams of this body; ``defaults`` (the model's generation config) fill the
+        fields the client left out. Raises ``ValueError`` naming the field."""
+        bias = None
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise param_error("logit_bias", f"allows at most {MAX_LOGIT_BIAS} entries.")
+            try:
+                bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise param_error("logit_bias", "keys must be token ids (integers).") from None
+        picked = {k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k)
+                  for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        return SamplingParams(
+            n=self.n, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
+            **{k: v for k, v in picked.items() if v is not None})
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None  # omitted: up to the context limit (RELIABILITY.md)
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def message_text(message: ChatMessage) -> str:
+    """A message's content as one string: OpenAI's content parts of type "text" joined; any
+    other part (images, audio) is refused, since the models here read text only."""
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise param_error("messages", f"content parts of type {part.get('type')!r} are not "
+                               "supported; only 'text'.")
+        texts.append(part["text"])
+    return "\n".join(texts)
