@@ -161,6 +161,24 @@ def test_chat_completion_and_its_stream(served, tok):
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_echo_and_chat_n(served):
+    client, _ = served
+    body = dict(prompt="Hello world", max_tokens=5, ignore_eos=True, echo=True)
+    full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert full.startswith("Hello world") and len(full) > len("Hello world")
+    events = sse_events(client.post("/v1/completions", json=dict(body, stream=True)).text)
+    assert "".join(e["choices"][0]["text"] for e in events) == full
+    chat = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=6, ignore_eos=True,
+                n=2, temperature=0.8, seed=1)
+    full = client.post("/v1/chat/completions", json=chat).json()["choices"]
+    events = sse_events(client.post("/v1/chat/completions", json=dict(chat, stream=True)).text)
+    texts = {0: "", 1: ""}
+    for e in events:
+        for c in e["choices"]:
+            texts[c["index"]] += c["delta"].get("content", "")
+    assert texts == {c["index"]: c["message"]["content"] for c in full}
+
+
 def test_omitted_max_tokens_means_up_to_the_context_limit(served):
     client, _ = served
     for route, body in (("/v1/completions", dict(prompt=[5, 6, 7])),
@@ -204,8 +222,17 @@ def test_models_tokenize_detokenize_metrics_health(served, tok):
     assert chat["count"] == len(chat["tokens"]) > 0
     metrics = client.get("/metrics").text
     for name in ("jaxpage:num_requests_running", "jaxpage:kv_cache_usage_perc",
-                 "jaxpage:num_free_pages", 'jaxpage:http_requests_total{route="/health"'):
+                 "jaxpage:num_free_pages", 'jaxpage:http_requests_total{route="/health"',
+                 'jaxpage:time_to_first_token_seconds_bucket{le="+Inf"}'):
         assert name in metrics
+    count = lambda text, name: float(next(  # noqa: E731
+        line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+    before = count(metrics, "jaxpage:request_generation_tokens_sum")
+    n_before = count(metrics, "jaxpage:e2e_request_latency_seconds_count")
+    client.post("/v1/completions", json=dict(prompt=[5, 6], max_tokens=7, ignore_eos=True))
+    after = client.get("/metrics").text
+    assert count(after, "jaxpage:request_generation_tokens_sum") == before + 7
+    assert count(after, "jaxpage:e2e_request_latency_seconds_count") == n_before + 1
 
 
 # -- bad input: OpenAI-shaped 4xx, and the engine keeps serving ----------------------------------

@@ -178,6 +178,34 @@ def count_middleware(app: Callable, serving: "_Serving", routes: set[str]) -> Ca
     return middleware
 
 
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count) of seconds or token counts."""
+
+    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
+        self.name, self.help, self.buckets = name, help_, buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self) -> list[str]:
+        name = f"jaxpage:{self.name}"
+        out = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
+        out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}",
+                      f"{name}_count {self.count}"]
+
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192, 32768)
+
+
 # -- the routes' shared work ---------------------------------------------------------------------
 class _Serving:
     def __init__(self, engine: AsyncLLMEngine, config: ServerConfig):
@@ -186,6 +214,24 @@ class _Serving:
         self.tokenizer = config.tokenizer
         self._token_text: dict[int, str] = {}
         self.num_requests: dict[str, int] = {}
+        self.histograms = {
+            "ttft": Histogram("time_to_first_token_seconds", "Arrival to first output token.",
+                              _LATENCY_BUCKETS),
+            "e2e": Histogram("e2e_request_latency_seconds", "Arrival to the last token of "
+                             "finished requests.", _LATENCY_BUCKETS),
+            "prompt": Histogram("request_prompt_tokens", "Prompt tokens per finished request.",
+                                _TOKEN_BUCKETS),
+            "generation": Histogram("request_generation_tokens", "Generated tokens per "
+                                    "finished request (all n completions).", _TOKEN_BUCKETS)}
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m is not None and m.first_token_time is not None:
+            self.histograms["ttft"].observe(m.first_token_time - m.arrival_time)
+        if m is not None and m.finished_time is not None:
+            self.histograms["e2e"].observe(m.finished_time - m.arrival_time)
+        self.histograms["prompt"].observe(len(out.prompt_token_ids))
+        self.histograms["generation"].observe(sum(len(c.token_ids) for c in out.outputs))
 
     def admit(self, model: str | None) -> None:
         """503 while the engine takes no new requests; 404 for another model's name."""
@@ -266,6 +312,8 @@ class _Serving:
         try:
             async for out in self.engine.generate(request_id, ids, params, prompt=prompt,
                                                   cache_salt=cache_salt):
+                if out.finished:
+                    self.observe_finished(out)
                 yield out
         except EngineUnavailable as e:
             raise _unavailable(str(e), "engine_unavailable") from None
@@ -615,8 +663,9 @@ async def _completion_chunks(serving: _Serving, body: CompletionRequest, base: s
                     raise APIError(500, out.error or "internal error while generating",
                                    type_="server_error", code="generation_failed")
                 delta = c.text[sent_text.get(index, 0):]
-                if not delta and c.finish_reason is None:
-                    continue
+                if (not delta and c.finish_reason is None
+                        and len(c.token_ids) == sent_tokens.get(index, 0)):
+                    continue  # (a new token without text yet, e.g. half a character, is sent)
                 logprobs = _completion_logprobs(serving, c, sent_tokens.get(index, 0),
                                                 sent_text.get(index, 0))
                 sent_text[index] = len(c.text)
@@ -657,7 +706,8 @@ async def _chat_chunks(serving: _Serving, body: ChatCompletionRequest, base: str
                         raise APIError(500, out.error or "internal error while generating",
                                        type_="server_error", code="generation_failed")
                     delta = c.text[sent_text.get(c.index, 0):]
-                    if not delta and c.finish_reason is None:
+                    if (not delta and c.finish_reason is None
+                            and len(c.token_ids) == sent_tokens.get(c.index, 0)):
                         continue
                     logprobs = (_chat_logprobs(serving, c, sent_tokens.get(c.index, 0))
                                 if body.logprobs else None)
@@ -705,4 +755,6 @@ def _prometheus(engine: AsyncLLMEngine, serving: _Serving) -> str:
               "# TYPE jaxpage:http_requests_total counter"]
     lines += [f"jaxpage:http_requests_total{{{k}}} {v}"
               for k, v in sorted(serving.num_requests.items())]
+    for histogram in serving.histograms.values():
+        lines += histogram.lines()
     return "\n".join(lines) + "\n"
