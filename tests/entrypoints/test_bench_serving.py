@@ -5,13 +5,12 @@ import asyncio
 import os
 import sys
 
-from tests.entrypoints.test_openai_server import live_server, tok  # noqa: F401  (fixtures)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 import bench_serving  # noqa: E402
 
 
-def test_bench_serving_measures_a_live_server(live_server, tok):  # noqa: F811
+def test_bench_serving_measures_a_live_server(live_server, tok):
     url, _, engine = live_server
     prompts = [[5 + i, 6, 7, 8, 9, 10] for i in range(5)] + [[5, 6, len(tok) + 10]]
     results, duration = asyncio.run(bench_serving.run(url, "tiny", prompts, 6, float("inf"),

@@ -14,47 +14,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from jaxpage.engine.async_engine import AsyncLLMEngine
-from jaxpage.entrypoints.openai.server import ServerConfig, build_app
 from tests.engine.fake_runner import reference_generate
-from tests.engine.test_detokenizer import build_tokenizer
-from tests.engine.test_llm_engine import make_engine
-
-TEMPLATE = ("{% for m in messages %}<|sep|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|sep|>assistant: {% endif %}")
-MAX_LEN = 96
-POISON = 0  # "<eos>": a prompt holding it makes the runner raise (a device failure)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-class _Slow:
-    """Wraps a runner: sleeps per step, and raises for a batch with a poisoned prompt."""
-
-    def __init__(self, runner, delay: float):
-        self.runner, self.delay = runner, delay
-
-    def execute_model(self, so):
-        if self.delay:
-            time.sleep(self.delay)
-        if any(POISON in r.all_token_ids for r in so.scheduled_new_reqs):
-            raise RuntimeError("simulated device failure")
-        return self.runner.execute_model(so)
-
-
-def make_server(tok, *, delay=0.0, api_key=None, max_body_bytes=1 << 20, **engine_kw):
-    engine, runner = make_engine(tokenizer=tok, vocab_size=len(tok), eos=(tok.eos_token_id,),
-                                 max_model_len=MAX_LEN, **engine_kw)
-    engine.model_runner = _Slow(runner, delay)
-    async_engine = AsyncLLMEngine(engine)
-    config = ServerConfig(model_name="tiny", max_model_len=MAX_LEN, tokenizer=tok,
-                          chat_template=TEMPLATE, api_key=api_key,
-                          max_body_bytes=max_body_bytes, drain_timeout_s=5.0)
-    return build_app(async_engine, config), async_engine
-
+from tests.entrypoints.server_util import MAX_LEN, POISON, TEMPLATE, make_server
 
 @pytest.fixture(scope="module")
 def served(tok):
@@ -413,30 +374,6 @@ def test_drain_lets_requests_in_flight_finish(tok):
 
 
 # -- clients that go away ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def live_server(tok):
-    import uvicorn
-
-    app, engine = make_server(tok, delay=0.02)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", port, engine
-    server.should_exit = True
-    thread.join(10)
-
-
 def _raw_post(port: int, path: str, body: dict) -> socket.socket:
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", port))

@@ -87,6 +87,20 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
 
+    def check_supported(self) -> None:
+        """Refuses what this server does not do (a 400 naming the field)."""
+        if self.suffix:
+            raise param_error("suffix", "is not supported.")
+        if self.best_of is not None and self.best_of != self.n:
+            raise param_error("best_of", "must equal n (or be omitted); best-of search is not "
+                              "supported.")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise param_error("logprobs", f"must be in [0, {MAX_COMPLETION_LOGPROBS}], got "
+                              f"{self.logprobs}.")
+        if self.echo and self.logprobs is not None:
+            raise param_error("echo", "with logprobs is not supported.")
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -103,6 +117,23 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+
+
+    def check_supported(self) -> None:
+        """Refuses what this server does not do (a 400 naming the field)."""
+        if self.tools:
+            raise param_error("tools", "are not supported by this server.")
+        if self.tool_choice not in (None, "none"):
+            raise param_error("tool_choice", "is not supported by this server.")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise param_error("response_format", "only {'type': 'text'} is supported.")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise param_error("top_logprobs", "needs logprobs: true.")
+
+    def output_limit(self) -> int | None:
+        """``max_completion_tokens`` (OpenAI's current name) over ``max_tokens``."""
+        return (self.max_completion_tokens if self.max_completion_tokens is not None
+                else self.max_tokens)
 
 
 class TokenizeRequest(_Body):

@@ -1,0 +1,232 @@
+"""Response bodies and server-sent-event streams of the completions and chat routes: choices,
+usage, OpenAI's two logprobs formats, and errors raised after the status line (sent in-band)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from jaxpage.entrypoints.openai.errors import APIError
+from jaxpage.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from jaxpage.entrypoints.openai.serving import Serving
+from jaxpage.outputs import CompletionOutput, RequestOutput
+from jaxpage.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxpage")
+
+
+def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def check_finished(out: RequestOutput) -> None:
+    if any(c.finish_reason == "error" for c in out.outputs):
+        raise APIError(500, out.error or "internal error while generating", type_="server_error",
+                       code="generation_failed")
+
+
+def completion_body(serving: Serving, body: CompletionRequest, base: str, prompts,
+                    results: list[RequestOutput]) -> dict:
+    """The non-streamed ``text_completion``: choice ``i * n + k`` is prompt i's completion k."""
+    choices = []
+    for i, (out, (text, _)) in enumerate(zip(results, prompts)):
+        check_finished(out)
+        prefix = (text or "") if body.echo else ""
+        for c in out.outputs:
+            choices.append({"index": i * body.n + c.index, "text": prefix + c.text,
+                            "logprobs": completion_logprobs(serving, c, 0, 0),
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return {"id": base, "object": "text_completion", "created": int(time.time()),
+            "model": serving.config.model_name, "choices": choices, "usage": usage(results)}
+
+
+def chat_body(serving: Serving, body: ChatCompletionRequest, base: str,
+              out: RequestOutput) -> dict:
+    """The non-streamed ``chat.completion``."""
+    check_finished(out)
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(serving, c, 0) if body.logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+               for c in out.outputs]
+    return {"id": base, "object": "chat.completion", "created": int(time.time()),
+            "model": serving.config.model_name, "choices": choices, "usage": usage([out])}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def completion_logprobs(serving: Serving, c: CompletionOutput, start: int,
+                         offset: int) -> dict | None:
+    """OpenAI's legacy logprobs of tokens ``start:`` of a completion (text offsets from
+    ``offset``)."""
+    if c.logprobs is None:
+        return None
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    pos = offset
+    for lp in c.logprobs[start:]:
+        text = serving.token_text(lp.token_ids[0])
+        tokens.append(text)
+        token_logprobs.append(lp.logprobs[0])
+        top.append({serving.token_text(t): v for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])})
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def chat_logprobs(serving: Serving, c: CompletionOutput, start: int) -> dict | None:
+    if c.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = serving.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(entry(lp.token_ids[0], lp.logprobs[0]), top_logprobs=[
+        entry(t, v) for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])])
+        for lp in c.logprobs[start:]]}
+
+
+def stream_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def error_event(e: BaseException) -> str:
+    err = e if isinstance(e, APIError) else APIError(
+        500, f"internal error ({type(e).__name__})", type_="server_error", code="internal_error")
+    if not isinstance(e, APIError):
+        logger.exception("stream failed", exc_info=e)
+    return sse(err.body())
+
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, Any]]:
+    """Outputs of several requests as they come: (stream index, output)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, s):
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    left = len(streams)
+    try:
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            with contextlib.suppress(BaseException):
+                await s.aclose()
+
+
+async def completion_chunks(serving: Serving, body: CompletionRequest, base: str,
+                             prompts, params: SamplingParams) -> AsyncIterator[str]:
+    created, name = int(time.time()), serving.config.model_name
+    streams = [serving.stream(f"{base}-{i}", ids, params, text, body.cache_salt)
+               for i, (text, ids) in enumerate(prompts)]
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    finals: dict[int, RequestOutput] = {}
+    try:
+        if body.echo:
+            for i, (text, _) in enumerate(prompts):
+                for k in range(body.n):
+                    yield sse({"id": base, "object": "text_completion", "created": created,
+                                "model": name, "choices": [{"index": i * body.n + k,
+                                                            "text": text or "", "logprobs": None,
+                                                            "finish_reason": None}]})
+        async for i, out in merge(streams):
+            if out.finished:
+                finals[i] = out
+            for c in out.outputs:
+                index = i * body.n + c.index
+                if c.finish_reason == "error":
+                    raise APIError(500, out.error or "internal error while generating",
+                                   type_="server_error", code="generation_failed")
+                delta = c.text[sent_text.get(index, 0):]
+                if (not delta and c.finish_reason is None
+                        and len(c.token_ids) == sent_tokens.get(index, 0)):
+                    continue  # (a new token without text yet, e.g. half a character, is sent)
+                logprobs = completion_logprobs(serving, c, sent_tokens.get(index, 0),
+                                                sent_text.get(index, 0))
+                sent_text[index] = len(c.text)
+                sent_tokens[index] = len(c.token_ids)
+                yield sse({"id": base, "object": "text_completion", "created": created,
+                            "model": name, "choices": [{
+                                "index": index, "text": delta, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({"id": base, "object": "text_completion", "created": created,
+                        "model": name, "choices": [], "usage": usage(list(finals.values()))})
+    except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in-band
+        yield error_event(e)
+    yield "data: [DONE]\n\n"
+
+
+async def chat_chunks(serving: Serving, body: ChatCompletionRequest, base: str, text: str,
+                       ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
+    created, name = int(time.time()), serving.config.model_name
+
+    def chunk(choices, **extra):
+        return sse(dict({"id": base, "object": "chat.completion.chunk", "created": created,
+                          "model": name, "choices": choices}, **extra))
+
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    final = None
+    try:
+        yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None} for k in range(params.n)])
+        gen = serving.stream(base, ids, params, text, body.cache_salt)
+        try:
+            async for out in gen:
+                final = out if out.finished else final
+                for c in out.outputs:
+                    if c.finish_reason == "error":
+                        raise APIError(500, out.error or "internal error while generating",
+                                       type_="server_error", code="generation_failed")
+                    delta = c.text[sent_text.get(c.index, 0):]
+                    if (not delta and c.finish_reason is None
+                            and len(c.token_ids) == sent_tokens.get(c.index, 0)):
+                        continue
+                    logprobs = (chat_logprobs(serving, c, sent_tokens.get(c.index, 0))
+                                if body.logprobs else None)
+                    sent_text[c.index] = len(c.text)
+                    sent_tokens[c.index] = len(c.token_ids)
+                    yield chunk([{"index": c.index,
+                                  "delta": {"content": delta} if delta else {},
+                                  "logprobs": logprobs, "finish_reason": c.finish_reason,
+                                  "stop_reason": c.stop_reason}])
+        finally:
+            await gen.aclose()
+        if body.stream_options and body.stream_options.include_usage and final is not None:
+            yield chunk([], usage=usage([final]))
+    except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in-band
+        yield error_event(e)
+    yield "data: [DONE]\n\n"

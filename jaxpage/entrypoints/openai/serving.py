@@ -1,0 +1,155 @@
+"""What the routes share: the server's configuration, admission checks, tokenization and chat
+templates, and running a request to its end (aborting it when the client goes away)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from jaxpage.engine.async_engine import AsyncLLMEngine, EngineDead, EngineUnavailable
+from jaxpage.entrypoints.openai.errors import APIError, from_value_error, unavailable
+from jaxpage.entrypoints.openai.metrics import ServerMetrics
+from jaxpage.entrypoints.openai.protocol import MAX_MESSAGES, message_text
+from jaxpage.outputs import RequestOutput
+from jaxpage.sampling_params import SamplingParams, param_error
+
+MAX_BODY_BYTES = 8 * 2**20
+DISCONNECT_POLL_S = 0.1
+
+
+@dataclass
+class ServerConfig:
+    """What the routes need besides the engine.
+
+    Args:
+        model_name: the name ``/v1/models`` lists and requests must use (or omit).
+        max_model_len: the engine's context limit (reported by ``/tokenize``).
+        tokenizer: HF-like tokenizer; None serves token-id prompts only.
+        chat_template: Jinja chat template (None: the tokenizer's own).
+        default_sampling: sampling fields a request leaves out (the model's generation config).
+        api_key: required as ``Authorization: Bearer <key>`` on every route but ``/health``.
+        max_body_bytes: larger bodies get 413.
+        drain_timeout_s: at shutdown, how long requests in flight may take to finish.
+    """
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Any = None
+    chat_template: str | None = None
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    drain_timeout_s: float = 30.0
+
+
+class Serving:
+    """The routes' shared state and steps, over one engine and one configuration."""
+
+    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.tokenizer = config.tokenizer
+        self._token_text: dict[int, str] = {}
+        self.metrics = ServerMetrics()
+
+    def admit(self, model: str | None) -> None:
+        """503 while the engine takes no new requests; 404 for another model's name."""
+        if not self.engine.accepting:
+            raise unavailable("the engine is " + ("draining" if self.engine.draining
+                                                   else "down"), "engine_unavailable")
+        if model is not None and model != self.config.model_name:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves "
+                           f"{self.config.model_name!r}.", type_="not_found_error",
+                           param="model", code="model_not_found")
+
+    def need_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise APIError(400, f"this model has no tokenizer: {what} needs one; send token ids.",
+                           param="prompt")
+        return self.tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not text:
+            raise param_error("prompt", "must be a non-empty string.")
+        tok = self.need_tokenizer("a text prompt")
+        return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def chat_prompt(self, messages, add_generation_prompt: bool) -> tuple[str, list[int]]:
+        if len(messages) > MAX_MESSAGES:
+            raise param_error("messages", f"allows at most {MAX_MESSAGES} messages.")
+        tok = self.need_tokenizer("a chat")
+        conv = [{"role": m.role, "content": message_text(m)} for m in messages]
+        try:
+            text = tok.apply_chat_template(conv, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt,
+                                           chat_template=self.config.chat_template)
+        except Exception as e:  # a template's own raise_exception(), e.g. roles out of order
+            raise param_error("messages", f"the chat template refused them: {e}") from None
+        return text, list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = (self.tokenizer.decode([token_id]) if self.tokenizer is not None
+                    else f"token_id:{token_id}")
+            self._token_text[token_id] = text
+        return text
+
+    async def run(self, request: Request, request_id: str, ids: list[int],
+                  params: SamplingParams, prompt: str | None,
+                  cache_salt: str | None) -> RequestOutput:
+        """The request's final output; aborts it if the client disconnects first."""
+        gen = self.stream(request_id, ids, params, prompt, cache_salt)
+
+        async def last():
+            out = None
+            async for out in gen:
+                pass
+            return out
+
+        task = asyncio.ensure_future(last())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected")  # nobody reads this response
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await gen.aclose()
+
+    async def stream(self, request_id: str, ids: list[int], params: SamplingParams,
+                     prompt: str | None, cache_salt: str | None) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self.engine.generate(request_id, ids, params, prompt=prompt,
+                                                  cache_salt=cache_salt):
+                if out.finished:
+                    self.metrics.observe_finished(out)
+                yield out
+        except EngineUnavailable as e:
+            raise unavailable(str(e), "engine_unavailable") from None
+        except EngineDead as e:
+            raise APIError(500, str(e), type_="server_error", code="engine_dead") from None
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+
+async def all_or_none(coros: list) -> list:
+    """Runs the coroutines together; the first failure cancels the others (their requests are
+    aborted) and raises."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
