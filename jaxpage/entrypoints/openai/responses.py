@@ -30,9 +30,29 @@ def usage(outputs: list[RequestOutput]) -> dict[str, int]:
 
 
 def check_finished(out: RequestOutput) -> None:
+    """A 500 if a step failed this request (only this one: the engine keeps serving)."""
     if any(c.finish_reason == "error" for c in out.outputs):
         raise APIError(500, out.error or "internal error while generating", type_="server_error",
                        code="generation_failed")
+
+
+class _Sent:
+    """How much of each choice a stream has sent: characters of text and tokens."""
+
+    def __init__(self):
+        self.text: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
+
+    def advance(self, key: int, c: CompletionOutput) -> tuple[str, int, int] | None:
+        """(new text, first unsent token, first unsent character) of choice ``c``, or None when
+        there is nothing new; a new token without text yet (half a character, or a model
+        served without a tokenizer) is new."""
+        text_start, token_start = self.text.get(key, 0), self.tokens.get(key, 0)
+        delta = c.text[text_start:]
+        if not delta and c.finish_reason is None and len(c.token_ids) == token_start:
+            return None
+        self.text[key], self.tokens[key] = len(c.text), len(c.token_ids)
+        return delta, token_start, text_start
 
 
 def completion_body(serving: Serving, body: CompletionRequest, base: str, prompts,
@@ -149,8 +169,7 @@ async def completion_chunks(serving: Serving, body: CompletionRequest, base: str
     created, name = int(time.time()), serving.config.model_name
     streams = [serving.stream(f"{base}-{i}", ids, params, text, body.cache_salt)
                for i, (text, ids) in enumerate(prompts)]
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
+    sent = _Sent()
     finals: dict[int, RequestOutput] = {}
     try:
         if body.echo:
@@ -161,21 +180,16 @@ async def completion_chunks(serving: Serving, body: CompletionRequest, base: str
                                                             "text": text or "", "logprobs": None,
                                                             "finish_reason": None}]})
         async for i, out in merge(streams):
+            check_finished(out)
             if out.finished:
                 finals[i] = out
             for c in out.outputs:
                 index = i * body.n + c.index
-                if c.finish_reason == "error":
-                    raise APIError(500, out.error or "internal error while generating",
-                                   type_="server_error", code="generation_failed")
-                delta = c.text[sent_text.get(index, 0):]
-                if (not delta and c.finish_reason is None
-                        and len(c.token_ids) == sent_tokens.get(index, 0)):
-                    continue  # (a new token without text yet, e.g. half a character, is sent)
-                logprobs = completion_logprobs(serving, c, sent_tokens.get(index, 0),
-                                                sent_text.get(index, 0))
-                sent_text[index] = len(c.text)
-                sent_tokens[index] = len(c.token_ids)
+                new = sent.advance(index, c)
+                if new is None:
+                    continue
+                delta, token_start, text_start = new
+                logprobs = completion_logprobs(serving, c, token_start, text_start)
                 yield sse({"id": base, "object": "text_completion", "created": created,
                             "model": name, "choices": [{
                                 "index": index, "text": delta, "logprobs": logprobs,
@@ -197,8 +211,7 @@ async def chat_chunks(serving: Serving, body: ChatCompletionRequest, base: str, 
         return sse(dict({"id": base, "object": "chat.completion.chunk", "created": created,
                           "model": name, "choices": choices}, **extra))
 
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
+    sent = _Sent()
     final = None
     try:
         yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
@@ -206,19 +219,14 @@ async def chat_chunks(serving: Serving, body: ChatCompletionRequest, base: str, 
         gen = serving.stream(base, ids, params, text, body.cache_salt)
         try:
             async for out in gen:
+                check_finished(out)
                 final = out if out.finished else final
                 for c in out.outputs:
-                    if c.finish_reason == "error":
-                        raise APIError(500, out.error or "internal error while generating",
-                                       type_="server_error", code="generation_failed")
-                    delta = c.text[sent_text.get(c.index, 0):]
-                    if (not delta and c.finish_reason is None
-                            and len(c.token_ids) == sent_tokens.get(c.index, 0)):
+                    new = sent.advance(c.index, c)
+                    if new is None:
                         continue
-                    logprobs = (chat_logprobs(serving, c, sent_tokens.get(c.index, 0))
-                                if body.logprobs else None)
-                    sent_text[c.index] = len(c.text)
-                    sent_tokens[c.index] = len(c.token_ids)
+                    delta, token_start, _ = new
+                    logprobs = chat_logprobs(serving, c, token_start) if body.logprobs else None
                     yield chunk([{"index": c.index,
                                   "delta": {"content": delta} if delta else {},
                                   "logprobs": logprobs, "finish_reason": c.finish_reason,
