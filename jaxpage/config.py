@@ -45,6 +45,9 @@ class SchedulerConfig:
         token_padding_gap: 0 pads a step's tokens to the next power of two; g (a multiple of
             16) pads to powers of two up to g, then to the next multiple of g — fewer padding
             rows in partly filled steps, more buckets to compile.
+        async_scheduling: schedule and launch step N + 1 before reading step N's tokens back,
+            so that the host's work overlaps the device's (the tokens feed the next step on
+            the device; stop checks run one step late).
     """
 
     max_num_seqs: int = 64
@@ -53,6 +56,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_waiting_requests: int = 100_000
     token_padding_gap: int = 0
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.token_padding_gap < 0 or self.token_padding_gap % 16:
@@ -137,6 +141,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     token_padding_gap: int = 0  # 0: steps pad to powers of two (SchedulerConfig)
+    async_scheduling: bool = False  # launch step N + 1 before reading step N back
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxpage/xla; "": off
     compile_all_buckets: bool | None = None  # None: on for accelerators, lazy on CPU
 
@@ -162,6 +167,7 @@ class EngineArgs:
                                              max_num_batched_tokens=batched,
                                              max_model_len=max_model_len,
                                              enable_chunked_prefill=self.enable_chunked_prefill,
-                                             token_padding_gap=self.token_padding_gap),
+                                             token_padding_gap=self.token_padding_gap,
+                                             async_scheduling=self.async_scheduling),
             compilation_cache_dir=self.compilation_cache_dir,
         )

@@ -91,7 +91,8 @@ def stage_batch(runner, kind: str, num_reqs: int, q_len: int, ctx: int, rng):
     exe = runner._executable(bucket, decode_only=kind == "decode")
 
     def step():
-        logits, runner.kv_pages, _ = exe(runner.params, runner.kv_pages, packed)
+        logits, runner.kv_pages, _ = exe(runner.params, runner.kv_pages, packed,
+                                         runner.sampler.last_sampled)
         logits.block_until_ready()
 
     def release():

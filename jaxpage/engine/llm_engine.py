@@ -1,4 +1,8 @@
-"""The synchronous engine: validate, queue, and step (schedule -> execute -> update -> outputs)."""
+"""The engine: validate, queue, and step (schedule -> execute -> update -> outputs).
+
+With ``async_scheduling`` a step is schedule N + 1 -> dispatch N + 1 -> collect N -> update N
+-> outputs: the device runs step N + 1 while the host reads and processes step N.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ logger = logging.getLogger("jaxpage")
 
 
 class ModelRunnerLike(Protocol):
+    """``execute_model`` runs a step to its end; async scheduling also needs ``dispatch`` (launch
+    a step, return a handle) and ``collect`` (wait for it, read it back)."""
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
 
@@ -161,6 +168,10 @@ class LLMEngine:
         self._parents: dict[str, ParentRequest] = {}
         self._num_pending_children = 0
         self._rng = random.Random(seed)
+        self.async_scheduling = scheduler_config.async_scheduling
+        if self.async_scheduling and not hasattr(model_runner, "dispatch"):
+            raise ValueError("async_scheduling needs a model runner with dispatch / collect.")
+        self._in_flight: tuple[SchedulerOutput, Any] | None = None  # dispatched, not collected
 
     # -- requests -----------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: Any, sampling_params: SamplingParams, *,
@@ -266,6 +277,8 @@ class LLMEngine:
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns outputs of requests that progressed or finished."""
+        if self.async_scheduling:
+            return self._step_async()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
             return []
@@ -276,6 +289,47 @@ class LLMEngine:
         if self.scheduler.finished_req_ids and not self.scheduler.has_unfinished_requests():
             self._execute_model(self.scheduler.schedule())  # going idle: the runner forgets now
         return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Dispatches step N + 1, then collects and processes step N (still in flight)."""
+        so = self.scheduler.schedule()
+        dispatched = None
+        if not so.is_empty or so.finished_req_ids:
+            dispatched = (so, self._dispatch(so))
+        outputs = []
+        if self._in_flight is not None:
+            prev_so, handle = self._in_flight
+            self._in_flight = None
+            updates = self.scheduler.update_from_output(prev_so, self._collect(prev_so, handle))
+            outputs = self._process_updates(updates)
+        self._in_flight = dispatched
+        if not self.scheduler.has_unfinished_requests():  # going idle
+            if self._in_flight is not None:  # tokens of requests that ended meanwhile: dropped
+                prev_so, handle = self._in_flight
+                self._in_flight = None
+                self.scheduler.update_from_output(prev_so, self._collect(prev_so, handle))
+            if self.scheduler.finished_req_ids:
+                self._execute_model(self.scheduler.schedule())  # the runner forgets them now
+        return outputs
+
+    def _dispatch(self, so: SchedulerOutput) -> Any:
+        try:
+            return self.model_runner.dispatch(so)
+        except Exception as e:  # noqa: BLE001 - failed at launch: its requests fail at collect
+            logger.exception("model runner failed to launch a step")
+            return e
+
+    def _collect(self, so: SchedulerOutput, handle: Any) -> ModelRunnerOutput:
+        try:
+            if isinstance(handle, Exception):
+                raise handle
+            return self.model_runner.collect(handle)
+        except Exception as e:  # fail this step's requests, keep the engine serving
+            logger.exception("model runner failed a step of %d requests",
+                             len(so.num_scheduled_tokens))
+            msg = f"internal error in the model runner ({type(e).__name__})"
+            return ModelRunnerOutput(sampled_token_ids={}, errors=dict.fromkeys(
+                so.num_scheduled_tokens, msg))
 
     def _execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         try:

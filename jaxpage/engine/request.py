@@ -76,6 +76,9 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         self.num_preemptions = 0
+        # Tokens sampled by steps in flight whose ids the host does not know yet (async
+        # scheduling: at most one; always 0 between steps when stepping synchronously).
+        self.num_pending_tokens = 0
 
     # -- token views --------------------------------------------------------------------------
     @property

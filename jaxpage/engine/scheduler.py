@@ -118,9 +118,14 @@ class Scheduler:
             finished_req_ids=self.finished_req_ids,
         )
         self.finished_req_ids = set()
-        # Advance now (not after the step) so the next schedule() could overlap this step.
+        # Advance now (not after the step) so that the next schedule() can run while this step
+        # is in flight (async scheduling). A request whose range reaches its end samples a
+        # token the host learns only at update_from_output: it is pending until then.
         for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+            request = self.requests[req_id]
+            request.num_computed_tokens += n
+            if request.num_computed_tokens >= request.num_tokens + request.num_pending_tokens:
+                request.num_pending_tokens += 1
         return output
 
     def _schedule_running(self, num_scheduled: dict[str, int],
@@ -135,8 +140,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            num_new = min(request.num_tokens + request.num_pending_tokens
+                          - request.num_computed_tokens, budget)
+            if num_new <= 0 or self._will_finish(request):
                 i += 1
                 continue
             while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
@@ -153,6 +159,14 @@ class Scheduler:
             budget -= num_new
             i += 1
         return scheduled, num_preempted
+
+    def _will_finish(self, request: Request) -> bool:
+        """True when a token in flight is sure to end the request (its length caps): it is not
+        scheduled again, so no step computes a token that would be thrown away."""
+        if not request.num_pending_tokens:
+            return False
+        return (request.num_output_tokens + request.num_pending_tokens >= request.max_tokens
+                or request.num_tokens + request.num_pending_tokens >= self.max_model_len)
 
     def _schedule_waiting(self, num_scheduled: dict[str, int]) -> list[Request]:
         """Admits waiting requests first come first served, with their prefix-cache hits."""
@@ -208,6 +222,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        # A token in flight is dropped: recomputed, it samples the same (seeded by position).
+        request.num_pending_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -246,6 +262,7 @@ class Scheduler:
             self.kv_cache_manager.cache_blocks(request, end)
             new_token_ids: list[int] = []
             if end >= request.num_tokens:  # the range reached the end: the runner sampled
+                request.num_pending_tokens = max(request.num_pending_tokens - 1, 0)
                 for token_id in sampled:
                     request.append_output_token_ids(token_id)
                     new_token_ids.append(token_id)

@@ -27,7 +27,8 @@ class PackedLayout:
     def sizes(self) -> dict[str, int]:
         t, r = self.num_tokens, self.num_reqs
         return dict(input_ids=t, positions=t, slot_mapping=t, block_tables=r * self.pages_per_req,
-                    seq_lens=r, query_start_loc=r + 1, num_seqs=1, logits_indices=r)
+                    seq_lens=r, query_start_loc=r + 1, num_seqs=1, logits_indices=r,
+                    placeholder_slots=t)
 
     @property
     def total(self) -> int:
@@ -53,6 +54,9 @@ class CachedRequestState:
     num_tokens: int  # tokens known (prompt + output); ids in InputBatch.token_ids[slot]
     num_blocks: int
     num_computed_tokens: int
+    # Tokens sampled by dispatched steps whose ids are on the device only (async scheduling):
+    # the sampler keeps the last one per slot, and the next step reads its input id there.
+    num_pending: int = 0
 
     @property
     def num_output_tokens(self) -> int:
@@ -104,6 +108,7 @@ class InputBatch:
             if new_tokens:
                 self.token_ids[state.slot, state.num_tokens:state.num_tokens + len(new_tokens)] = new_tokens
                 state.num_tokens += len(new_tokens)
+                state.num_pending = max(state.num_pending - len(new_tokens), 0)
             if new_blocks:
                 self.block_table[state.slot, state.num_blocks:state.num_blocks + len(new_blocks)] = new_blocks
                 state.num_blocks += len(new_blocks)
@@ -113,7 +118,9 @@ class InputBatch:
         """Fills the packed int32 buffer for ``req_ids`` (batch order) in ``layout``'s bucket.
 
         Padding tokens point at slot 0..S-1 of the null page 0; padding request rows have
-        seq_len 0 and an all-zero block table.
+        seq_len 0 and an all-zero block table. A position past the tokens the host knows (the
+        token a step in flight samples) gets ``placeholder_slots`` = its slot + 1: the step
+        reads its id from the sampler's device-side record (0: the id in ``input_ids``).
         """
         buf = np.zeros(layout.total, np.int32)
         a = layout.unpack(buf)  # views into buf
@@ -127,6 +134,9 @@ class InputBatch:
         tok_req = np.repeat(np.arange(num_reqs), counts)  # (t,)
         positions = starts[tok_req] + (np.arange(num_tokens) - qsl[:-1][tok_req])  # (t,)
         a["input_ids"][:num_tokens] = self.token_ids[slots[tok_req], positions]
+        known = np.array([self.requests[r].num_tokens for r in req_ids], np.int64)
+        a["placeholder_slots"][:num_tokens] = np.where(positions >= known[tok_req],
+                                                       slots[tok_req] + 1, 0)
         a["positions"][:num_tokens] = positions
         pages = self.block_table[slots[tok_req], positions // self.page_size]
         a["slot_mapping"][:num_tokens] = pages * self.page_size + positions % self.page_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 import math
 import time
 
@@ -22,23 +23,26 @@ from jaxpage.models.attention import AttentionMetadata
 from jaxpage.runner import kv_cache
 from jaxpage.runner.buckets import Buckets
 from jaxpage.runner.input_batch import InputBatch, PackedLayout, packing_order
-from jaxpage.runner.sampling import StepSampler
+from jaxpage.runner.sampling import PendingPromptLogprobs, PendingSample, StepSampler
 
 logger = logging.getLogger("jaxpage")
 
 
-def _forward(params, kv_pages, packed, *, graphdef, state_treedef, layout: PackedLayout,
-             backend: str, all_logits: bool, decode_only: bool):
+def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
+             layout: PackedLayout, backend: str, all_logits: bool, decode_only: bool):
     """One step. ``params`` are the flat leaves of the model's nnx.State: flattening a tuple
-    per call is cheap, flattening an nnx.State is not."""
+    per call is cheap, flattening an nnx.State is not. ``last_sampled`` (max_num_seqs,) holds
+    each slot's last sampled token on the device: the input of a token still in flight."""
     state = jax.tree.unflatten(state_treedef, params)
     a = layout.unpack(packed)
+    ph = a["placeholder_slots"]  # (T,) slot + 1, or 0
+    input_ids = jnp.where(ph > 0, last_sampled[jnp.maximum(ph - 1, 0)], a["input_ids"])
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
                            seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
                            num_seqs=a["num_seqs"], attention_backend=backend,
                            max_q_len=1 if decode_only else None)
     model = nnx.merge(graphdef, state)
-    hidden, kv_pages = model(a["input_ids"], a["positions"], kv_pages, md)  # (T, D)
+    hidden, kv_pages = model(input_ids, a["positions"], kv_pages, md)  # (T, D)
     if all_logits:  # prompt_logprobs: logits of every token, (T, V)
         logits_all = model.compute_logits(hidden)
         return logits_all[a["logits_indices"]], kv_pages, logits_all
@@ -119,7 +123,7 @@ class ModelRunner:
                                            state_treedef=self.state_treedef),
                          donate_argnums=(1,))
             packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32)
-            exe = fn.lower(self.params, self.kv_pages, packed).compile()
+            exe = fn.lower(self.params, self.kv_pages, packed, self.sampler.last_sampled).compile()
             self._compiled[key] = exe
             self.compile_seconds[key] = time.perf_counter() - start
         return exe
@@ -137,9 +141,23 @@ class ModelRunner:
 
     # -- one step -----------------------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.dispatch(so))
+
+    def collect(self, handle: "StepHandle") -> ModelRunnerOutput:
+        """Waits for a dispatched step and reads its tokens (and logprobs) back."""
+        if handle.sample is None:
+            return ModelRunnerOutput(sampled_token_ids={})
+        result = self.sampler.collect(handle.sample)
+        if handle.prompt_logprobs is not None:
+            self.sampler.collect_prompt_logprobs(handle.prompt_logprobs, result)
+        return result
+
+    def dispatch(self, so: SchedulerOutput) -> "StepHandle":
+        """Launches one step on the device without waiting for it (async scheduling calls
+        this for step N + 1 before it collects step N)."""
         self.input_batch.update(so)
         if so.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return StepHandle(None, None)
         req_ids = packing_order(so.num_scheduled_tokens)
         bucket = self.buckets.pick(so.total_num_scheduled_tokens, len(req_ids))
         layout = self._layout(bucket)
@@ -150,10 +168,20 @@ class ModelRunner:
                              and s.num_computed_tokens < s.num_prompt_tokens for s in states)
         exe = self._executable(bucket, want_prompt_lp,
                                decode_only=so.total_num_scheduled_tokens == len(req_ids))
-        logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages, jax.device_put(packed))
-        # Only requests whose scheduled range reaches their last known token sample.
-        samples = [s.num_computed_tokens + c >= s.num_tokens for s, c in zip(states, counts)]
-        result = self.sampler.sample(logits, states, samples, bucket[1])
-        if want_prompt_lp:
-            self.sampler.prompt_logprobs(all_logits, states, counts, result)
-        return result
+        logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages, jax.device_put(packed),
+                                                self.sampler.last_sampled)
+        # Only requests whose scheduled range reaches their last token (known or in flight)
+        # sample.
+        samples = [s.num_computed_tokens + c >= s.num_tokens + s.num_pending
+                   for s, c in zip(states, counts)]
+        prompt = (self.sampler.dispatch_prompt_logprobs(all_logits, states, counts)
+                  if want_prompt_lp else None)
+        return StepHandle(self.sampler.dispatch(logits, states, samples, bucket[1]), prompt)
+
+
+@dataclass
+class StepHandle:
+    """A dispatched step: its sampler outputs (device arrays) and prompt logprobs, if any."""
+
+    sample: PendingSample | None
+    prompt_logprobs: PendingPromptLogprobs | None

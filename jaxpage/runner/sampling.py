@@ -1,13 +1,23 @@
-"""Runs the on-device sampler for one step and turns its arrays into a ModelRunnerOutput."""
+"""Runs the on-device sampler for one step and turns its arrays into a ModelRunnerOutput.
+
+A step's sampling is dispatched (device arrays, nothing waited for) and collected apart, so
+that under async scheduling the next step can be dispatched in between. Each sampled token is
+also recorded per slot on the device (``last_sampled``): the next step's input for a request
+whose previous token the host has not read yet.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpage.engine.scheduler_output import Logprobs, ModelRunnerOutput
 from jaxpage.runner.input_batch import CachedRequestState, InputBatch
-from jaxpage.runner.sampler import compute_logprobs_for_tokens, sample
+from jaxpage.runner.sampler import (LogprobsTensors, SamplerOutput,
+                                    compute_logprobs_for_tokens, sample)
 from jaxpage.runner.sampling_metadata import (SamplingRow, build_sampling_metadata, logprobs_bucket,
                                               make_logprobs)
 from jaxpage.sampling_params import SamplingParams
@@ -20,38 +30,86 @@ _PRECOMPILE = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
                SamplingParams(temperature=1.0, top_p=0.9, top_k=50))
 
 
+def _sample_and_record(logits, md, last_sampled, slots):
+    """Samples, and records each row's token at its slot (rows that do not sample carry an
+    out-of-range slot and are dropped)."""
+    out = sample(logits, md)
+    return out, last_sampled.at[slots].set(out.sampled_token_ids, mode="drop")
+
+
+@dataclass
+class PendingSample:
+    """A dispatched sampling: device outputs, and the rows they belong to."""
+
+    out: SamplerOutput
+    states: list[CachedRequestState]
+    samples: list[bool]
+
+
+@dataclass
+class PendingPromptLogprobs:
+    """Dispatched prompt logprobs: device outputs, and the (req_id, row, count, first, k)
+    spans they cover."""
+
+    out: LogprobsTensors
+    targets: np.ndarray
+    spans: list[tuple[str, int, int, bool, int]]
+
+
 class StepSampler:
     def __init__(self, vocab_size: int, input_batch: InputBatch):
         self.vocab_size = vocab_size
         self.input_batch = input_batch
-        self._sample = jax.jit(sample)
+        self._sample = jax.jit(_sample_and_record)
         self._prompt_logprobs = jax.jit(compute_logprobs_for_tokens, static_argnums=2)
+        # (max_num_seqs,) the last token sampled in each input-batch slot, on the device.
+        self.last_sampled = jnp.zeros((input_batch.max_num_reqs,), jnp.int32)
 
     def precompile(self, req_buckets, logits_dtype=np.float32) -> None:
         for r in req_buckets:
             logits = np.zeros((r, self.vocab_size), logits_dtype)
+            slots = np.full(r, self.input_batch.max_num_reqs, np.int32)
             for sp in _PRECOMPILE:  # running once fills jit's cache (AOT lowering would not)
                 md = build_sampling_metadata([SamplingRow(sp, 0)] * r, r, self.vocab_size)
-                jax.block_until_ready(self._sample(logits, md))
+                jax.block_until_ready(self._sample(logits, md, self.last_sampled, slots))
 
-    def _row(self, state: CachedRequestState, samples: bool) -> SamplingRow:
+    def _row(self, state: CachedRequestState, samples: bool,
+             last_host: np.ndarray | None) -> SamplingRow:
         if not samples:
             return SamplingRow(_IDLE, 0)
         sp = state.sampling_params
         if sp.has_penalties:
             ids = self.input_batch.token_ids[state.slot]
-            return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens],
-                               ids[state.num_prompt_tokens:state.num_tokens])
-        return SamplingRow(sp, state.seed, num_output_tokens=state.num_output_tokens)
+            outputs = ids[state.num_prompt_tokens:state.num_tokens]
+            if state.num_pending:  # the token in flight counts too: read it back (a sync)
+                outputs = np.append(outputs, last_host[state.slot])
+            return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens], outputs)
+        return SamplingRow(sp, state.seed,
+                           num_output_tokens=state.num_output_tokens + state.num_pending)
 
-    def sample(self, logits: jax.Array, states: list[CachedRequestState], samples: list[bool],
-               padded_num_reqs: int) -> ModelRunnerOutput:
-        rows = [self._row(s, do) for s, do in zip(states, samples)]
+    def dispatch(self, logits: jax.Array, states: list[CachedRequestState], samples: list[bool],
+                 padded_num_reqs: int) -> PendingSample:
+        """Launches this step's sampling; every sampling row's token becomes pending."""
+        last_host = None
+        if any(do and s.num_pending and s.sampling_params.has_penalties
+               for s, do in zip(states, samples)):
+            last_host = np.asarray(jax.device_get(self.last_sampled))
+        rows = [self._row(s, do, last_host) for s, do in zip(states, samples)]
         md = build_sampling_metadata(rows, padded_num_reqs, self.vocab_size)
-        out = jax.device_get(self._sample(logits, md))
+        slots = np.full(padded_num_reqs, self.input_batch.max_num_reqs, np.int32)
+        for i, (state, do) in enumerate(zip(states, samples)):
+            if do:
+                slots[i] = state.slot
+                state.num_pending += 1
+        out, self.last_sampled = self._sample(logits, md, self.last_sampled, slots)
+        return PendingSample(out, list(states), list(samples))
+
+    def collect(self, pending: PendingSample) -> ModelRunnerOutput:
+        """Reads a dispatched sampling back (waits for the device)."""
+        out = jax.device_get(pending.out)
         token_ids = out.sampled_token_ids
         result = ModelRunnerOutput(sampled_token_ids={})
-        for i, (state, do) in enumerate(zip(states, samples)):
+        for i, (state, do) in enumerate(zip(pending.states, pending.samples)):
             if not do:
                 continue
             tok = int(token_ids[i])
@@ -64,9 +122,9 @@ class StepSampler:
                     lp.topk_logprobs[i], k, tok)]
         return result
 
-    def prompt_logprobs(self, all_logits: jax.Array, states: list[CachedRequestState],
-                        counts: list[int], result: ModelRunnerOutput) -> None:
-        """Adds prompt logprobs of the positions computed this step to ``result``.
+    def dispatch_prompt_logprobs(self, all_logits: jax.Array, states: list[CachedRequestState],
+                                 counts: list[int]) -> PendingPromptLogprobs | None:
+        """Launches the prompt logprobs of the positions computed this step.
 
         Row t of ``all_logits`` (the logits of the t-th scheduled token, at position p) scores
         the prompt token at p + 1; position 0 has no logprob (None), as in vLLM.
@@ -81,17 +139,26 @@ class StepSampler:
             if want is not None and end > start:
                 ids = self.input_batch.token_ids[state.slot]
                 targets[row:row + end - start] = ids[start + 1:end + 1]
-                spans.append((state, row, end - start, start == 0, want))
+                spans.append((state.req_id, row, end - start, start == 0, want))
                 k = max(k, want)
             elif want is not None and start == 0:
-                spans.append((state, row, 0, True, want))
+                spans.append((state.req_id, row, 0, True, want))
             row += count
         if not spans:
+            return None
+        out = self._prompt_logprobs(all_logits, targets, logprobs_bucket(k))
+        return PendingPromptLogprobs(out, targets, spans)
+
+    def collect_prompt_logprobs(self, pending: PendingPromptLogprobs | None,
+                                result: ModelRunnerOutput) -> None:
+        """Adds the prompt logprobs of a dispatched step to ``result``."""
+        if pending is None:
             return
-        lp = jax.device_get(self._prompt_logprobs(all_logits, targets, logprobs_bucket(k)))
-        for state, row, n, first, want in spans:
+        lp = jax.device_get(pending.out)
+        targets = pending.targets
+        for req_id, row, n, first, want in pending.spans:
             entries: list[Logprobs | None] = [None] if first else []
             entries += [make_logprobs(lp.token_logprobs[row + j], lp.token_ranks[row + j],
                                       lp.topk_token_ids[row + j], lp.topk_logprobs[row + j], want,
                                       int(targets[row + j])) for j in range(n)]
-            result.prompt_logprobs[state.req_id] = entries
+            result.prompt_logprobs[req_id] = entries

@@ -242,3 +242,34 @@ def test_waiting_queue_is_bounded():
         sched.add_request(Request("a", [1], SamplingParams(), seed=0, max_tokens=1), reserved=True)
     sched.add_request(Request("d", [1], SamplingParams(), seed=0, max_tokens=1), reserved=True)
     assert sched.get_num_unfinished_requests() == 3
+
+
+def test_tokens_in_flight_are_scheduled_on_and_never_past_the_caps():
+    """Async scheduling: schedule() runs again before the last step's tokens are known. A
+    request that sampled is one token ahead (pending) and gets its next decode; once the
+    tokens in flight reach ``max_tokens`` it is not scheduled again."""
+    sched, kv, _ = make()
+    r = add(sched, "a", [1, 2, 3, 4], max_tokens=2)
+    so1 = sched.schedule()
+    assert so1.num_scheduled_tokens == {"a": 4} and r.num_pending_tokens == 1
+    so2 = sched.schedule()  # step 1 still in flight
+    assert so2.num_scheduled_tokens == {"a": 1} and r.num_pending_tokens == 2
+    assert so2.scheduled_cached_reqs.new_token_ids == [[]]  # the runner reads it on device
+    assert sched.schedule().is_empty  # 2 tokens in flight = max_tokens: nothing to compute
+    sched.update_from_output(so1, ModelRunnerOutput(sampled_token_ids={"a": [7]}))
+    assert r.output_token_ids == [7] and r.num_pending_tokens == 1 and not r.is_finished
+    updates = sched.update_from_output(so2, ModelRunnerOutput(sampled_token_ids={"a": [8]}))
+    assert r.output_token_ids == [7, 8] and r.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert updates[0].finished and kv.num_free_pages == 39
+
+
+def test_a_request_stopped_by_a_token_drops_the_one_in_flight():
+    sched, kv, _ = make()
+    r = add(sched, "a", [1, 2, 3], max_tokens=10, stop_ids=(9,))
+    so1 = sched.schedule()
+    so2 = sched.schedule()
+    sched.update_from_output(so1, ModelRunnerOutput(sampled_token_ids={"a": [9]}))
+    assert r.status == RequestStatus.FINISHED_STOPPED and r.output_token_ids == [9]
+    assert sched.update_from_output(so2, ModelRunnerOutput(sampled_token_ids={"a": [5]})) == []
+    assert r.output_token_ids == [9] and kv.num_free_pages == 39
+    assert sched.schedule().finished_req_ids == {"a"}

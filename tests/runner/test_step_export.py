@@ -39,7 +39,8 @@ def test_step_lowers_for_platform(model, platform, decode_only):
     kv = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)] * cfg.num_hidden_layers
     abstract_state = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
     exp = jax.export.export(fn, platforms=(platform,), disabled_checks=[TRITON])(
-        abstract_state, kv, jax.ShapeDtypeStruct((layout.total,), jnp.int32))
+        abstract_state, kv, jax.ShapeDtypeStruct((layout.total,), jnp.int32),
+        jax.ShapeDtypeStruct((8,), jnp.int32))
     text = exp.mlir_module()
     assert MARKERS[platform] in text  # the Pallas kernel, not the reference
     assert exp.out_avals[0].shape == (8, cfg.vocab_size)
