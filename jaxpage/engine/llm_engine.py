@@ -324,22 +324,23 @@ class LLMEngine:
             if isinstance(handle, Exception):
                 raise handle
             return self.model_runner.collect(handle)
-        except Exception as e:  # fail this step's requests, keep the engine serving
-            logger.exception("model runner failed a step of %d requests",
-                             len(so.num_scheduled_tokens))
-            msg = f"internal error in the model runner ({type(e).__name__})"
-            return ModelRunnerOutput(sampled_token_ids={}, errors=dict.fromkeys(
-                so.num_scheduled_tokens, msg))
+        except Exception as e:  # noqa: BLE001
+            return self._failed_step(so, e)
 
     def _execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         try:
             return self.model_runner.execute_model(scheduler_output)
-        except Exception as e:  # fail this step's requests, keep the engine serving
-            logger.exception("model runner failed a step of %d requests",
-                             len(scheduler_output.num_scheduled_tokens))
-            msg = f"internal error in the model runner ({type(e).__name__})"
-            return ModelRunnerOutput(sampled_token_ids={}, errors=dict.fromkeys(
-                scheduler_output.num_scheduled_tokens, msg))
+        except Exception as e:  # noqa: BLE001
+            return self._failed_step(scheduler_output, e)
+
+    @staticmethod
+    def _failed_step(so: SchedulerOutput, e: Exception) -> ModelRunnerOutput:
+        """Fails this step's requests, and only them: the engine keeps serving."""
+        logger.error("model runner failed a step of %d requests", len(so.num_scheduled_tokens),
+                     exc_info=e)
+        msg = f"internal error in the model runner ({type(e).__name__})"
+        return ModelRunnerOutput(sampled_token_ids={},
+                                 errors=dict.fromkeys(so.num_scheduled_tokens, msg))
 
     def _process_updates(self, updates: list[RequestUpdate]) -> list[RequestOutput]:
         touched: list[_RequestState] = []
