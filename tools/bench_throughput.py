@@ -40,18 +40,20 @@ def make_requests(ns, vocab: int):
     return random_requests(ns.num_prompts, ns.input_len, ns.output_len, vocab, ns.random_range_ratio, 0)
 
 
-def run_jaxpage(ns, path: str) -> dict:
+def run_jaxpage(ns, path: str, async_scheduling: bool = False) -> dict:
     from jaxpage import LLM, SamplingParams
 
     llm = LLM(model=path, dtype=ns.dtype, max_model_len=ns.max_model_len,
-              max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens)
+              max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+              async_scheduling=async_scheduling)
     reqs = make_requests(ns, llm.loaded.config.vocab_size)
     llm.generate([r[0] for r in reqs[:8]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=o) for _, o in reqs]
     start = time.perf_counter()
     outs = llm.generate([r[0] for r in reqs], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    return _result("jaxpage", reqs, sum(len(o.outputs[0].token_ids) for o in outs), elapsed)
+    return _result("jaxpage-async" if async_scheduling else "jaxpage", reqs,
+                   sum(len(o.outputs[0].token_ids) for o in outs), elapsed)
 
 
 def run_hf(ns, path: str) -> dict:
@@ -97,13 +99,17 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    p.add_argument("--engines", default="jaxpage,hf")
+    p.add_argument("--engines", default="jaxpage,hf",
+                   help="comma list of jaxpage, jaxpage-async (async scheduling), hf")
     p.add_argument("--out", default=None)
     p.add_argument("--_engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_path", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns._engine:  # child process: one engine
-        res = run_jaxpage(ns, ns._path) if ns._engine == "jaxpage" else run_hf(ns, ns._path)
+        if ns._engine not in ("jaxpage", "jaxpage-async", "hf"):
+            raise SystemExit(f"unknown engine {ns._engine!r}")
+        res = (run_hf(ns, ns._path) if ns._engine == "hf"
+               else run_jaxpage(ns, ns._path, async_scheduling=ns._engine == "jaxpage-async"))
         print("RESULT " + json.dumps(res))
         return 0
     results = []

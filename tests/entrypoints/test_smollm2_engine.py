@@ -49,6 +49,8 @@ def prompts_and_reference(smol):
     ("KV pressure", dict(max_num_seqs=32, max_num_batched_tokens=256, num_pages=48), "preempt"),
     ("prefix caching off", dict(max_num_seqs=16, enable_prefix_caching=False), "nohits"),
     ("chunked prefill 32", dict(max_num_seqs=16, max_num_batched_tokens=32), "hits"),
+    ("async scheduling under KV pressure", dict(max_num_seqs=32, max_num_batched_tokens=256,
+                                                num_pages=48, async_scheduling=True), "preempt"),
 ])
 def test_equivalence(smol, prompts_and_reference, name, kwargs, check):
     prompts, sp, ref = prompts_and_reference
@@ -67,8 +69,9 @@ def test_equivalence(smol, prompts_and_reference, name, kwargs, check):
     print(f"SmolLM2 {name}: {n}/32 bit-identical; stats {stats}")
 
 
-def test_stop_string_cuts_text(smol):
-    llm = LLM(max_num_seqs=4, **smol)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stop_string_cuts_text(smol, async_scheduling):
+    llm = LLM(max_num_seqs=4, async_scheduling=async_scheduling, **smol)
     msgs = [{"role": "user", "content": "Describe a sunny day at the beach."}]
     full = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)[0].outputs[0].text
     words = full.split()
