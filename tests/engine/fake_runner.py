@@ -57,6 +57,13 @@ class _State:
         self.num_prompt = new.num_prompt_tokens
         self.params = new.sampling_params
         self.seed = new.seed
+        # Tokens this runner sampled that the scheduler has not sent back yet: under async
+        # scheduling the next step runs on them before the host knows them.
+        self.pending: list[int] = []
+
+    @property
+    def seq(self) -> list[int]:
+        return self.tokens + self.pending
 
 
 class FakeRunner:
@@ -83,6 +90,14 @@ class FakeRunner:
         self.seeds: dict[str, int] = {}
         self.batch_sizes: list[int] = []
         self.scheduled_log: list[dict[str, int]] = []
+
+    def dispatch(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Async scheduling's launch: this fake device finishes at once, but the engine reads
+        the result back only after it has launched the next step."""
+        return self.execute_model(so)
+
+    def collect(self, handle: ModelRunnerOutput) -> ModelRunnerOutput:
+        return handle
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self.num_steps += 1
@@ -124,12 +139,14 @@ class FakeRunner:
                                                       cached.num_computed_tokens):
             state = self.reqs[req_id]  # KeyError: the runner never learned this request
             assert num_computed == state.num_computed, (req_id, num_computed, state.num_computed)
+            for t in toks:  # what the host learned is what this runner sampled, in order
+                assert state.pending and state.pending.pop(0) == t, (req_id, t, state.pending)
             state.tokens.extend(toks)
             state.block_ids.extend(blocks)
         for req_id, n in so.num_scheduled_tokens.items():
             state = self.reqs[req_id]
             end = state.num_computed + n
-            assert n > 0 and end <= len(state.tokens), (req_id, state.num_computed, n)
+            assert n > 0 and end <= len(state.seq), (req_id, state.num_computed, n)
             assert len(state.block_ids) * self.page_size >= end, "block table too short"
             assert 0 not in state.block_ids, "the null page was handed to a request"
             assert len(set(state.block_ids)) == len(state.block_ids)
@@ -156,15 +173,17 @@ class FakeRunner:
     def _write_kv(self, state: _State, n: int) -> None:
         c = state.num_computed
         kv = int(self.pool[self._slot(state, c - 1)]) if c else 0
+        seq = state.seq
         for pos in range(c, c + n):
-            kv = kv_of(kv, state.tokens[pos], pos)
+            kv = kv_of(kv, seq[pos], pos)
             self.pool[self._slot(state, pos)] = kv
 
     def _read_and_sample(self, req_id: str, state: _State, n: int, out: ModelRunnerOutput):
         end = state.num_computed + n
+        seq = state.seq
         kv = 0
         for pos in range(end):  # every position the request attends to must hold its own KV
-            kv = kv_of(kv, state.tokens[pos], pos)
+            kv = kv_of(kv, seq[pos], pos)
             assert int(self.pool[self._slot(state, pos)]) == kv, f"{req_id}: bad KV at {pos}"
         sp = state.params
         if sp.prompt_logprobs is not None and state.num_computed < state.num_prompt:
@@ -172,12 +191,17 @@ class FakeRunner:
                 None if p == 0 else Logprobs([state.tokens[p]], [-(p % 5) / 10.0], [1])
                 for p in range(state.num_computed, min(end, state.num_prompt))]
         state.num_computed = end
+        if end < len(seq):
+            if req_id in self.fail_req_ids:
+                out.errors[req_id] = "simulated failure"
+            return  # a partial prefill chunk samples nothing
+        tok = next_token(kv, self.vocab_size)
+        # The device samples (a step launched after this one reads the token) even when the
+        # request's result is reported as failed.
+        state.pending.append(tok)
         if req_id in self.fail_req_ids:
             out.errors[req_id] = "simulated failure"
             return
-        if end < len(state.tokens):
-            return  # a partial prefill chunk samples nothing
-        tok = next_token(kv, self.vocab_size)
         out.sampled_token_ids[req_id] = [tok]
         if sp.logprobs is not None:
             k = sp.logprobs

@@ -29,6 +29,12 @@ class SlowRunner:
             raise RuntimeError("simulated device failure")
         return self.runner.execute_model(so)
 
+    def dispatch(self, so):  # async scheduling: the fake device finishes at launch
+        return self.execute_model(so)
+
+    def collect(self, handle):
+        return handle
+
 
 def make_server(tok, *, delay=0.0, api_key=None, max_body_bytes=1 << 20, **engine_kw):
     engine, runner = make_engine(tokenizer=tok, vocab_size=len(tok), eos=(tok.eos_token_id,),
@@ -39,7 +45,6 @@ def make_server(tok, *, delay=0.0, api_key=None, max_body_bytes=1 << 20, **engin
                           chat_template=TEMPLATE, api_key=api_key,
                           max_body_bytes=max_body_bytes, drain_timeout_s=5.0)
     return build_app(async_engine, config), async_engine
-
 
 
 def free_port() -> int:

@@ -109,11 +109,14 @@ def test_async_abort_frees_pages(prompts):
 def test_async_needs_a_runner_that_dispatches():
     from jaxpage.config import CacheConfig, SchedulerConfig
     from jaxpage.engine.llm_engine import LLMEngine
-    from tests.engine.fake_runner import FakeRunner
+
+    class SyncOnly:  # execute_model alone
+        def execute_model(self, so):
+            raise AssertionError("not called")
 
     sc = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
                          async_scheduling=True)
-    runner = FakeRunner(40, 4, 97, max_num_seqs=4, max_num_batched_tokens=64)
+    runner = SyncOnly()
     with pytest.raises(ValueError, match="dispatch"):
         LLMEngine(runner, None, scheduler_config=sc, cache_config=CacheConfig(page_size=4),
                   num_pages=40, vocab_size=97, eos_token_ids=0, max_model_len=64)

@@ -420,13 +420,16 @@ def test_nan_is_refused_by_sampling_params():
         SamplingParams(temperature=math.nan)
 
 
-def test_many_concurrent_requests_lose_and_leak_nothing(tok):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_many_concurrent_requests_lose_and_leak_nothing(tok, async_scheduling):
     import asyncio
     import random
 
     import httpx
 
-    app, engine = make_server(tok, max_num_seqs=6, budget=48, num_pages=60)
+    app, engine = make_server(tok, max_num_seqs=6, budget=48, num_pages=60,
+                              async_scheduling=async_scheduling)
+    assert engine.engine.async_scheduling == async_scheduling
     baseline = engine.engine.num_free_pages
     rng = random.Random(0)
     bodies = [dict(prompt=[rng.randrange(3, len(tok)) for _ in range(rng.randrange(2, 30))],
