@@ -17,9 +17,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from jaxpage.engine.llm_engine import LLMEngine
-from jaxpage.outputs import RequestOutput
-from jaxpage.sampling_params import SamplingParams
+from .llm_engine import LLMEngine
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
 
 logger = logging.getLogger("jaxpage")
 
