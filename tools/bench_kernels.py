@@ -147,6 +147,23 @@ def ours_two_launch(md):
         sm_scale=SM_SCALE, interpret=INTERPRET)
 
 
+def decode_half(md, num_prefills):
+    """The requests after the first ``num_prefills`` (the mixed batch's decodes) as a batch of
+    their own, and the query rows it takes (through the end: the padding rows follow them)."""
+    qsl = md["query_start_loc"]
+    start = int(qsl[num_prefills])
+    half = dict(kv_lens=md["kv_lens"][num_prefills:],
+                block_tables=md["block_tables"][num_prefills:],
+                query_start_loc=qsl[num_prefills:] - start,
+                num_seqs=md["num_seqs"] - num_prefills)
+    return half, start, int(qsl[-1]) - start
+
+
+def on_rows(call, start):
+    """``call`` on the query rows from ``start`` on."""
+    return lambda q, pool: call(q[start:], pool)
+
+
 def ref_call(md):
     return lambda q, pool: reference.ragged_paged_attention(
         q, pool, md["kv_lens"], md["block_tables"], md["query_start_loc"], md["num_seqs"],
@@ -326,12 +343,17 @@ def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
             sm_scale=SM_SCALE, interpret=INTERPRET)
         pre = dict(md, num_seqs=jnp.asarray([4], jnp.int32))
         calls["part_prefills_ragged"] = ours_ragged(pre)
+        # The decodes as a batch of their own, through the ragged kernels: beside the prefill
+        # half alone, what the one-launch batch overlaps (NOTES, session 12).
+        dec, dec_start, num_dec = decode_half(md, 4)
+        calls["part_decodes_ragged"] = on_rows(ours_ragged(dec), dec_start)
         cc = str(getattr(jax.devices()[0], "compute_capability", ""))
         if not INTERPRET and cc.startswith("9"):
             # Hopper: the Mosaic GPU ragged kernel beside the Triton one (``auto`` takes it
             # at the head dims in ragged_mosaic.AUTO_HEAD_DIMS).
             calls["ours_mosaic"] = ours_mosaic(md)
             calls["part_prefills_mosaic"] = ours_mosaic(pre)
+            calls["part_decodes_mosaic"] = on_rows(ours_mosaic(dec), dec_start)
         if breakdown == "full":
             calls["part_prefills_ragged_natural_order"] = ours_ragged(pre, order="natural")
             calls["part_prefills_ragged_index"] = ours_ragged(pre, prefetch="index")
@@ -345,6 +367,9 @@ def bench_mixed(ceil, page=16, ragged_cfgs=None, with_ref=True, breakdown=True):
             err = None
             if want is not None and label in whole:  # each full-batch candidate checked first
                 err = rel_err(call(q, pools[0]), want)
+            elif want is not None and label.startswith("part_decodes_") and label != \
+                    "part_decodes_decode_kernel":  # the decode half's rows of the reference
+                err = rel_err(call(q, pools[0])[:num_dec], want[dec_start:dec_start + num_dec])
             row[label] = bench_calls(call, qs, pools)
             row[label]["rel_err"] = err
             row[label]["x_floor"] = row[label]["time_us"] / row["floor_us"]
