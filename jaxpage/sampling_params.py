@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+# Fields a model's generation_config.json may set as its sampling defaults (vLLM's rule).
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
 # Caps from shared/RELIABILITY.md: bounded everything.
 MAX_N = 128
 MAX_LOGPROBS = 20

@@ -296,21 +296,21 @@ class LLMEngine:
         dispatched = None
         if not so.is_empty or so.finished_req_ids:
             dispatched = (so, self._dispatch(so))
-        outputs = []
-        if self._in_flight is not None:
-            prev_so, handle = self._in_flight
-            self._in_flight = None
-            updates = self.scheduler.update_from_output(prev_so, self._collect(prev_so, handle))
-            outputs = self._process_updates(updates)
+        outputs = self._process_updates(self._update_in_flight())
         self._in_flight = dispatched
         if not self.scheduler.has_unfinished_requests():  # going idle
-            if self._in_flight is not None:  # tokens of requests that ended meanwhile: dropped
-                prev_so, handle = self._in_flight
-                self._in_flight = None
-                self.scheduler.update_from_output(prev_so, self._collect(prev_so, handle))
+            self._update_in_flight()  # tokens of requests that ended meanwhile: dropped
             if self.scheduler.finished_req_ids:
                 self._execute_model(self.scheduler.schedule())  # the runner forgets them now
         return outputs
+
+    def _update_in_flight(self) -> list[RequestUpdate]:
+        """Collects the step in flight (if any) and applies it to the scheduler."""
+        if self._in_flight is None:
+            return []
+        so, handle = self._in_flight
+        self._in_flight = None
+        return self.scheduler.update_from_output(so, self._collect(so, handle))
 
     def _dispatch(self, so: SchedulerOutput) -> Any:
         try:

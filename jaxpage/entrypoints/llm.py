@@ -10,7 +10,7 @@ from typing import Any
 
 from jaxpage.config import EngineArgs
 from jaxpage.outputs import RequestOutput
-from jaxpage.sampling_params import SamplingParams
+from jaxpage.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
 
 logger = logging.getLogger("jaxpage")
 
@@ -47,9 +47,12 @@ class LLM:
     # -- generation ---------------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's rule: the model's generation_config.json sampling defaults, else ours."""
+        return SamplingParams(**self.generation_defaults())
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The sampling fields the model's generation_config.json sets."""
         gen = self.loaded.generation_config or {}
-        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        return SamplingParams(**{k: gen[k] for k in keys if gen.get(k) is not None})
+        return {k: gen[k] for k in GENERATION_DEFAULT_FIELDS if gen.get(k) is not None}
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

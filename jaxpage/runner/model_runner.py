@@ -148,8 +148,7 @@ class ModelRunner:
         if handle.sample is None:
             return ModelRunnerOutput(sampled_token_ids={})
         result = self.sampler.collect(handle.sample)
-        if handle.prompt_logprobs is not None:
-            self.sampler.collect_prompt_logprobs(handle.prompt_logprobs, result)
+        self.sampler.collect_prompt_logprobs(handle.prompt_logprobs, result)
         return result
 
     def dispatch(self, so: SchedulerOutput) -> "StepHandle":

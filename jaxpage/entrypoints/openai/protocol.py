@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxpage.sampling_params import MAX_LOGIT_BIAS, SamplingParams, param_error
+from jaxpage.sampling_params import (GENERATION_DEFAULT_FIELDS, MAX_LOGIT_BIAS, SamplingParams,
+                                     param_error)
 
 # OpenAI's own cap on the completions route's ``logprobs``; chat's ``top_logprobs`` is 20.
 MAX_COMPLETION_LOGPROBS = 5
@@ -67,7 +68,7 @@ class _SamplingFields(_Body):
             except ValueError:
                 raise param_error("logit_bias", "keys must be token ids (integers).") from None
         picked = {k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k)
-                  for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+                  for k in GENERATION_DEFAULT_FIELDS}
         return SamplingParams(
             n=self.n, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop,

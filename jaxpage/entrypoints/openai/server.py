@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from jaxpage.engine.async_engine import AsyncLLMEngine
 from jaxpage.entrypoints.openai import responses
-from jaxpage.entrypoints.openai.errors import APIError, from_value_error, http_error, unavailable
+from jaxpage.entrypoints.openai.errors import APIError, from_value_error, http_error
 from jaxpage.entrypoints.openai.metrics import render_metrics
 from jaxpage.entrypoints.openai.middleware import (api_key_middleware, body_limit_middleware,
                                                    count_middleware)
@@ -55,6 +55,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
 
     app = FastAPI(title="jaxpage", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+
     @app.exception_handler(APIError)
     async def _api_error(_req, e: APIError):
         return e.response()
@@ -91,9 +92,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
     # -- routes -------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        if not engine.accepting:
-            return unavailable("the engine is " + ("draining" if engine.draining else "down"),
-                                "engine_unavailable").response()
+        serving.admit(None)  # 503 while draining or down
         return PlainTextResponse("ok")
 
     @app.get("/v1/models")
@@ -174,12 +173,9 @@ def app_for_llm(llm, *, model_name: str, api_key: str | None = None,
     """The server over an offline :class:`jaxpage.LLM`'s engine, tokenizer, chat template and
     sampling defaults (its generation config). The server's thread owns the engine from its
     start on: do not call ``llm.generate`` while it runs."""
-    defaults = llm.get_default_sampling_params()
     config = ServerConfig(
         model_name=model_name, max_model_len=llm.engine.max_model_len, tokenizer=llm.tokenizer,
-        chat_template=llm.loaded.chat_template,
-        default_sampling={k: getattr(defaults, k) for k in
-                          ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")},
+        chat_template=llm.loaded.chat_template, default_sampling=llm.generation_defaults(),
         api_key=api_key, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s)
     return build_app(AsyncLLMEngine(llm.engine), config)
 
