@@ -40,6 +40,12 @@ def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: 
     return reference.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
 
 
+def kv_cache_head_axis(backend: str = "reference") -> int:
+    """The kv-head axis of ``kv_cache_shape``'s layout: tensor parallelism splits the pool there."""
+    del backend  # one layout for all backends so far
+    return 2
+
+
 def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
              backend: str = "reference") -> jax.Array:
     """Writes new K/V (T, K, H) into the pool at ``slot_mapping`` (T,)."""

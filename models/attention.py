@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxpage import kernels_pallas
 
@@ -26,6 +28,9 @@ class AttentionMetadata:
         attention_backend: static; "reference" | "pallas" (already resolved from "auto").
         max_q_len: static hint; 1 promises a decode-only step (request b's one token in row b),
             which lets the kernels take their split-KV decode path. None: any mix.
+        mesh: static; with tensor parallelism, the device mesh whose "model" axis splits the
+            heads and the pool (``jaxpage/sharding.py``): attention runs per device under
+            ``shard_map``. None: one device.
     """
 
     slot_mapping: jax.Array
@@ -35,6 +40,7 @@ class AttentionMetadata:
     num_seqs: jax.Array
     attention_backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
     max_q_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array,
@@ -48,9 +54,26 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Arra
     Returns:
         ((T, N, H) attention output, updated kv_pages).
     """
-    kv_pages = kernels_pallas.write_kv(kv_pages, k, v, md.slot_mapping, backend=md.attention_backend)
+    local = functools.partial(_write_and_attend, backend=md.attention_backend,
+                              max_q_len=md.max_q_len, sm_scale=sm_scale, soft_cap=soft_cap,
+                              sliding_window=sliding_window)
+    tables = (md.slot_mapping, md.seq_lens, md.block_tables, md.query_start_loc, md.num_seqs)
+    if md.mesh is None:
+        return local(q, k, v, kv_pages, *tables)
+    # Tensor parallel: each device attends with its own heads over its own slice of the pool
+    # (GQA groups stay whole: N and K split by the same factor); the step's tables are whole.
+    heads = P(None, "model", None)  # (T, N|K, H)
+    axes = [None] * kv_pages.ndim
+    axes[kernels_pallas.kv_cache_head_axis(md.attention_backend)] = "model"
+    pool = P(*axes)
+    return jax.shard_map(local, mesh=md.mesh, in_specs=(heads, heads, heads, pool) + (P(),) * 5,
+                         out_specs=(heads, pool), check_vma=False)(q, k, v, kv_pages, *tables)
+
+
+def _write_and_attend(q, k, v, kv_pages, slot_mapping, seq_lens, block_tables, query_start_loc,
+                      num_seqs, *, backend, max_q_len, sm_scale, soft_cap, sliding_window):
+    kv_pages = kernels_pallas.write_kv(kv_pages, k, v, slot_mapping, backend=backend)
     out = kernels_pallas.ragged_paged_attention(
-        q, kv_pages, md.seq_lens, md.block_tables, md.query_start_loc, md.num_seqs,
-        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        backend=md.attention_backend, max_q_len=md.max_q_len)
+        q, kv_pages, seq_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
+        soft_cap=soft_cap, sliding_window=sliding_window, backend=backend, max_q_len=max_q_len)
     return out, kv_pages

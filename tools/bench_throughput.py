@@ -40,7 +40,7 @@ def make_requests(ns, vocab: int):
     return random_requests(ns.num_prompts, ns.input_len, ns.output_len, vocab, ns.random_range_ratio, 0)
 
 
-def run_jaxpage(ns, path: str, async_scheduling: bool = False) -> dict:
+def run_jaxpage(ns, path: str, async_scheduling: bool = True) -> dict:
     from jaxpage import LLM, SamplingParams
 
     llm = LLM(model=path, dtype=ns.dtype, max_model_len=ns.max_model_len,
@@ -52,7 +52,7 @@ def run_jaxpage(ns, path: str, async_scheduling: bool = False) -> dict:
     start = time.perf_counter()
     outs = llm.generate([r[0] for r in reqs], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    return _result("jaxpage-async" if async_scheduling else "jaxpage", reqs,
+    return _result("jaxpage" if async_scheduling else "jaxpage-sync", reqs,
                    sum(len(o.outputs[0].token_ids) for o in outs), elapsed)
 
 
@@ -100,16 +100,16 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--engines", default="jaxpage,hf",
-                   help="comma list of jaxpage, jaxpage-async (async scheduling), hf")
+                   help="comma list of jaxpage, jaxpage-sync (async scheduling off), hf")
     p.add_argument("--out", default=None)
     p.add_argument("--_engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_path", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns._engine:  # child process: one engine
-        if ns._engine not in ("jaxpage", "jaxpage-async", "hf"):
+        if ns._engine not in ("jaxpage", "jaxpage-sync", "hf"):
             raise SystemExit(f"unknown engine {ns._engine!r}")
         res = (run_hf(ns, ns._path) if ns._engine == "hf"
-               else run_jaxpage(ns, ns._path, async_scheduling=ns._engine == "jaxpage-async"))
+               else run_jaxpage(ns, ns._path, async_scheduling=ns._engine != "jaxpage-sync"))
         print("RESULT " + json.dumps(res))
         return 0
     results = []

@@ -1,4 +1,6 @@
-"""Plots docs/benchmarks/engine/*.json (written by bench_step.py and bench_throughput.py)."""
+"""Plots docs/benchmarks/engine/*.json (written by bench_step.py and bench_throughput.py):
+``engine.png``; and async vs sync scheduling (offline runs taking turns, and
+``tools/bench_serving.py``): ``engine_async.png``."""
 
 import json
 import pathlib
@@ -39,5 +41,37 @@ def main(folder: str = "docs/benchmarks/engine") -> None:
     fig.savefig(d.parent / "engine.png", dpi=110)
 
 
+def plot_async(folder: str = "docs/benchmarks/engine") -> None:
+    d = pathlib.Path(folder)
+    runs = json.loads((d / "async_h200.json").read_text())
+    serving = json.loads((d / "serving_h200.json").read_text())["runs"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, key in enumerate(("greedy", "sampled_temperature_1")):
+        for j, mode in enumerate(("sync", "async")):
+            vals = [r["out_tok_s"] for r in runs[key][mode]["reps"]]
+            x = 3 * i + j
+            ax1.scatter([x] * len(vals), vals, color=["tab:gray", "tab:blue"][j],
+                        label=mode if i == 0 else None)
+            ax1.text(x, max(vals), f"{sum(vals) / len(vals):,.0f}", ha="center", va="bottom")
+    ax1.set_xticks([0.5, 3.5], ["greedy", "sampled (T = 1)"])
+    ax1.set(ylabel="output tokens/s (each run)", xlim=(-1, 5),
+            title="offline, llama3.2-1b 1024 in / 128 out, 600 prompts")
+    ax1.legend()
+    metrics = ("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "p99_tpot_ms")
+    for j, mode in enumerate(("sync", "async")):
+        vals = [serving[mode]["summary"][m] for m in metrics]
+        xs = [k + 0.35 * j for k in range(len(metrics))]
+        ax2.bar(xs, vals, width=0.35, color=["tab:gray", "tab:blue"][j], label=mode)
+        for x, v in zip(xs, vals):
+            ax2.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_xticks([k + 0.175 for k in range(len(metrics))], [m[:-3] for m in metrics])
+    ax2.set(ylabel="ms", title="serving: 400 requests at 16/s (tools/bench_serving.py)")
+    ax2.legend()
+    fig.suptitle(f"async vs sync scheduling, {runs['card']}, JAX {runs['jax']}, {runs['date']}")
+    fig.tight_layout()
+    fig.savefig(d.parent / "engine_async.png", dpi=110)
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    plot_async(*sys.argv[1:])

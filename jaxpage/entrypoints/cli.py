@@ -23,9 +23,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token-padding-gap", type=int, default=0,
                    help="0: steps pad to powers of two; g: to powers of two up to g, then to "
                         "multiples of g (less padding, more compiled buckets)")
-    g.add_argument("--async-scheduling", action="store_true",
-                   help="launch step N + 1 before reading step N's tokens back (host work "
-                        "overlaps the device's)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch step N + 1 before reading step N's tokens back, so that host "
+                        "work overlaps the device's (default on; --no-async-scheduling: off)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="devices the model splits over (by heads and MLP width)")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV page (default: 64 on GPU, 16 elsewhere)")
     g.add_argument("--num-pages", type=int, default=None)
@@ -51,6 +53,7 @@ def _engine_args(ns: argparse.Namespace) -> EngineArgs:
                       max_num_batched_tokens=ns.max_num_batched_tokens,
                       token_padding_gap=ns.token_padding_gap, block_size=ns.block_size,
                       async_scheduling=ns.async_scheduling,
+                      tensor_parallel_size=ns.tensor_parallel_size,
                       num_pages=ns.num_pages, gpu_memory_utilization=ns.gpu_memory_utilization,
                       attention_backend=ns.attention_backend,
                       enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,

@@ -13,6 +13,7 @@ from jaxpage.default_model import cache_dir, resolve_model
 from jaxpage.engine.llm_engine import LLMEngine
 from jaxpage.models.loader import LoadedModel, load_model, resolve_dtype
 from jaxpage.runner.model_runner import ModelRunner
+from jaxpage.sharding import check_tensor_parallel, make_mesh
 
 logger = logging.getLogger("jaxpage")
 
@@ -35,17 +36,25 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
     # The engine's configuration is made (and its arguments checked) from the model's config,
     # before the weights load.
     made = []
+
+    def before_weights(config) -> None:
+        made.append(args.create_engine_config(platform=platform,
+                                              model_max_len=config.max_position_embeddings))
+        tp = made[0].parallel_config.tensor_parallel_size
+        check_tensor_parallel(config, tp)
+        make_mesh(tp)  # enough devices?
+
     loaded = load_model(path, dtype=dtype, load_format=args.load_format, seed=args.seed,
                         hf_config=args.hf_config, tokenizer_path=args.tokenizer,
-                        before_weights=lambda config: made.append(args.create_engine_config(
-                            platform=platform, model_max_len=config.max_position_embeddings)))
+                        before_weights=before_weights)
     cfg = made[0]
     kv_dtype = dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     runner = ModelRunner(loaded.model, cache_config=cfg.cache_config,
                          scheduler_config=cfg.scheduler_config,
                          max_model_len=cfg.scheduler_config.max_model_len,
                          kv_dtype=jnp.dtype(kv_dtype), attention_backend=args.attention_backend,
-                         compile_all_buckets=args.compile_all_buckets)
+                         compile_all_buckets=args.compile_all_buckets,
+                         parallel_config=cfg.parallel_config)
     engine = LLMEngine(runner, loaded.tokenizer, scheduler_config=cfg.scheduler_config,
                        cache_config=cfg.cache_config, num_pages=runner.num_pages,
                        vocab_size=loaded.config.vocab_size, eos_token_ids=loaded.eos_token_ids,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpage import kernels_pallas
+from jaxpage import kernels_pallas, sharding
 
 logger = logging.getLogger("jaxpage")
 
@@ -25,12 +25,18 @@ class KVCacheSpec:
     head_dim: int
     page_size: int
     dtype: jnp.dtype
+    shards: int = 1  # devices the kv heads split over (tensor parallelism)
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page across all layers (K and V)."""
+        """Bytes of one page across all layers (K and V), all devices together."""
         return (self.num_layers * 2 * self.num_kv_heads * self.page_size * self.head_dim
                 * jnp.dtype(self.dtype).itemsize)
+
+    @property
+    def device_page_bytes(self) -> int:
+        """Bytes of one page on each device."""
+        return self.page_bytes // self.shards
 
 
 def determine_num_pages(spec: KVCacheSpec, *, num_pages: int | None, gpu_memory_utilization: float,
@@ -41,6 +47,7 @@ def determine_num_pages(spec: KVCacheSpec, *, num_pages: int | None, gpu_memory_
     With ``num_pages`` given, that; else ``gpu_memory_utilization`` of the device's memory minus
     what is in use (the weights) and ``reserve_bytes`` (activations of the largest step); on a
     device without memory stats, enough for every sequence at ``max_model_len`` up to 1 GiB.
+    With tensor parallelism ``device`` is one of the mesh's, holding 1/shards of each page.
 
     Raises:
         ValueError: the pool cannot hold one sequence of ``max_model_len`` tokens.
@@ -50,10 +57,10 @@ def determine_num_pages(spec: KVCacheSpec, *, num_pages: int | None, gpu_memory_
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         if stats and "bytes_limit" in stats:
             free = gpu_memory_utilization * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            num_pages = int((free - reserve_bytes) // spec.page_bytes)
+            num_pages = int((free - reserve_bytes) // spec.device_page_bytes)
         else:
             want = max_num_seqs * pages_per_seq + 1
-            num_pages = max(2, min(want, CPU_KV_BUDGET_BYTES // spec.page_bytes))
+            num_pages = max(2, min(want, CPU_KV_BUDGET_BYTES // spec.device_page_bytes))
     if num_pages - 1 < pages_per_seq:
         raise ValueError(
             f"the KV pool has room for {max(num_pages - 1, 0) * spec.page_size} tokens "
@@ -63,16 +70,21 @@ def determine_num_pages(spec: KVCacheSpec, *, num_pages: int | None, gpu_memory_
     return num_pages
 
 
-def allocate_kv_pool(spec: KVCacheSpec, num_pages: int, backend: str) -> list[jax.Array]:
+def allocate_kv_pool(spec: KVCacheSpec, num_pages: int, backend: str,
+                     mesh: jax.sharding.Mesh | None = None) -> list[jax.Array]:
+    """One pool array per layer; on a mesh, split over the kv heads (each device its slice)."""
     shape = kernels_pallas.kv_cache_shape(num_pages, spec.page_size, spec.num_kv_heads,
                                           spec.head_dim, backend=backend)
-    return [jnp.zeros(shape, spec.dtype) for _ in range(spec.num_layers)]
+    where = None if mesh is None else sharding.kv_pool_sharding(
+        mesh, len(shape), kernels_pallas.kv_cache_head_axis(backend))
+    return [jnp.zeros(shape, spec.dtype, device=where) for _ in range(spec.num_layers)]
 
 
 def describe_pool(spec: KVCacheSpec, num_pages: int, max_model_len: int) -> str:
     tokens = (num_pages - 1) * spec.page_size
     pages_per_seq = math.ceil(max_model_len / spec.page_size)
     conc = (num_pages - 1) / pages_per_seq
+    split = f" over {spec.shards} devices" if spec.shards > 1 else ""
     return (f"KV pool: {num_pages} pages x {spec.page_size} tokens = {tokens} tokens of KV "
-            f"({num_pages * spec.page_bytes / 2**30:.2f} GiB, {np.dtype(spec.dtype).name}); "
+            f"({num_pages * spec.page_bytes / 2**30:.2f} GiB{split}, {np.dtype(spec.dtype).name}); "
             f"max concurrency at max_model_len={max_model_len}: {conc:.2f}x")

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpage import kernels_pallas
-from jaxpage.config import CacheConfig, SchedulerConfig
+from jaxpage import kernels_pallas, sharding
+from jaxpage.config import CacheConfig, ParallelConfig, SchedulerConfig
 from jaxpage.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from jaxpage.models.attention import AttentionMetadata
 from jaxpage.runner import kv_cache
@@ -29,10 +29,12 @@ logger = logging.getLogger("jaxpage")
 
 
 def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
-             layout: PackedLayout, backend: str, all_logits: bool, decode_only: bool):
+             layout: PackedLayout, backend: str, all_logits: bool, decode_only: bool,
+             mesh=None):
     """One step. ``params`` are the flat leaves of the model's nnx.State: flattening a tuple
     per call is cheap, flattening an nnx.State is not. ``last_sampled`` (max_num_seqs,) holds
-    each slot's last sampled token on the device: the input of a token still in flight."""
+    each slot's last sampled token on the device: the input of a token still in flight.
+    ``mesh``: tensor parallelism's (the logits leave replicated, whole on every device)."""
     state = jax.tree.unflatten(state_treedef, params)
     a = layout.unpack(packed)
     ph = a["placeholder_slots"]  # (T,) slot + 1, or 0
@@ -40,13 +42,15 @@ def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
                            seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
                            num_seqs=a["num_seqs"], attention_backend=backend,
-                           max_q_len=1 if decode_only else None)
+                           max_q_len=1 if decode_only else None, mesh=mesh)
     model = nnx.merge(graphdef, state)
     hidden, kv_pages = model(input_ids, a["positions"], kv_pages, md)  # (T, D)
+    whole = (lambda x: x) if mesh is None else functools.partial(sharding.gather_logits,
+                                                                 mesh=mesh)
     if all_logits:  # prompt_logprobs: logits of every token, (T, V)
-        logits_all = model.compute_logits(hidden)
+        logits_all = whole(model.compute_logits(hidden))
         return logits_all[a["logits_indices"]], kv_pages, logits_all
-    logits = model.compute_logits(hidden[a["logits_indices"]])  # (R, V) float32
+    logits = whole(model.compute_logits(hidden[a["logits_indices"]]))  # (R, V) float32
     return logits, kv_pages, None
 
 
@@ -59,11 +63,13 @@ class ModelRunner:
         attention_backend: "auto" | "reference" | "pallas".
         compile_all_buckets: AOT-compile every bucket now (default on accelerators) instead of
             on first use.
+        parallel_config: tensor parallelism (``jaxpage/sharding.py``); default one device.
     """
 
     def __init__(self, model, *, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  max_model_len: int, kv_dtype, attention_backend: str = "auto",
-                 compile_all_buckets: bool | None = None):
+                 compile_all_buckets: bool | None = None,
+                 parallel_config: ParallelConfig | None = None):
         cfg = model.config
         self.vocab_size = cfg.vocab_size
         self.max_model_len = max_model_len
@@ -72,11 +78,18 @@ class ModelRunner:
         if self.backend != "reference" and jax.default_backend() == "cpu":
             raise ValueError("attention_backend='pallas' needs a GPU or TPU; on CPU use 'auto' "
                              "or 'reference'.")
+        tp = (parallel_config or ParallelConfig()).tensor_parallel_size
+        sharding.check_tensor_parallel(cfg, tp)
+        self.mesh = sharding.make_mesh(tp)  # None on one device
+        # Where host inputs go: replicated over the mesh, or the default device.
+        self._inputs = None if self.mesh is None else sharding.replicated(self.mesh)
+        if self.mesh is not None:
+            model = sharding.shard_model(model, self.mesh)
         self.graphdef, state = nnx.split(model)
         leaves, self.state_treedef = jax.tree.flatten(state)
         self.params = tuple(leaves)  # what each step is called with
         self.spec = kv_cache.KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                         cache_config.page_size, jnp.dtype(kv_dtype))
+                                         cache_config.page_size, jnp.dtype(kv_dtype), shards=tp)
         device = jax.devices()[0]
         self.num_pages = kv_cache.determine_num_pages(
             self.spec, num_pages=cache_config.num_pages,
@@ -84,14 +97,15 @@ class ModelRunner:
             max_num_seqs=scheduler_config.max_num_seqs, device=device,
             reserve_bytes=self._activation_reserve(cfg, scheduler_config))
         logger.info(kv_cache.describe_pool(self.spec, self.num_pages, max_model_len))
-        self.kv_pages = kv_cache.allocate_kv_pool(self.spec, self.num_pages, self.backend)
+        self.kv_pages = kv_cache.allocate_kv_pool(self.spec, self.num_pages, self.backend,
+                                                  self.mesh)
         self.pages_per_req = math.ceil(max_model_len / self.page_size)
         self.buckets = Buckets.create(scheduler_config.max_num_batched_tokens,
                                       scheduler_config.max_num_seqs,
                                       scheduler_config.token_padding_gap)
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, max_model_len,
                                       self.pages_per_req, self.page_size)
-        self.sampler = StepSampler(self.vocab_size, self.input_batch)
+        self.sampler = StepSampler(self.vocab_size, self.input_batch, self._inputs)
         # (T, R, all_logits, decode_only) -> executable
         self._compiled: dict[tuple[int, int, bool, bool], jax.stages.Compiled] = {}
         self.compile_seconds: dict[tuple[int, int, bool, bool], float] = {}
@@ -119,10 +133,10 @@ class ModelRunner:
             layout = self._layout(bucket)
             fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
                                            backend=self.backend, all_logits=all_logits,
-                                           decode_only=decode_only,
+                                           decode_only=decode_only, mesh=self.mesh,
                                            state_treedef=self.state_treedef),
                          donate_argnums=(1,))
-            packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32)
+            packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32, sharding=self._inputs)
             exe = fn.lower(self.params, self.kv_pages, packed, self.sampler.last_sampled).compile()
             self._compiled[key] = exe
             self.compile_seconds[key] = time.perf_counter() - start
@@ -167,7 +181,8 @@ class ModelRunner:
                              and s.num_computed_tokens < s.num_prompt_tokens for s in states)
         exe = self._executable(bucket, want_prompt_lp,
                                decode_only=so.total_num_scheduled_tokens == len(req_ids))
-        logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages, jax.device_put(packed),
+        logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages,
+                                                jax.device_put(packed, self._inputs),
                                                 self.sampler.last_sampled)
         # Only requests whose scheduled range reaches their last token (known or in flight)
         # sample.

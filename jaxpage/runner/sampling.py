@@ -57,17 +57,22 @@ class PendingPromptLogprobs:
 
 
 class StepSampler:
-    def __init__(self, vocab_size: int, input_batch: InputBatch):
+    def __init__(self, vocab_size: int, input_batch: InputBatch, sharding=None):
+        """``sharding``: where the step's logits live (replicated over a tensor-parallel
+        mesh); None on one device."""
         self.vocab_size = vocab_size
         self.input_batch = input_batch
+        self.sharding = sharding
         self._sample = jax.jit(_sample_and_record)
         self._prompt_logprobs = jax.jit(compute_logprobs_for_tokens, static_argnums=2)
         # (max_num_seqs,) the last token sampled in each input-batch slot, on the device.
-        self.last_sampled = jnp.zeros((input_batch.max_num_reqs,), jnp.int32)
+        self.last_sampled = jnp.zeros((input_batch.max_num_reqs,), jnp.int32, device=sharding)
 
     def precompile(self, req_buckets, logits_dtype=np.float32) -> None:
         for r in req_buckets:
             logits = np.zeros((r, self.vocab_size), logits_dtype)
+            if self.sharding is not None:  # as the step hands them over
+                logits = jax.device_put(logits, self.sharding)
             slots = np.full(r, self.input_batch.max_num_reqs, np.int32)
             for sp in _PRECOMPILE:  # running once fills jit's cache (AOT lowering would not)
                 md = build_sampling_metadata([SamplingRow(sp, 0)] * r, r, self.vocab_size)

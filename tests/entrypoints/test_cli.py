@@ -53,14 +53,14 @@ def test_engine_flags_reach_engine_args():
     cli._add_engine_args(p)
     args = cli._engine_args(p.parse_args(["--token-padding-gap", "256",
                                           "--max-num-batched-tokens", "1024",
-                                          "--async-scheduling"]))
+                                          "--no-async-scheduling"]))
     assert args.token_padding_gap == 256 and args.max_num_batched_tokens == 1024
     cfg = args.create_engine_config(platform="cpu", model_max_len=2048)
     assert cfg.scheduler_config.token_padding_gap == 256
-    assert cfg.scheduler_config.async_scheduling
+    assert not cfg.scheduler_config.async_scheduling
     default = cli._engine_args(p.parse_args([])).create_engine_config(platform="gpu",
                                                                       model_max_len=2048)
-    assert not default.scheduler_config.async_scheduling
+    assert default.scheduler_config.async_scheduling  # on by default (engine.md, H200)
 
 
 def test_block_size_default_per_platform():
