@@ -93,15 +93,21 @@ def param_spec(name: str, shape: tuple[int, ...], tensor_parallel_size: int) -> 
     return P(*axes)
 
 
+def param_sharding(mesh: Mesh):
+    """``(parameter name, shape) -> NamedSharding`` on ``mesh`` (the loader's ``placement``)."""
+    return lambda name, shape: NamedSharding(mesh, param_spec(name, shape,
+                                                              mesh.shape[MODEL_AXIS]))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Moves every parameter to its sharding on ``mesh`` (each device receives its slice)."""
+    """Moves every parameter to its sharding on ``mesh`` (each device receives its slice;
+    a no-op for parameters the loader already placed there)."""
+    place = param_sharding(mesh)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     for path, var in flat.items():
         value = var.get_value()
-        name = str(path[-1])
-        spec = param_spec(name, tuple(value.shape), mesh.shape[MODEL_AXIS])
-        var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
+        var.set_value(jax.device_put(value, place(str(path[-1]), tuple(value.shape))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -72,7 +72,8 @@ def resolve_dtype(dtype: str | Any) -> Any:
 def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
                load_format: str = "auto", seed: int = 0, hf_config: dict[str, Any] | None = None,
                tokenizer_path: str | os.PathLike | None = None,
-               before_weights: Callable[[Any], None] | None = None) -> LoadedModel:
+               before_weights: Callable[[Any], None] | None = None,
+               placement: Callable[[str, tuple[int, ...]], Any] | None = None) -> LoadedModel:
     """Loads weights, config, tokenizer and generation defaults.
 
     Args:
@@ -85,6 +86,9 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
         tokenizer_path: a directory to load the tokenizer from instead of ``model_path``.
         before_weights: called with the model's config once it is read, before any weight is
             (the engine checks its own arguments there: a bad flag fails before a long load).
+        placement: ``(parameter name, shape) -> jax Sharding`` (tensor parallelism's split):
+            each checkpoint tensor goes from the host straight to its shards, so no device
+            ever holds the whole model. Dummy weights are drawn on the default device first.
 
     Raises:
         FileNotFoundError: a missing path, config or weights.
@@ -123,7 +127,8 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
     else:
         tensors = gguf.tensors() if gguf is not None else _iter_safetensors(path)
         abstract = nnx.eval_shape(lambda: create(jax.random.key(seed)))
-        model = _assign_weights(abstract, family, tensors, source=str(model_path))
+        model = _assign_weights(abstract, family, tensors, source=str(model_path),
+                                placement=placement)
 
     tokenizer, chat_template, generation_config, eos = _load_tokenizer_and_defaults(
         path, gguf, hf, tokenizer_path)
@@ -211,7 +216,7 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _assign_weights(abstract: nnx.Module, family: str, tensors: Iterable[tuple[str, np.ndarray]],
-                    source: str) -> nnx.Module:
+                    source: str, placement=None) -> nnx.Module:
     """Fills an abstract (``nnx.eval_shape``) model from checkpoint tensors; checks coverage."""
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
@@ -223,7 +228,8 @@ def _assign_weights(abstract: nnx.Module, family: str, tensors: Iterable[tuple[s
     for name, weight in tensors:
         for p, arr in weight_map.convert(family, name, weight, target_shape):
             var = flat[p]
-            value = jax.device_put(arr)
+            value = jax.device_put(arr, None if placement is None else
+                                   placement(str(p[-1]), tuple(arr.shape)))
             dtype = var.get_value().dtype
             var.set_value(value if value.dtype == dtype else value.astype(dtype))
             filled.add(p)

@@ -45,7 +45,7 @@ def run_jaxpage(ns, path: str, async_scheduling: bool = True) -> dict:
 
     llm = LLM(model=path, dtype=ns.dtype, max_model_len=ns.max_model_len,
               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, tensor_parallel_size=ns.tensor_parallel_size)
     reqs = make_requests(ns, llm.loaded.config.vocab_size)
     llm.generate([r[0] for r in reqs[:8]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=o) for _, o in reqs]
@@ -99,6 +99,8 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="jaxpage only: devices the model splits over")
     p.add_argument("--engines", default="jaxpage,hf",
                    help="comma list of jaxpage, jaxpage-sync (async scheduling off), hf")
     p.add_argument("--out", default=None)

@@ -13,7 +13,7 @@ from jaxpage.default_model import cache_dir, resolve_model
 from jaxpage.engine.llm_engine import LLMEngine
 from jaxpage.models.loader import LoadedModel, load_model, resolve_dtype
 from jaxpage.runner.model_runner import ModelRunner
-from jaxpage.sharding import check_tensor_parallel, make_mesh
+from jaxpage.sharding import check_tensor_parallel, make_mesh, param_sharding
 
 logger = logging.getLogger("jaxpage")
 
@@ -35,18 +35,22 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
     path = None if args.model is None else resolve_model(args.model)
     # The engine's configuration is made (and its arguments checked) from the model's config,
     # before the weights load.
-    made = []
+    made, meshes = [], []
 
     def before_weights(config) -> None:
         made.append(args.create_engine_config(platform=platform,
                                               model_max_len=config.max_position_embeddings))
         tp = made[0].parallel_config.tensor_parallel_size
         check_tensor_parallel(config, tp)
-        make_mesh(tp)  # enough devices?
+        meshes.append(make_mesh(tp))  # None for one device; raises if too few devices
+
+    def placement(name: str, shape: tuple[int, ...]):
+        # Tensor parallel: checkpoint tensors go from the host straight to their shards.
+        return None if meshes[0] is None else param_sharding(meshes[0])(name, shape)
 
     loaded = load_model(path, dtype=dtype, load_format=args.load_format, seed=args.seed,
                         hf_config=args.hf_config, tokenizer_path=args.tokenizer,
-                        before_weights=before_weights)
+                        before_weights=before_weights, placement=placement)
     cfg = made[0]
     kv_dtype = dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     runner = ModelRunner(loaded.model, cache_config=cfg.cache_config,

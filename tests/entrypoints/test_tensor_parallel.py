@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpage import sharding
 from jaxpage.config import ParallelConfig
 from tests.entrypoints.engine_util import TINY_LLAMA, tiny_llm
-from tests.entrypoints.tp_worker import MODELS
+from tests.entrypoints.tp_worker import CHECKPOINT, GQA, MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,12 +37,12 @@ def tp_runs():
     return result["runs"]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(MODELS) + [CHECKPOINT])
 def test_split_engine_matches_one_device(tp_runs, name):
     one = tp_runs[f"{name}/tp1"]
-    assert one["pool_devices"] == 1 and one["split_params"] == 0
-    heads = MODELS[name].get("num_key_value_heads") or MODELS[name].get(
-        "num_attention_heads", MODELS[name].get("n_head"))
+    assert one["pool_devices"] == 1 and one["split_params"] == 0 and one["placed_at_load"] == 0
+    hf = MODELS.get(name, GQA)
+    heads = hf.get("num_key_value_heads") or hf.get("num_attention_heads", hf.get("n_head"))
     sizes = [int(k.rsplit("tp", 1)[1]) for k in tp_runs if k.startswith(name + "/")]
     assert len(sizes) >= 2
     for tp in sizes[1:]:
@@ -60,7 +60,9 @@ def test_split_engine_matches_one_device(tp_runs, name):
         # Megatron's traffic and no more: an all-reduce after the o and the down projection
         # of each layer, and the (R, V) logits gathered (never the (V, D) lm_head weight,
         # which XLA chose before gather_logits pinned the split).
-        vocab = MODELS[name]["vocab_size"]
+        vocab = hf["vocab_size"]
+        # Dummy weights are drawn whole, then split; a checkpoint's go straight to their shards.
+        assert (run["placed_at_load"] > 0) == (name == CHECKPOINT)
         for ops in run["collectives"]:
             reduces = [shape for op, shape in ops if op == "all-reduce"]
             gathers = [shape for op, shape in ops if op == "all-gather"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,6 +22,7 @@ from tests.entrypoints.engine_util import TINY_LLAMA, random_prompts, tiny_llm
 # N = 8, K = 4 (GQA 2): splits over 2 and 4 devices; vocab 512 splits the untied lm_head.
 GQA = dict(TINY_LLAMA, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
            intermediate_size=128)
+CHECKPOINT = "llama_safetensors"  # GQA's shape, saved by transformers and loaded from disk
 MODELS = {
     "llama_gqa": GQA,
     "llama_tied_odd_vocab": dict(GQA, tie_word_embeddings=True, vocab_size=509),
@@ -34,8 +37,10 @@ MODELS = {
 }
 
 
-def run(name: str, hf: dict, tp: int, prompts, params):
-    llm = tiny_llm(hf_config=hf, tensor_parallel_size=tp, num_pages=40, max_num_seqs=6,
+def run(name: str, hf: dict, tp: int, prompts, params, path=None):
+    source = dict(hf_config=hf) if path is None else dict(model=str(path), load_format="auto",
+                                                          hf_config=None)
+    llm = tiny_llm(**source, tensor_parallel_size=tp, num_pages=40, max_num_seqs=6,
                    max_model_len=128)
     engine = llm.engine
     baseline = engine.num_free_pages
@@ -54,7 +59,9 @@ def run(name: str, hf: dict, tp: int, prompts, params):
         split_params=sum(p.addressable_shards[0].data.shape != p.shape for p in runner.params),
         preemptions=engine.scheduler.num_preemptions,
         collectives=[collectives(exe.as_text()) for exe in runner._compiled.values()],
+        placed_at_load=len(PLACED),  # checkpoint tensors sent by the loader to their shards
     )
+    PLACED.clear()
     return info
 
 
@@ -65,11 +72,44 @@ def collectives(hlo: str) -> list[tuple[str, list[int]]]:
     return [(op, [int(d) for d in dims.split(",") if d]) for dims, op in found]
 
 
+PLACED: list[str] = []
+
+
+def _count_placements() -> None:
+    """Counts the loader's calls for a tensor's sharding (the runner's own resharding of
+    dummy weights goes through ``sharding.param_sharding`` directly, uncounted)."""
+    import jaxpage.entrypoints.engine_builder as builder
+
+    orig = builder.param_sharding
+
+    def counted(mesh):
+        place = orig(mesh)
+        return lambda name, shape: (PLACED.append(name), place(name, shape))[1]
+
+    builder.param_sharding = counted
+
+
+def save_checkpoint(hf: dict, path: Path) -> None:
+    """A random HF Llama checkpoint (safetensors) of the ``hf`` shape."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "architectures"})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
 def main() -> None:
-    names = sys.argv[1:] or list(MODELS)
+    names = sys.argv[1:] or list(MODELS) + [CHECKPOINT]
     result = dict(devices=len(jax.devices()), runs={})
+    _count_placements()
+    tmp = tempfile.TemporaryDirectory()
     for name in names:
-        hf = MODELS[name]
+        hf = MODELS.get(name, GQA)
+        path = None
+        if name == CHECKPOINT:
+            path = Path(tmp.name) / name
+            save_checkpoint(hf, path)
         # A shared prefix (prefix caching), long prompts over a 40-page pool (chunked prefill and
         # preemption), greedy and seeded sampling.
         prompts = random_prompts(10, 500, 3, 60, seed=5, shared_prefix=12)
@@ -80,7 +120,7 @@ def main() -> None:
         for tp in (1, 2, 4):
             if name in ("opt", "gpt2") and tp == 4:
                 continue  # 4 heads: 4-way works too, but two sizes are enough for these families
-            result["runs"][f"{name}/tp{tp}"] = run(name, hf, tp, prompts, params)
+            result["runs"][f"{name}/tp{tp}"] = run(name, hf, tp, prompts, params, path)
     print("RESULT " + json.dumps(result, default=lambda x: np.asarray(x).tolist()))
 
 
