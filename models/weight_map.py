@@ -25,7 +25,8 @@ LLAMA_RULES: list[Rule] = [
     (r"embed_tokens\.weight", ("embed_tokens",), "id"),
     (r"norm\.weight", ("norm.weight",), "id"),
     (r"lm_head\.weight", ("lm_head",), "id"),
-    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", ("layers.{0}.{1}.weight",), "id"),
+    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
+     r"post_feedforward_layernorm)\.weight", ("layers.{0}.{1}.weight",), "id"),
     (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", ("layers.{0}.self_attn.{1}_proj",), "T"),
     (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.bias", ("layers.{0}.self_attn.{1}_bias",), "id"),
     (r"layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", ("layers.{0}.self_attn.{1}_norm.weight",), "id"),

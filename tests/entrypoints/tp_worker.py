@@ -27,6 +27,11 @@ MODELS = {
     "llama_gqa": GQA,
     "llama_tied_odd_vocab": dict(GQA, tie_word_embeddings=True, vocab_size=509),
     "qwen2_bias": dict(GQA, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+    # Gemma 2: sandwich norms, tanh-capped scores (inside the split attention) and logits,
+    # a sliding first layer.
+    "gemma2": dict(GQA, architectures=["Gemma2ForCausalLM"], model_type="gemma2",
+                   query_pre_attn_scalar=8, attn_logit_softcapping=1.0,
+                   final_logit_softcapping=5.0, sliding_window=16, tie_word_embeddings=True),
     "opt": dict(architectures=["OPTForCausalLM"], model_type="opt", vocab_size=512,
                 hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=1,

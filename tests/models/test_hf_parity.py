@@ -57,6 +57,23 @@ VARIANTS = {
     "opt350m": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=32,
                                   do_layer_norm_before=False)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4, n_layer=2, n_positions=128)),
+    # Gemma: (1 + w) norms, sqrt(D)-scaled embeddings, tanh-gelu MLP, head_dim 32 != D / N.
+    "gemma": ("GemmaConfig", dict(_LLAMA_DIMS, head_dim=32, hidden_act="gelu_pytorch_tanh")),
+    # Gemma 2: four norms a layer, scores scaled by query_pre_attn_scalar and tanh-capped, capped
+    # final logits, the first layer sliding. Caps small enough to bite on random weights.
+    "gemma2": ("Gemma2Config", dict(_LLAMA_DIMS, head_dim=16, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=0.5, final_logit_softcapping=2.0,
+                                    sliding_window=5)),
+    # Gemma 3 (text): q/k norms; the first layer slides with its own rope base, the second is
+    # global with linear rope scaling.
+    "gemma3": ("Gemma3TextConfig", dict(_LLAMA_DIMS, head_dim=16, query_pre_attn_scalar=24,
+                                        sliding_window=5, layer_types=["sliding_attention",
+                                                                       "full_attention"],
+                                        rope_parameters={
+                                            "full_attention": dict(rope_type="linear", factor=2.0,
+                                                                   rope_theta=1_000_000.0),
+                                            "sliding_attention": dict(rope_type="default",
+                                                                      rope_theta=10_000.0)})),
 }
 
 
