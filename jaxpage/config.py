@@ -164,6 +164,7 @@ class EngineArgs:
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxpage/xla; "": off
     compile_all_buckets: bool | None = None  # None: on for accelerators, lazy on CPU
     tensor_parallel_size: int = 1  # devices the model splits over (ParallelConfig)
+    compile_workers: int = 1  # XLA compiles at once at start-up (lowering stays one by one)
 
     def create_engine_config(self, *, platform: str, model_max_len: int) -> EngineConfig:
         accel = platform != "cpu"

@@ -28,6 +28,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "work overlaps the device's (default on; --no-async-scheduling: off)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="devices the model splits over (by heads and MLP width)")
+    g.add_argument("--compile-workers", type=int, default=1,
+                   help="XLA compiles at once while every bucket compiles at start-up")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV page (default: 64 on GPU, 16 elsewhere)")
     g.add_argument("--num-pages", type=int, default=None)
@@ -54,6 +56,7 @@ def _engine_args(ns: argparse.Namespace) -> EngineArgs:
                       token_padding_gap=ns.token_padding_gap, block_size=ns.block_size,
                       async_scheduling=ns.async_scheduling,
                       tensor_parallel_size=ns.tensor_parallel_size,
+                      compile_workers=ns.compile_workers,
                       num_pages=ns.num_pages, gpu_memory_utilization=ns.gpu_memory_utilization,
                       attention_backend=ns.attention_backend,
                       enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,

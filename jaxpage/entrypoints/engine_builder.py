@@ -58,7 +58,8 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
                          max_model_len=cfg.scheduler_config.max_model_len,
                          kv_dtype=jnp.dtype(kv_dtype), attention_backend=args.attention_backend,
                          compile_all_buckets=args.compile_all_buckets,
-                         parallel_config=cfg.parallel_config)
+                         parallel_config=cfg.parallel_config,
+                         compile_workers=args.compile_workers)
     engine = LLMEngine(runner, loaded.tokenizer, scheduler_config=cfg.scheduler_config,
                        cache_config=cfg.cache_config, num_pages=runner.num_pages,
                        vocab_size=loaded.config.vocab_size, eos_token_ids=loaded.eos_token_ids,

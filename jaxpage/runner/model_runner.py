@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import math
 import time
@@ -64,12 +65,13 @@ class ModelRunner:
         compile_all_buckets: AOT-compile every bucket now (default on accelerators) instead of
             on first use.
         parallel_config: tensor parallelism (``jaxpage/sharding.py``); default one device.
+        compile_workers: XLA compiles at once in ``precompile`` (1: one after the other).
     """
 
     def __init__(self, model, *, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  max_model_len: int, kv_dtype, attention_backend: str = "auto",
                  compile_all_buckets: bool | None = None,
-                 parallel_config: ParallelConfig | None = None):
+                 parallel_config: ParallelConfig | None = None, compile_workers: int = 1):
         cfg = model.config
         self.vocab_size = cfg.vocab_size
         self.max_model_len = max_model_len
@@ -109,6 +111,9 @@ class ModelRunner:
         # (T, R, all_logits, decode_only) -> executable
         self._compiled: dict[tuple[int, int, bool, bool], jax.stages.Compiled] = {}
         self.compile_seconds: dict[tuple[int, int, bool, bool], float] = {}
+        if compile_workers < 1:
+            raise ValueError(f"compile_workers must be >= 1, got {compile_workers}.")
+        self.compile_workers = compile_workers
         if compile_all_buckets is None:
             compile_all_buckets = jax.default_backend() != "cpu"
         if compile_all_buckets:
@@ -124,34 +129,56 @@ class ModelRunner:
     def _layout(self, bucket: tuple[int, int]) -> PackedLayout:
         return PackedLayout(bucket[0], bucket[1], self.pages_per_req)
 
+    def _lower(self, key: tuple[int, int, bool, bool]) -> jax.stages.Lowered:
+        T, R, all_logits, decode_only = key
+        layout = self._layout((T, R))
+        fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
+                                       backend=self.backend, all_logits=all_logits,
+                                       decode_only=decode_only, mesh=self.mesh,
+                                       state_treedef=self.state_treedef),
+                     donate_argnums=(1,))
+        packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32, sharding=self._inputs)
+        return fn.lower(self.params, self.kv_pages, packed, self.sampler.last_sampled)
+
     def _executable(self, bucket: tuple[int, int], all_logits: bool = False,
                     decode_only: bool = False):
         key = (*bucket, all_logits, decode_only)
         exe = self._compiled.get(key)
         if exe is None:
             start = time.perf_counter()
-            layout = self._layout(bucket)
-            fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
-                                           backend=self.backend, all_logits=all_logits,
-                                           decode_only=decode_only, mesh=self.mesh,
-                                           state_treedef=self.state_treedef),
-                         donate_argnums=(1,))
-            packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32, sharding=self._inputs)
-            exe = fn.lower(self.params, self.kv_pages, packed, self.sampler.last_sampled).compile()
-            self._compiled[key] = exe
+            exe = self._compiled[key] = self._lower(key).compile()
             self.compile_seconds[key] = time.perf_counter() - start
         return exe
 
     def precompile(self) -> None:
-        """AOT-compiles every (T, R) bucket and the common sampler variants."""
+        """AOT-compiles every (T, R) bucket and the common sampler variants.
+
+        With ``compile_workers`` > 1 the buckets are traced and lowered one by one (Python,
+        under the GIL) and XLA compiles them on that many threads at once (it releases the
+        GIL); ``compile_seconds`` then holds each compile's own span, not its share."""
         start = time.perf_counter()
         pairs = self.buckets.pairs()
-        for bucket in pairs:
-            self._executable(bucket)
-        for r in self.buckets.req_buckets:  # decode-only steps: R requests, one token each
-            self._executable(self.buckets.pick(r, r), decode_only=True)
+        keys = [(*b, False, False) for b in pairs]
+        keys += [(*self.buckets.pick(r, r), False, True)  # decode-only: R requests, one token
+                 for r in self.buckets.req_buckets]
+        keys = [k for k in dict.fromkeys(keys) if k not in self._compiled]
+
+        def compile_one(item):
+            key, lowered = item
+            t0 = time.perf_counter()
+            return key, lowered.compile(), time.perf_counter() - t0
+
+        if self.compile_workers > 1:
+            with ThreadPoolExecutor(self.compile_workers, thread_name_prefix="jaxpage-compile") as pool:
+                done = list(pool.map(compile_one, ((k, self._lower(k)) for k in keys)))
+        else:
+            done = [compile_one((k, self._lower(k))) for k in keys]
+        for key, exe, seconds in done:
+            self._compiled[key], self.compile_seconds[key] = exe, seconds
         self.sampler.precompile(self.buckets.req_buckets)
-        logger.info("compiled %d step buckets in %.1f s", len(pairs), time.perf_counter() - start)
+        logger.info("compiled %d step buckets in %.1f s (%d compile thread%s)", len(pairs),
+                    time.perf_counter() - start, self.compile_workers,
+                    "" if self.compile_workers == 1 else "s")
 
     # -- one step -----------------------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
