@@ -159,7 +159,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     token_padding_gap: int = 0  # 0: steps pad to powers of two (SchedulerConfig)
     # Launch step N + 1 before reading step N back: on by default (H200, llama3.2-1b shape:
-    # +37% greedy / +26% sampled output tok/s, docs/benchmarks/engine.md).
+    # +35% greedy / +28% sampled output tok/s, docs/benchmarks/engine.md).
     async_scheduling: bool = True
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxpage/xla; "": off
     compile_all_buckets: bool | None = None  # None: on for accelerators, lazy on CPU

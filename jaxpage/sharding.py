@@ -111,11 +111,15 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def kv_pool_sharding(mesh: Mesh, ndim: int, head_axis: int) -> NamedSharding:
+def kv_pool_spec(ndim: int, head_axis: int) -> P:
     """One layer's KV pool, split over its kv-head axis."""
-    axes = [None] * ndim
+    axes: list[str | None] = [None] * ndim
     axes[head_axis] = MODEL_AXIS
-    return NamedSharding(mesh, P(*axes))
+    return P(*axes)
+
+
+def kv_pool_sharding(mesh: Mesh, ndim: int, head_axis: int) -> NamedSharding:
+    return NamedSharding(mesh, kv_pool_spec(ndim, head_axis))
 
 
 def gather_logits(logits: jax.Array, *, mesh: Mesh) -> jax.Array:

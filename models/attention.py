@@ -8,7 +8,7 @@ import functools
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxpage import kernels_pallas
+from jaxpage import kernels_pallas, sharding
 
 
 @jax.tree_util.register_dataclass
@@ -62,10 +62,9 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Arra
         return local(q, k, v, kv_pages, *tables)
     # Tensor parallel: each device attends with its own heads over its own slice of the pool
     # (GQA groups stay whole: N and K split by the same factor); the step's tables are whole.
-    heads = P(None, "model", None)  # (T, N|K, H)
-    axes = [None] * kv_pages.ndim
-    axes[kernels_pallas.kv_cache_head_axis(md.attention_backend)] = "model"
-    pool = P(*axes)
+    heads = P(None, sharding.MODEL_AXIS, None)  # (T, N|K, H)
+    pool = sharding.kv_pool_spec(kv_pages.ndim,
+                                 kernels_pallas.kv_cache_head_axis(md.attention_backend))
     return jax.shard_map(local, mesh=md.mesh, in_specs=(heads, heads, heads, pool) + (P(),) * 5,
                          out_specs=(heads, pool), check_vma=False)(q, k, v, kv_pages, *tables)
 

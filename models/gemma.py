@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpage.models.attention import AttentionMetadata, paged_attention
-from jaxpage.models.layers import (RopeConfig, apply_rope, get_activation, param, rope_cos_sin,
-                                   zeros)
+from jaxpage.models.attention import AttentionMetadata
+from jaxpage.models.layers import RopeConfig, rope_cos_sin, zeros
+from jaxpage.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -56,6 +56,17 @@ class GemmaConfig:
     sliding_windows: tuple[int | None, ...] | None = None  # per layer; None = full attention
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+
+    # The names Llama's attention and MLP (reused here) read.
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    mlp_bias = False
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "GemmaConfig":
@@ -141,80 +152,21 @@ class GemmaRMSNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-class GemmaAttention(nnx.Module):
-    def __init__(self, cfg: GemmaConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        std = cfg.initializer_range
-        self.cfg = cfg
-        self.dtype = dtype
-        self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
-        self.q_proj = param(rngs, (D, N, H), param_dtype, std)
-        self.k_proj = param(rngs, (D, K, H), param_dtype, std)
-        self.v_proj = param(rngs, (D, K, H), param_dtype, std)
-        self.o_proj = param(rngs, (N, H, D), param_dtype, std)
-        bias = cfg.attention_bias
-        self.q_bias = zeros((N, H), param_dtype) if bias else None
-        self.k_bias = zeros((K, H), param_dtype) if bias else None
-        self.v_bias = zeros((K, H), param_dtype) if bias else None
-        self.o_bias = zeros((D,), param_dtype) if bias else None
-        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.q_norm = GemmaRMSNorm(H, **norm) if cfg.qk_norm else None
-        self.k_norm = GemmaRMSNorm(H, **norm) if cfg.qk_norm else None
-        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-        self.sm_scale = float(scalar) ** -0.5
-
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_pages: jax.Array,
-                 md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
-        dt = self.dtype
-        q = jnp.einsum("TD,DNH->TNH", x, self.q_proj[...].astype(dt))  # (T, N, H)
-        k = jnp.einsum("TD,DKH->TKH", x, self.k_proj[...].astype(dt))  # (T, K, H)
-        v = jnp.einsum("TD,DKH->TKH", x, self.v_proj[...].astype(dt))  # (T, K, H)
-        if self.q_bias is not None:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
-        if self.q_norm is not None:  # Gemma 3: per-head RMSNorm before rope
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (T, N, H), (T, K, H)
-        out, kv_pages = paged_attention(q, k, v, kv_pages, md, sm_scale=self.sm_scale,
-                                        soft_cap=self.cfg.attn_logit_softcapping,
-                                        sliding_window=self.sliding_window)  # (T, N, H)
-        y = jnp.einsum("TNH,NHD->TD", out, self.o_proj[...].astype(dt))  # (T, D)
-        if self.o_bias is not None:
-            y = y + self.o_bias[...].astype(dt)
-        return y, kv_pages
-
-
-class GemmaMLP(nnx.Module):
-    def __init__(self, cfg: GemmaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        D, F, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
-        self.dtype = dtype
-        self.hidden_act = cfg.hidden_act
-        self.gate_proj = param(rngs, (D, F), param_dtype, std)
-        self.up_proj = param(rngs, (D, F), param_dtype, std)
-        self.down_proj = param(rngs, (F, D), param_dtype, std)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        gate = jnp.einsum("TD,DF->TF", x, self.gate_proj[...].astype(dt))  # (T, F)
-        up = jnp.einsum("TD,DF->TF", x, self.up_proj[...].astype(dt))  # (T, F)
-        h = get_activation(self.hidden_act)(gate) * up  # (T, F)
-        return jnp.einsum("TF,FD->TD", h, self.down_proj[...].astype(dt))  # (T, D)
-
-
 class GemmaDecoderLayer(nnx.Module):
     def __init__(self, cfg: GemmaConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         D = cfg.hidden_size
         self.sliding = bool(cfg.sliding_windows and cfg.sliding_windows[layer_idx])
         self.input_layernorm = GemmaRMSNorm(D, **norm)
-        self.self_attn = GemmaAttention(cfg, layer_idx, dtype=dtype, param_dtype=param_dtype,
-                                        rngs=rngs)
+        self.self_attn = LlamaAttention(
+            cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            norm_cls=GemmaRMSNorm, sm_scale=float(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
+            soft_cap=cfg.attn_logit_softcapping)
         self.post_attention_layernorm = GemmaRMSNorm(D, **norm)
         sandwich = cfg.sandwich_norms
         self.pre_feedforward_layernorm = GemmaRMSNorm(D, **norm) if sandwich else None
         self.post_feedforward_layernorm = GemmaRMSNorm(D, **norm) if sandwich else None
-        self.mlp = GemmaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, kv_pages, md):
         attn, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, kv_pages, md)  # (T, D)
@@ -226,23 +178,11 @@ class GemmaDecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(h), kv_pages
 
 
-class GemmaForCausalLM(nnx.Module):
+class GemmaForCausalLM(LlamaForCausalLM):
     """Decoder-only Gemma over the paged KV pool; see the module docstring for variants."""
 
-    def __init__(self, config: GemmaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        cfg = config
-        self.config = cfg
-        self.dtype = dtype
-        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype,
-                                  cfg.initializer_range)  # (V, D)
-        self.layers = nnx.List([
-            GemmaDecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for i in range(cfg.num_hidden_layers)])
-        self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
-                                 param_dtype=param_dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else param(
-            rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype, cfg.initializer_range)  # (V, D)
+    layer_cls = GemmaDecoderLayer
+    norm_cls = GemmaRMSNorm
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_pages: list[jax.Array],
                  md: AttentionMetadata) -> tuple[jax.Array, list[jax.Array]]:
@@ -263,8 +203,6 @@ class GemmaForCausalLM(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """(R, D) hidden states -> (R, V) float32 logits (tanh-capped on Gemma 2)."""
-        w = self.embed_tokens if self.lm_head is None else self.lm_head  # (V, D)
-        logits = jnp.einsum("RD,VD->RV", hidden, w[...].astype(self.dtype),
-                            preferred_element_type=jnp.float32)  # (R, V)
+        logits = super().compute_logits(hidden)  # (R, V)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)

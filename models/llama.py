@@ -87,11 +87,18 @@ class LlamaConfig:
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """GQA attention over the paged pool. Gemma (``gemma.py``) reuses it with its own norm
+    class for q/k, its score scale and its tanh cap on the scores."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 norm_cls: type = RMSNorm, sm_scale: float | None = None,
+                 soft_cap: float | None = None):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         std = cfg.initializer_range
         self.cfg = cfg
         self.dtype = dtype
+        self.sm_scale = cfg.head_dim ** -0.5 if sm_scale is None else sm_scale
+        self.soft_cap = soft_cap
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
         self.q_proj = param(rngs, (D, N, H), param_dtype, std)
         self.k_proj = param(rngs, (D, K, H), param_dtype, std)
@@ -102,8 +109,8 @@ class LlamaAttention(nnx.Module):
         self.v_bias = zeros((K, H), param_dtype) if cfg.qkv_bias else None
         self.o_bias = zeros((D,), param_dtype) if cfg.o_bias else None
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.q_norm = RMSNorm(H, **norm) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(H, **norm) if cfg.qk_norm else None
+        self.q_norm = norm_cls(H, **norm) if cfg.qk_norm else None
+        self.k_norm = norm_cls(H, **norm) if cfg.qk_norm else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_pages: jax.Array,
                  md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
@@ -118,7 +125,8 @@ class LlamaAttention(nnx.Module):
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before rope
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (T, N, H), (T, K, H)
-        out, kv_pages = paged_attention(q, k, v, kv_pages, md, sm_scale=self.cfg.head_dim ** -0.5,
+        out, kv_pages = paged_attention(q, k, v, kv_pages, md, sm_scale=self.sm_scale,
+                                        soft_cap=self.soft_cap,
                                         sliding_window=self.sliding_window)  # (T, N, H)
         y = jnp.einsum("TNH,NHD->TD", out, self.o_proj[...].astype(dt))  # (T, D)
         if self.o_bias is not None:
@@ -167,7 +175,11 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Decoder-only transformer over the paged KV pool; see the module docstring for variants."""
+    """Decoder-only transformer over the paged KV pool; see the module docstring for variants.
+    Gemma (``gemma.py``) subclasses it with its own layer and norm classes."""
+
+    layer_cls: type = LlamaDecoderLayer
+    norm_cls: type = RMSNorm
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -177,9 +189,10 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype,
                                   cfg.initializer_range)  # (V, D)
         self.layers = nnx.List([
-            LlamaDecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.layer_cls(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = self.norm_cls(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else param(
             rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype, cfg.initializer_range)  # (V, D)
 

@@ -19,10 +19,22 @@ H128 = dict(PRESETS["llama3.2-1b"], hidden_size=1024, intermediate_size=2048,
             vocab_size=32000, bos_token_id=1, eos_token_id=2)
 
 
+# Gemma 2's features on the kernels: head_dim 256 (the Triton kernels' H = 256 entries),
+# tanh-capped scores, a sliding window on alternate layers shorter than most prompts.
+GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=32000,
+              hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+              query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+              final_logit_softcapping=30.0, sliding_window=128, bos_token_id=2, eos_token_id=1,
+              tie_word_embeddings=False)  # tied random embeddings mostly repeat the last token
+BASES = {"h128": H128, "gemma2": GEMMA2}
+
+
 @pytest.mark.parametrize("model,dtype", [("smollm2-135m", "float32"),
-                                         ("smollm2-135m", "bfloat16"), ("h128", "bfloat16")])
+                                         ("smollm2-135m", "bfloat16"), ("h128", "bfloat16"),
+                                         ("gemma2", "float32")])
 def test_pallas_matches_reference_on_gpu(model, dtype):
-    base = H128 if model == "h128" else PRESETS[model]
+    base = BASES.get(model) or PRESETS[model]
     cfg = dict(base, max_position_embeddings=1024)
     prompts = random_prompts(24, cfg["vocab_size"], 1, 300, seed=2, shared_prefix=40)
     outs = {}
