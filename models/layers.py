@@ -33,17 +33,20 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+# Each parameter remembers how it was drawn (``dummy_init``), so that the loader can draw
+# dummy weights again straight into their tensor-parallel shards (``loader._dummy_weights``).
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float) -> nnx.Param:
     """A normal(0, std) parameter created directly in ``dtype`` (fast dummy weights on device)."""
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype),
+                     dummy_init=("normal", std))
 
 
 def zeros(shape: tuple[int, ...], dtype) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, dtype))
+    return nnx.Param(jnp.zeros(shape, dtype), dummy_init=("zeros",))
 
 
 def ones(shape: tuple[int, ...], dtype) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, dtype))
+    return nnx.Param(jnp.ones(shape, dtype), dummy_init=("ones",))
 
 
 class RMSNorm(nnx.Module):

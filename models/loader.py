@@ -12,6 +12,7 @@ unpickled: ``.bin`` / ``.pt`` checkpoints are refused (no ``torch.load``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -86,9 +87,12 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
         tokenizer_path: a directory to load the tokenizer from instead of ``model_path``.
         before_weights: called with the model's config once it is read, before any weight is
             (the engine checks its own arguments there: a bad flag fails before a long load).
-        placement: ``(parameter name, shape) -> jax Sharding`` (tensor parallelism's split):
-            each checkpoint tensor goes from the host straight to its shards, so no device
-            ever holds the whole model. Dummy weights are drawn on the default device first.
+        placement: ``(parameter name, shape) -> jax Sharding or None`` (tensor parallelism's
+            split; None: the default device): each checkpoint tensor goes from the host
+            straight to its shards, and dummy weights are drawn there, so no device ever
+            holds the whole model. With it, dummy weights are drawn parameter by parameter
+            with threefry, whose bits do not depend on the sharding: one seed gives the same
+            model at every tensor-parallel size.
 
     Raises:
         FileNotFoundError: a missing path, config or weights.
@@ -118,7 +122,9 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
     def create(key) -> nnx.Module:
         return model_cls(config, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(params=key))
 
-    if fmt == "dummy":
+    if fmt == "dummy" and placement is not None:
+        model = _dummy_weights(create, seed, placement)
+    elif fmt == "dummy":
         # Eager, op by op: each parameter is drawn on the device directly in the target dtype,
         # and XLA compiles one small RNG program per distinct shape (jitting the whole
         # constructor instead compiles one program per parameter: minutes for an 8B model).
@@ -135,6 +141,32 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
     return LoadedModel(model=model, config=config, hf_config=hf, generation_config=generation_config,
                        chat_template=chat_template, tokenizer=tokenizer, eos_token_ids=eos,
                        max_model_len=int(config.max_position_embeddings), architecture=architecture)
+
+
+def _dummy_weights(create: Callable[[Any], nnx.Module], seed: int,
+                   placement: Callable[[str, tuple[int, ...]], Any]) -> nnx.Module:
+    """Random weights drawn straight into their shardings, each parameter as its constructor
+    would draw it (``layers.param`` / ``zeros`` / ``ones`` record how), keyed by its index."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create(jax.random.key(seed))))
+    flat = dict(nnx.to_flat_state(state))
+    base = jax.random.key(seed, impl="threefry2x32")
+    for i, (path, var) in enumerate(flat.items()):
+        abstract = var.get_value()
+        shape = tuple(abstract.shape)
+        init = var.get_metadata().get("dummy_init", ("zeros",))
+        draw = _dummy_draw(init, shape, jnp.dtype(abstract.dtype), placement(str(path[-1]), shape))
+        var.set_value(draw(jax.random.fold_in(base, i)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy_draw(init: tuple, shape: tuple[int, ...], dtype, sharding) -> Callable:
+    """One compiled draw per distinct (init, shape, dtype, sharding): a few per model."""
+    def draw(key):
+        if init[0] == "normal":
+            return init[1] * jax.random.normal(key, shape, dtype)
+        return (jnp.ones if init[0] == "ones" else jnp.zeros)(shape, dtype)
+    return jax.jit(draw) if sharding is None else jax.jit(draw, out_shardings=sharding)
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def run(name: str, hf: dict, tp: int, prompts, params, path=None):
         split_params=sum(p.addressable_shards[0].data.shape != p.shape for p in runner.params),
         preemptions=engine.scheduler.num_preemptions,
         collectives=[collectives(exe.as_text()) for exe in runner._compiled.values()],
-        placed_at_load=len(PLACED),  # checkpoint tensors sent by the loader to their shards
+        placed_at_load=len(PLACED),  # tensors the loader sent (or drew) straight into shards
     )
     PLACED.clear()
     return info
@@ -81,8 +81,8 @@ PLACED: list[str] = []
 
 
 def _count_placements() -> None:
-    """Counts the loader's calls for a tensor's sharding (the runner's own resharding of
-    dummy weights goes through ``sharding.param_sharding`` directly, uncounted)."""
+    """Counts the loader's calls for a tensor's sharding (the runner's ``shard_model``, a
+    no-op then, goes through ``sharding.param_sharding`` directly, uncounted)."""
     import jaxpage.entrypoints.engine_builder as builder
 
     orig = builder.param_sharding
