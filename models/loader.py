@@ -153,7 +153,10 @@ def _dummy_weights(create: Callable[[Any], nnx.Module], seed: int,
     for i, (path, var) in enumerate(flat.items()):
         abstract = var.get_value()
         shape = tuple(abstract.shape)
-        init = var.get_metadata().get("dummy_init", ("zeros",))
+        init = var.get_metadata().get("dummy_init")
+        if init is None:
+            raise ValueError(f"parameter {'.'.join(map(str, path))} records no dummy_init: create "
+                             "it with models.layers.param / zeros / ones.")
         draw = _dummy_draw(init, shape, jnp.dtype(abstract.dtype), placement(str(path[-1]), shape))
         var.set_value(draw(jax.random.fold_in(base, i)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
