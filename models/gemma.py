@@ -26,47 +26,24 @@ from flax import nnx
 
 from jaxpage.models.attention import AttentionMetadata
 from jaxpage.models.layers import RopeConfig, rope_cos_sin, zeros
-from jaxpage.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from jaxpage.models.llama import (LlamaAttention, LlamaConfig, LlamaForCausalLM, LlamaMLP,
+                                  hf_dims)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
-    """Static, hashable model config. Build it from an HF ``config.json`` dict with ``from_hf``."""
+class GemmaConfig(LlamaConfig):
+    """Llama's config (whose attention and MLP Gemma reuses) plus Gemma's own fields. Build it
+    from an HF ``config.json`` dict with ``from_hf``."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    rms_norm_eps: float = 1e-6
-    rope: RopeConfig = RopeConfig()
-    local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' rotary embedding
     hidden_act: str = "gelu_pytorch_tanh"
-    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' rotary embedding
     sandwich_norms: bool = False  # Gemma 2 / 3: post-attention, pre- and post-MLP norms
-    qk_norm: bool = False  # Gemma 3
     query_pre_attn_scalar: float | None = None  # None: scores scaled by head_dim^-1/2
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
-    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None = full attention
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
-
-    # The names Llama's attention and MLP (reused here) read.
-    @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
-
-    mlp_bias = False
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "GemmaConfig":
@@ -75,7 +52,6 @@ class GemmaConfig:
             raise ValueError(f"Unsupported Gemma model_type {model_type!r}; supported: "
                              f"{', '.join(MODEL_TYPES)}.")
         num_layers = int(hf["num_hidden_layers"])
-        num_heads = int(hf["num_attention_heads"])
         later = model_type != "gemma"
         window = hf.get("sliding_window")
         if later and window:
@@ -92,26 +68,18 @@ class GemmaConfig:
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         scalar = hf.get("query_pre_attn_scalar") if later else None
         return cls(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // num_heads),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            **hf_dims(hf, default_max_positions=8192),
             rope=rope, local_rope=local_rope,
             # Gemma 1 configs say "gelu" but mean the tanh form (as transformers remaps it).
             hidden_act="gelu_pytorch_tanh" if act == "gelu" else act,
-            attention_bias=bool(hf.get("attention_bias", False)),
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            o_bias=bool(hf.get("attention_bias", False)),
             sandwich_norms=later, qk_norm=model_type == "gemma3_text",
             query_pre_attn_scalar=None if scalar is None else float(scalar),
             attn_logit_softcapping=_cap(hf.get("attn_logit_softcapping")) if later else None,
             final_logit_softcapping=_cap(hf.get("final_logit_softcapping")) if later else None,
             sliding_windows=windows,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
         )
 
 

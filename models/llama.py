@@ -52,7 +52,6 @@ class LlamaConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
         model_type = hf.get("model_type", "llama")
         num_layers = int(hf["num_hidden_layers"])
-        num_heads = int(hf["num_attention_heads"])
         attention_bias = bool(hf.get("attention_bias", False))
         window = hf.get("sliding_window")
         if model_type == "mistral":
@@ -65,15 +64,7 @@ class LlamaConfig:
         else:
             windows = [None] * num_layers
         return cls(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // num_heads),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            **hf_dims(hf, default_max_positions=2048),
             rope=RopeConfig.from_hf(hf),
             hidden_act=hf.get("hidden_act", "silu"),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
@@ -82,8 +73,24 @@ class LlamaConfig:
             qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_windows=tuple(None if w is None else int(w) for w in windows),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
         )
+
+
+def hf_dims(hf: dict[str, Any], *, default_max_positions: int) -> dict[str, Any]:
+    """The sizes every Llama-like config reads alike from an HF ``config.json`` dict."""
+    num_heads = int(hf["num_attention_heads"])
+    return dict(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_hidden_layers=int(hf["num_hidden_layers"]),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // num_heads),
+        max_position_embeddings=int(hf.get("max_position_embeddings", default_max_positions)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+    )
 
 
 class LlamaAttention(nnx.Module):
