@@ -13,7 +13,8 @@ class CacheConfig:
         page_size: tokens per page (vLLM's ``block_size``).
         gpu_memory_utilization: fraction of device memory for weights + KV pool.
         num_pages: explicit pool size (overrides gpu_memory_utilization); page 0 is the null page.
-        kv_cache_dtype: "auto" (the model's dtype) or a jnp dtype name.
+        kv_cache_dtype: "auto" (the model's dtype), "fp8" / "fp8_e4m3" / "fp8_e5m2" (one byte
+            per value, twice the pages; vLLM's names, no scale factors), or a float dtype name.
         enable_prefix_caching: reuse full pages of identical prefixes across requests.
     """
 
@@ -30,6 +31,22 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {self.num_pages}.")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}.")
+
+
+# kv_cache_dtype -> the pool's dtype name (None: the model's). vLLM's fp8 names map to the OCP
+# types; "fp8" is e4m3 (more mantissa, range +-448), as in vLLM.
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+                   "fp8_e5m2": "float8_e5m2", "float8_e4m3fn": "float8_e4m3fn",
+                   "float8_e5m2": "float8_e5m2", "bfloat16": "bfloat16", "float16": "float16",
+                   "float32": "float32"}
+
+
+def kv_cache_dtype_name(kv_cache_dtype: str, model_dtype: str) -> str:
+    """The pool's dtype name for ``CacheConfig.kv_cache_dtype`` under a model of ``model_dtype``."""
+    return KV_CACHE_DTYPES[kv_cache_dtype] or model_dtype
 
 
 @dataclass

@@ -29,6 +29,34 @@ import jax.numpy as jnp
 
 KV_AXES = "P2KSH"
 
+# Pool dtypes narrower than the model's that the kernels upcast on load (one byte per value:
+# half the KV bytes of bf16, twice the pages). No scale factors: values are stored as they are,
+# saturated to the type's range (vLLM's fp8 KV cache with its default scales of 1.0).
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def is_fp8(dtype) -> bool:
+    """True for the pool dtypes stored as 8-bit floats (``FP8_DTYPES``)."""
+    return jnp.dtype(dtype) in FP8_DTYPES
+
+
+def compute_dtype(q_dtype, kv_dtype):
+    """The dtype K/V take for the matmuls: q's when the pool is fp8 (upcast on load), else the
+    pool's own (a float32 pool under bf16 queries computes in float32, as before). The TPU
+    kernel's rule; the GPU kernels take float16 for fp8 pools instead (``gpu._common.
+    kv_compute_dtype``: a cheaper conversion there, and TPUs have no fast float16)."""
+    return jnp.dtype(q_dtype) if is_fp8(kv_dtype) else jnp.dtype(kv_dtype)
+
+
+def quantize_kv(x: jax.Array, dtype) -> jax.Array:
+    """``x`` cast to the pool dtype; fp8 saturates at the type's largest finite value (a plain
+    cast to float8_e4m3fn turns anything past 448 into NaN)."""
+    dtype = jnp.dtype(dtype)
+    if is_fp8(dtype):
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -limit, limit)
+    return x.astype(dtype)
+
 
 def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
     """Shape of one layer's KV pool for the reference (and GPU) layout."""
@@ -49,7 +77,7 @@ def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.
     num_pages, _, num_kv_heads, page_size, head_dim = kv_pages.shape
     page = slot_mapping // page_size  # (T,)
     offset = slot_mapping % page_size  # (T,)
-    kv = jnp.stack([k, v], axis=1).astype(kv_pages.dtype)  # (T, 2, K, H)
+    kv = quantize_kv(jnp.stack([k, v], axis=1), kv_pages.dtype)  # (T, 2, K, H)
     # Index (page, :, :, offset, :) per token; the mode="drop" guards stray out-of-range slots.
     return kv_pages.at[page[:, None, None], jnp.arange(2)[None, :, None],
                        jnp.arange(num_kv_heads)[None, None, :], offset[:, None, None]].set(

@@ -49,6 +49,7 @@ from kernel_report import fmt, markdown, plot  # noqa: E402
 
 N, K, H = 32, 8, 128
 DTYPE = jnp.bfloat16
+KV_DTYPE = jnp.dtype(jnp.bfloat16)  # --kv-dtype: the pool's (fp8: one byte per value)
 SM_SCALE = H ** -0.5
 L2_ROTATE_BYTES = 192 * 2**20
 INTERPRET = False  # --interpret: CPU smoke test of this script (tiny shapes)
@@ -93,7 +94,8 @@ def ceilings(gib: float = 4.0):
 # ------------------------------------------------------------------------------------ inputs
 def make_pools(num_pages, page_size, n_pools, seed):
     shape = reference.kv_cache_shape(num_pages, page_size, K, H)  # (P, 2, K, S, H)
-    return tuple(jax.random.normal(jax.random.key(seed + i), shape, DTYPE) for i in range(n_pools))
+    return tuple(reference.quantize_kv(jax.random.normal(jax.random.key(seed + i), shape, DTYPE),
+                                       KV_DTYPE) for i in range(n_pools))
 
 
 def make_qs(num_tokens, n, seed):
@@ -222,6 +224,8 @@ def check_correctness(small=False):
         q, pool[0]), want)
     res["mixed_small_reverse"] = rel_err(ours_ragged(md, order="reverse")(q, pool[0]), want)
     res["mixed_small_natural"] = rel_err(ours_ragged(md, order="natural")(q, pool[0]), want)
+    if KV_DTYPE != jnp.dtype(DTYPE):  # jax's kernel takes K/V in q's dtype only
+        return res
     batch, ctx = (2, 256) if small else (4, 2048)
     num_pages, md = decode_batch(batch, ctx, 16, seed=3)
     pool = make_pools(num_pages, 16, 1, 12)[0]
@@ -255,7 +259,7 @@ def mixed_batch(page_size, seed=0, scale=1.0, shuffle=True):
     md = dict(kv_lens=jnp.asarray(kv_lens, jnp.int32), block_tables=jnp.asarray(tables),
               query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
               num_seqs=jnp.asarray([len(reqs)], jnp.int32))
-    kv_bytes = sum(kv_lens) * K * H * 2 * 2
+    kv_bytes = sum(kv_lens) * K * H * 2 * KV_DTYPE.itemsize
     flops = 0
     for a, b in reqs:  # QK^T and PV over the causally visible keys
         flops += 4 * N * H * sum(b - a + j + 1 for j in range(a))
@@ -268,7 +272,7 @@ def mixed_batch(page_size, seed=0, scale=1.0, shuffle=True):
 # ------------------------------------------------------------------------------------ bench
 def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None,
                        ragged_cfgs=None):
-    kv_bytes = batch * ctx * K * H * 2 * 2
+    kv_bytes = batch * ctx * K * H * 2 * KV_DTYPE.itemsize
     floor_s = kv_bytes / ceil["read_bw"]
     num_pages, md = decode_batch(batch, ctx, page, seed)
     row = dict(B=batch, ctx=ctx, page=page, kv_bytes=kv_bytes, floor_us=floor_s * 1e6)
@@ -304,7 +308,9 @@ def bench_decode_shape(batch, ctx, page, ceil, variants, seed=0, ours_cfgs=None,
         ref_qs = qs[:2]
         r = record("reference", (ref_call(md), ref_qs, pools[:1]))
         row["reference"] = r
-    if "jax" in variants:
+    if "jax" in variants and KV_DTYPE != jnp.dtype(DTYPE):
+        row["jax"] = dict(error=f"takes no {KV_DTYPE.name} pool")
+    elif "jax" in variants:
         best = None
         jpools = tuple(to_jax_layout(p) for p in pools)
         for ppcb, ks in jax_settings(ctx // page, page):
@@ -415,13 +421,17 @@ def main(argv=None):
     p.add_argument("--breakdown", default="full", choices=("full", "halves", "none"),
                    help="mixed batch: time the halves alone (and the old prefill sweep)")
     p.add_argument("--head-dim", type=int, default=128, help="H (N/K stay 32/8)")
+    p.add_argument("--kv-dtype", default="bfloat16",
+                   help="the pool's dtype: bfloat16, or float8_e4m3fn / float8_e5m2 (queries "
+                        "stay bf16; floors count the pool's bytes)")
     p.add_argument("--ceiling-gib", type=float, default=4.0)
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes only)")
     p.add_argument("--time-budget", type=float, default=540.0,
                    help="seconds; remaining shapes are skipped past it")
     args = p.parse_args(argv)
-    global INTERPRET, DEADLINE, H, SM_SCALE
+    global INTERPRET, DEADLINE, H, SM_SCALE, KV_DTYPE
     INTERPRET = args.interpret
+    KV_DTYPE = jnp.dtype(args.kv_dtype)
     H, SM_SCALE = args.head_dim, args.head_dim ** -0.5
     DEADLINE = T0 + args.time_budget
     os.makedirs(args.out, exist_ok=True)
@@ -430,7 +440,7 @@ def main(argv=None):
     result = dict(device=getattr(dev, "device_kind", str(dev)), jax_version=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                   command="python tools/bench_kernels.py " + " ".join(sys.argv[1:]),
-                  decode=[], skipped=[], head_dim=H)
+                  decode=[], skipped=[], head_dim=H, kv_dtype=KV_DTYPE.name)
     log(f"device {result['device']}, jax {jax.__version__}")
     result["ceilings"] = ceil = ceilings(args.ceiling_gib)
     log("ceilings: read {:.2f} TB/s, copy {:.2f} TB/s, matmul {:.0f} TFLOP/s".format(

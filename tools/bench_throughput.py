@@ -40,20 +40,24 @@ def make_requests(ns, vocab: int):
     return random_requests(ns.num_prompts, ns.input_len, ns.output_len, vocab, ns.random_range_ratio, 0)
 
 
-def run_jaxpage(ns, path: str, async_scheduling: bool = True) -> dict:
+# jaxpage's variants: engine name -> LLM arguments beside the shared ones.
+JAXPAGE_ENGINES = {"jaxpage": {}, "jaxpage-sync": dict(async_scheduling=False),
+                   "jaxpage-fp8": dict(kv_cache_dtype="fp8")}
+
+
+def run_jaxpage(ns, path: str, engine: str = "jaxpage") -> dict:
     from jaxpage import LLM, SamplingParams
 
     llm = LLM(model=path, dtype=ns.dtype, max_model_len=ns.max_model_len,
               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-              async_scheduling=async_scheduling, tensor_parallel_size=ns.tensor_parallel_size)
+              tensor_parallel_size=ns.tensor_parallel_size, **JAXPAGE_ENGINES[engine])
     reqs = make_requests(ns, llm.loaded.config.vocab_size)
     llm.generate([r[0] for r in reqs[:8]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=o) for _, o in reqs]
     start = time.perf_counter()
     outs = llm.generate([r[0] for r in reqs], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    return _result("jaxpage" if async_scheduling else "jaxpage-sync", reqs,
-                   sum(len(o.outputs[0].token_ids) for o in outs), elapsed)
+    return _result(engine, reqs, sum(len(o.outputs[0].token_ids) for o in outs), elapsed)
 
 
 def run_hf(ns, path: str) -> dict:
@@ -102,16 +106,16 @@ def main() -> int:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="jaxpage only: devices the model splits over")
     p.add_argument("--engines", default="jaxpage,hf",
-                   help="comma list of jaxpage, jaxpage-sync (async scheduling off), hf")
+                   help="comma list of jaxpage, jaxpage-sync (async scheduling off), "
+                        "jaxpage-fp8 (fp8 KV pool), hf")
     p.add_argument("--out", default=None)
     p.add_argument("--_engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_path", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns._engine:  # child process: one engine
-        if ns._engine not in ("jaxpage", "jaxpage-sync", "hf"):
+        if ns._engine != "hf" and ns._engine not in JAXPAGE_ENGINES:
             raise SystemExit(f"unknown engine {ns._engine!r}")
-        res = (run_hf(ns, ns._path) if ns._engine == "hf"
-               else run_jaxpage(ns, ns._path, async_scheduling=ns._engine != "jaxpage-sync"))
+        res = run_hf(ns, ns._path) if ns._engine == "hf" else run_jaxpage(ns, ns._path, ns._engine)
         print("RESULT " + json.dumps(res))
         return 0
     results = []

@@ -48,6 +48,12 @@ def _clock_line(result):
             "dispatch of each group's first run (JSON: `wall_us`).")
 
 
+def _pool(result) -> str:
+    """", KV pool float8_e4m3fn" when the run's pool was not bf16 (``--kv-dtype``), else ""."""
+    kv = result.get("kv_dtype", "bfloat16")
+    return "" if kv == "bfloat16" else f", KV pool {kv}"
+
+
 def markdown(result):
     c = result["ceilings"]
     lines = [
@@ -61,7 +67,8 @@ def markdown(result):
         "",
         _clock_line(result),
         "",
-        f"Decode, bf16, N/K = 32/8, H = {result.get('head_dim', 128)}; time in µs per call "
+        f"Decode, bf16{_pool(result)}, N/K = 32/8, H = {result.get('head_dim', 128)}; "
+        f"time in µs per call "
         "(% of read BW):",
         "",
         "| B | ctx | page | floor µs | ours (decode) | ours (ragged) | ours (two-launch) | "
@@ -134,7 +141,7 @@ def plot(result, path):
     ncol = min(len(names), 5)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
     head_dim = result.get("head_dim", 128)
-    fig.suptitle(f"{result['device']} · JAX {result['jax_version']} · bf16 N/K=32/8 "
+    fig.suptitle(f"{result['device']} · JAX {result['jax_version']} · bf16{_pool(result)} N/K=32/8 "
                  f"H={head_dim} · dashed 85%, dotted 70%")
     fig.tight_layout(rect=(0, 0.07 * -(-len(names) // ncol), 1, 1))
     fig.savefig(path, dpi=110)

@@ -72,6 +72,31 @@ def plot_async(folder: str = "docs/benchmarks/engine") -> None:
     fig.savefig(d.parent / "engine_async.png", dpi=110)
 
 
+def plot_fp8(folder: str = "docs/benchmarks/engine") -> None:
+    """bf16 vs fp8 KV pool, output tok/s of each run, per workload (``engine/fp8_h200.json``)."""
+    d = pathlib.Path(folder)
+    data = json.loads((d / "fp8_h200.json").read_text())
+    titles = {"1024_in_128_out_600_prompts_pool_by_memory": "1024 / 128, 600 prompts\n(pool sized by memory)",
+              "1024_in_512_out_256_prompts_pool_by_memory": "1024 / 512, 256 prompts\n(pool sized by memory)",
+              "1024_in_512_out_256_prompts_same_pool_bytes": "1024 / 512, 256 prompts\n(3 GiB pool each)"}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, (key, title) in enumerate(titles.items()):
+        for j, kv in enumerate(("bfloat16", "fp8")):
+            vals = [r["out_tok_s"] for r in data["runs"][key][kv]["reps"]]
+            x = 3 * i + j
+            ax.scatter([x] * len(vals), vals, color=["tab:gray", "tab:orange"][j],
+                       label=f"{kv} pool" if i == 0 else None)
+            ax.text(x, max(vals), f"{sum(vals) / len(vals):,.0f}", ha="center", va="bottom")
+    ax.set_xticks([3 * i + 0.5 for i in range(len(titles))], list(titles.values()), fontsize=8)
+    ax.set(ylabel="output tokens/s (each run)", xlim=(-1, 3 * len(titles) - 1))
+    ax.legend()
+    ax.set_title(f"fp8 vs bf16 KV pool, llama3.2-1b shape, {data['card']}, JAX {data['jax']}, "
+                 f"{data['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(d.parent / "engine_fp8.png", dpi=110)
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:])
     plot_async(*sys.argv[1:])
+    plot_fp8(*sys.argv[1:])

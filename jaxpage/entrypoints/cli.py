@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from jaxpage.config import EngineArgs
+from jaxpage.config import KV_CACHE_DTYPES, EngineArgs
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV page (default: 64 on GPU, 16 elsewhere)")
     g.add_argument("--num-pages", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
+                   help="KV pool dtype: auto (the model's) or fp8 / fp8_e4m3 / fp8_e5m2 (one "
+                        "byte per value: twice the pages, half the attention reads)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
@@ -57,7 +60,8 @@ def _engine_args(ns: argparse.Namespace) -> EngineArgs:
                       async_scheduling=ns.async_scheduling,
                       tensor_parallel_size=ns.tensor_parallel_size,
                       compile_workers=ns.compile_workers,
-                      num_pages=ns.num_pages, gpu_memory_utilization=ns.gpu_memory_utilization,
+                      num_pages=ns.num_pages, kv_cache_dtype=ns.kv_cache_dtype,
+                      gpu_memory_utilization=ns.gpu_memory_utilization,
                       attention_backend=ns.attention_backend,
                       enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,
                       compilation_cache_dir=ns.compilation_cache_dir)

@@ -8,7 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxpage.config import EngineArgs
+from jaxpage.config import EngineArgs, kv_cache_dtype_name
 from jaxpage.default_model import cache_dir, resolve_model
 from jaxpage.engine.llm_engine import LLMEngine
 from jaxpage.models.loader import LoadedModel, load_model, resolve_dtype
@@ -52,7 +52,7 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
                         hf_config=args.hf_config, tokenizer_path=args.tokenizer,
                         before_weights=before_weights, placement=placement)
     cfg = made[0]
-    kv_dtype = dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    kv_dtype = kv_cache_dtype_name(cfg.cache_config.kv_cache_dtype, jnp.dtype(dtype).name)
     runner = ModelRunner(loaded.model, cache_config=cfg.cache_config,
                          scheduler_config=cfg.scheduler_config,
                          max_model_len=cfg.scheduler_config.max_model_len,

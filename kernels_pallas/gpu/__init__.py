@@ -85,4 +85,4 @@ def mosaic_applies(q, kv_pages) -> bool:
     _, num_q_heads, head_dim = q.shape
     _, _, num_kv_heads, page_size, _ = kv_pages.shape
     return head_dim in ragged_mosaic.AUTO_HEAD_DIMS and ragged_mosaic.supported(
-        num_q_heads, num_kv_heads, head_dim, page_size, q.dtype) is None
+        num_q_heads, num_kv_heads, head_dim, page_size, q.dtype, kv_pages.dtype) is None

@@ -20,10 +20,36 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
+from jaxpage.kernels_pallas import reference
 from jaxpage.kernels_pallas.validation import check_paged_inputs
 
 NEG = -1e30  # masked-score value (finite on purpose, see the module docstring)
 LOG2E = math.log2(math.e)
+
+
+# The dtype an fp8 pool's K/V (and q) take for the matmuls under 16-bit queries. float16: every
+# e4m3 / e5m2 value is exact in it, one instruction converts two e4m3 values to f16 on sm_89+
+# (e5m2 is f16's top byte), while e4m3 -> bf16 goes through f16 and then f32 (NOTES.md, "fp8
+# KV pool"); q and P are rounded to f16's 10 mantissa bits instead of bf16's 7.
+FP8_COMPUTE_DTYPE = jnp.float16
+F16_MAX = 65504.0
+
+
+def kv_compute_dtype(q_dtype, kv_dtype):
+    """The dtype of q, K and V in the matmuls: the pool's, or for an fp8 pool
+    ``FP8_COMPUTE_DTYPE`` (float32 under float32 queries)."""
+    if not reference.is_fp8(kv_dtype):
+        return jnp.dtype(kv_dtype)
+    return jnp.dtype(jnp.float32 if jnp.dtype(q_dtype) == jnp.float32 else FP8_COMPUTE_DTYPE)
+
+
+def to_compute(q, compute_dtype):
+    """q in ``kv_compute_dtype``; bf16 -> f16 saturates at f16's range instead of overflowing."""
+    if q.dtype == compute_dtype:
+        return q
+    if jnp.dtype(compute_dtype) == jnp.float16 and q.dtype != jnp.float16:
+        q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX)
+    return q.astype(compute_dtype)
 
 
 def next_pow2(x: int) -> int:
@@ -57,7 +83,8 @@ def block_page_ids(block_tables_ref, req, tok, tok_mask, page_size: int):
     return plgpu.load(block_tables_ref.at[req, page_idx], mask=tok_mask, other=0)
 
 
-def load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_mask):
+def load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_mask,
+                 compute_dtype=None):
     """Gathers K (kind=0) or V (kind=1) rows of tokens ``tok`` living in pages ``pages``.
 
     Args:
@@ -66,6 +93,8 @@ def load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_ma
         tok: (BK,) int32 absolute token positions; tok_mask: (BK,) which of them to read, or
             None when all of them are live (no masks: the unmasked main loop of prefill).
         cols: (Hp,) int32 column iota; col_mask: None or (Hp,) bool.
+        compute_dtype: the dtype the block is returned in (``kv_compute_dtype``: an fp8 pool
+            is read as one byte per value and converted after the load).
 
     Returns:
         (BK, Hp) block; rows outside ``tok_mask`` are 0 and their memory is never touched, so
@@ -75,18 +104,25 @@ def load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_ma
     ref = kv_pages_ref.at[pages[:, None], kind, kv_head, offset[:, None], cols[None, :]]
     if tok_mask is None:
         if col_mask is None:
-            return plgpu.load(ref)  # (BK, Hp)
-        return plgpu.load(ref, mask=jnp.broadcast_to(col_mask[None, :], (tok.shape[0],
-                                                                         cols.shape[0])), other=0)
-    return plgpu.load(ref, mask=and_cols(tok_mask, col_mask), other=0)  # (BK, Hp)
+            rows = plgpu.load(ref)  # (BK, Hp)
+        else:
+            rows = plgpu.load(ref, mask=jnp.broadcast_to(col_mask[None, :], (
+                tok.shape[0], cols.shape[0])), other=0.0)
+    else:
+        # other=0.0, not 0: the lowering casts it to the pool's dtype, and has no int -> fp8.
+        rows = plgpu.load(ref, mask=and_cols(tok_mask, col_mask), other=0.0)  # (BK, Hp)
+    if compute_dtype is not None and rows.dtype != compute_dtype:
+        rows = rows.astype(compute_dtype)  # an fp8 pool: upcast in registers, after the load
+    return rows
 
 
-def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, tok, tok_mask, cols, col_mask):
+def load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, tok, tok_mask, cols, col_mask,
+                  compute_dtype=None):
     """K and V blocks ((BK, Hp) each) of tokens ``tok`` of request ``req``: one page-id gather
     shared by both loads. Arguments as ``block_page_ids`` and ``load_kv_rows``."""
     pages = block_page_ids(block_tables_ref, req, tok, tok_mask, kv_pages_ref.shape[3])
-    return tuple(load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_mask)
-                 for kind in (0, 1))
+    return tuple(load_kv_rows(kv_pages_ref, pages, kind, kv_head, tok, tok_mask, cols, col_mask,
+                              compute_dtype) for kind in (0, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +141,7 @@ class KvBlocks:
     block_kv: int
     cols: jax.Array
     col_mask: jax.Array | None
+    compute_dtype: object = None  # K/V upcast to it after the load (an fp8 pool), or as stored
 
     def tokens(self, blk):
         """(BK,) positions of block ``blk`` and which of them lie in [lo, hi)."""
@@ -120,7 +157,8 @@ class KvBlocks:
         """(BK, Hp) K and V of block ``blk`` from its page ids."""
         tok, tok_mask = self.tokens(blk)
         return tuple(load_kv_rows(self.kv_pages_ref, pages, kind, self.kv_head, tok, tok_mask,
-                                  self.cols, self.col_mask) for kind in (0, 1))
+                                  self.cols, self.col_mask, self.compute_dtype)
+                     for kind in (0, 1))
 
     def decode_attend(self, q, *, sm_scale: float, soft_cap: float | None):
         """The ``attend`` of a single query position that sees every key in [lo, hi)."""

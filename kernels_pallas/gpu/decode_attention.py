@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxpage.kernels_pallas import reference
 from jaxpage.kernels_pallas.gpu import _common as cm
 
 
@@ -69,9 +70,26 @@ MAX_SPLITS = 16
 COMBINE_NUM_WARPS = 1
 
 
-def decode_config(head_dim: int) -> DecodeConfig:
-    key = min(DECODE_TUNING, key=lambda d: abs(d - head_dim))
-    return DECODE_TUNING[key]
+# fp8 pools (K/V upcast to f16 after the load): by a sweep on an H200 (page 64, e4m3; block_kv
+# {64, 128, 256} x warps {4, 8} x stages {2, 3}; docs/benchmarks/kernels_fp8.md). Twice the
+# tokens per block of the bf16 entries: the block's bytes stay the same and the per-block
+# costs are paid half as often. H = 128: 128/4/2 best or within 2% at B = 16 / 64 / 256
+# (35.2 / 100.3 / 1568 µs, where the bf16 entry's 64/4/3 took 41.0 / 127.1 / 1995); H = 64:
+# 256/4/2 best at B = 16 and 64 (20.5 / 56.3 µs vs 24.6 / 81.5 for 128/4/2). H = 256 is
+# unmeasured and keeps its bf16 entry.
+DECODE_TUNING_FP8: dict[int, DecodeConfig] = {
+    64: DecodeConfig(block_kv=256, num_warps=4, num_stages=2),
+    128: DecodeConfig(block_kv=128, num_warps=4, num_stages=2),
+    256: DECODE_TUNING[256],
+}
+
+
+def decode_config(head_dim: int, kv_dtype=None) -> DecodeConfig:
+    """The tuned entry nearest ``head_dim``, from the fp8 table for an fp8 pool."""
+    table = DECODE_TUNING_FP8 if kv_dtype is not None and reference.is_fp8(kv_dtype) else (
+        DECODE_TUNING)
+    key = min(table, key=lambda d: abs(d - head_dim))
+    return table[key]
 
 
 def choose_num_splits(num_rows: int, num_kv_heads: int, max_kv_tokens: int, block_kv: int) -> int:
@@ -131,11 +149,13 @@ def _decode_kernel(
     g = jnp.arange(group_padded, dtype=jnp.int32)  # (Gp,)
     heads = kv_head * group + g  # (Gp,) q heads of this kv head (rows >= G are padding)
     g_mask = g < group
-    q = plgpu.load(q_ref.at[row, heads[:, None], cols[None, :]],
-                   mask=cm.and_cols(g_mask & valid, col_mask), other=0)  # (Gp, Hp)
+    kv_dtype = cm.kv_compute_dtype(q_ref.dtype, kv_pages_ref.dtype)
+    q = cm.to_compute(plgpu.load(q_ref.at[row, heads[:, None], cols[None, :]],
+                                 mask=cm.and_cols(g_mask & valid, col_mask), other=0),
+                      kv_dtype)  # (Gp, Hp)
 
     blocks = cm.KvBlocks(kv_pages_ref, block_tables_ref, req, kv_head, lo, kv_len, block_kv,
-                         cols, col_mask)
+                         cols, col_mask, kv_dtype)
     m, l, acc = cm.kv_loop(start, end, cm.init_carry(group_padded, head_dim_padded),
                            blocks=blocks, prefetch=prefetch,
                            attend=blocks.decode_attend(q, sm_scale=sm_scale, soft_cap=soft_cap))
@@ -241,7 +261,7 @@ def decode_paged_attention(
         raise ValueError(f"query_start_loc must be ({num_reqs + 1},) and out_init {q.shape}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    cfg = decode_config(head_dim)
+    cfg = decode_config(head_dim, kv_pages.dtype)
     block_kv = block_kv or cfg.block_kv
     if block_kv != cm.next_pow2(block_kv) or block_kv < 16:
         raise ValueError(f"block_kv must be a power of two >= 16, got {block_kv}")

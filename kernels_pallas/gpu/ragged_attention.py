@@ -143,6 +143,7 @@ def _ragged_kernel(
     kv_len = kv_lens_ref[req]
     ctx_len = kv_len - q_len  # position of the request's first query
     cols, col_mask = cm.cols_and_mask(head_dim_padded, head_dim)
+    kv_dtype = cm.kv_compute_dtype(q_ref.dtype, kv_pages_ref.dtype)  # q, K, V in the matmuls
 
     def prefill_path():
         r = jnp.arange(block_m, dtype=jnp.int32)  # (BM,)
@@ -152,8 +153,9 @@ def _ragged_kernel(
         rows = q_start + tok_in_req  # (BM,) rows of q / o
         heads = kv_head * group + g  # (BM,)
         q_pos = ctx_len + tok_in_req  # (BM,) absolute position of each query
-        q = plgpu.load(q_ref.at[rows[:, None], heads[:, None], cols[None, :]],
-                       mask=cm.and_cols(row_mask, col_mask), other=0)  # (BM, Hp)
+        q = cm.to_compute(plgpu.load(q_ref.at[rows[:, None], heads[:, None], cols[None, :]],
+                                     mask=cm.and_cols(row_mask, col_mask), other=0),
+                          kv_dtype)  # (BM, Hp)
 
         first_pos = ctx_len + q_blk * block_q
         hi = jnp.where(active,
@@ -163,12 +165,12 @@ def _ragged_kernel(
         def full_body(blk, carry):  # every key visible to every row: no masks at all
             tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # (BK,)
             k, v = cm.load_kv_block(kv_pages_ref, block_tables_ref, req, kv_head, tok, None,
-                                    cols, col_mask)  # (BK, Hp) each
+                                    cols, col_mask, kv_dtype)  # (BK, Hp) each
             s = cm.scores_log2(q, k, sm_scale=sm_scale, soft_cap=soft_cap)  # (BM, BK)
             return cm.online_softmax_step(carry, s, v)
 
         blocks = cm.KvBlocks(kv_pages_ref, block_tables_ref, req, kv_head, lo, hi, block_kv,
-                             cols, col_mask)
+                             cols, col_mask, kv_dtype)
 
         def attend(carry, blk, k, v):
             tok, tok_mask = blocks.tokens(blk)
@@ -198,13 +200,14 @@ def _ragged_kernel(
         g = jnp.arange(decode_rows, dtype=jnp.int32)  # (DR,)
         heads = kv_head * group + g
         row_mask = active & (g < group)
-        q = plgpu.load(q_ref.at[q_start, heads[:, None], cols[None, :]],
-                       mask=cm.and_cols(row_mask, col_mask), other=0)  # (DR, Hp)
+        q = cm.to_compute(plgpu.load(q_ref.at[q_start, heads[:, None], cols[None, :]],
+                                     mask=cm.and_cols(row_mask, col_mask), other=0),
+                          kv_dtype)  # (DR, Hp)
         hi = jnp.where(active, kv_len, 0)  # the query sits at kv_len - 1: all keys visible
         lo = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
 
         blocks = cm.KvBlocks(kv_pages_ref, block_tables_ref, req, kv_head, lo, hi,
-                             decode_block_kv, cols, col_mask)
+                             decode_block_kv, cols, col_mask, kv_dtype)
         _, l, acc = cm.kv_loop(lo // decode_block_kv, pl.cdiv(hi, decode_block_kv),
                                cm.init_carry(decode_rows, head_dim_padded), blocks=blocks,
                                attend=blocks.decode_attend(q, sm_scale=sm_scale,

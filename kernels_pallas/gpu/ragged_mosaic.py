@@ -91,11 +91,15 @@ AUTO_HEAD_DIMS = (128,)
 
 
 def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-              dtype) -> str | None:
-    """None when this kernel handles the shape, else why not (the caller falls back)."""
+              dtype, kv_dtype=None) -> str | None:
+    """None when this kernel handles the shape, else why not (the caller falls back).
+    ``kv_dtype``: the pool's, when it differs from q's ``dtype``."""
     group = num_q_heads // num_kv_heads
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype).name} (wgmma path takes bfloat16/float16)"
+    if kv_dtype is not None and jnp.dtype(kv_dtype) != jnp.dtype(dtype):
+        # The ring feeds wgmma straight from shared memory: K/V must be in q's dtype there.
+        return f"kv dtype {jnp.dtype(kv_dtype).name} (the pool must hold q's dtype)"
     if head_dim not in MOSAIC_TUNING:
         return f"head_dim {head_dim} (tuned: {sorted(MOSAIC_TUNING)})"
     if TILE_ROWS % group or (TILE_ROWS // group) % 8:
@@ -394,7 +398,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     runs Mosaic GPU's interpreter on CPU (the CI tests; see ``_mosaic_common.interpreter``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
-    why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype)
+    why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype, kv_pages.dtype)
     if why:
         raise ValueError(f"Mosaic GPU ragged kernel does not take {why}")
     cfg = MOSAIC_TUNING[head_dim]

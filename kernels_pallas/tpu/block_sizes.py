@@ -4,7 +4,7 @@ The kernel has three knobs (see ``ragged_paged_attention.py``):
 
     pages_per_block     KV pages brought into VMEM per DMA round; keys per block L = pages * S
     queries_per_block   query tokens per grid step (TQ); a power of two, a multiple of the
-                        sublane tile (8 rows for 32-bit, 16 for bf16)
+                        query tile (``query_tile``: 8 rows for f32 matmul operands, 16 for bf16)
     kv_heads_per_block  KV heads per grid step (divides K); fewer heads = less VMEM, more steps
 
 NOT YET MEASURED: no TPU was reachable when this table was written (the project's device
@@ -15,6 +15,8 @@ sweep on a real chip (v5e / v6e):
   while two slots of K+V for 8 heads still fit in a few MiB of VMEM.
 - TQ = 64 gives G * TQ = 256 matmul rows at G = 4 (fills the MXU on v6e); decode rows do
   not pay for it because single-request rows take the narrow path (one sublane tile).
+- fp8 pools keep L = 256: the per-block DMA halves (64 KiB at K = 8, H = 128), but a longer L
+  would also widen the f32 score tile, which does not shrink with the pool.
 Each entry is then shrunk by ``fit_block_sizes`` until the VMEM estimate fits the budget.
 """
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from jaxpage.kernels_pallas import reference
 
 LANES = 128
 # The default scoped VMEM limit on v5e; v6e has 32 MiB scoped / 128 MiB physical, v7x 64 MiB
@@ -45,7 +49,18 @@ class BlockSizes:
 
 def sublane_tile(*dtypes) -> int:
     """Rows of one native (sublane, 128) tile for the narrowest dtype: 8 (32-bit), 16, 32."""
-    itemsize = min(np.dtype(d).itemsize for d in dtypes)
+    return _tile_rows(min(np.dtype(d).itemsize for d in dtypes))
+
+
+def query_tile(q_dtype, kv_dtype) -> int:
+    """Rows of the narrow (decode) path and the unit of ``queries_per_block``: the sublane tile
+    of the matmul operands, i.e. q's dtype and the compute dtype. An fp8 pool is upcast to q's
+    dtype before any matmul, so its 32-row tile does not widen the query rows (a bf16 pool
+    under f32 queries does: q is cast to bf16)."""
+    return sublane_tile(q_dtype, reference.compute_dtype(q_dtype, kv_dtype))
+
+
+def _tile_rows(itemsize: int) -> int:
     return 8 * (4 // itemsize)
 
 
@@ -59,16 +74,19 @@ def _next_pow2(x: int) -> int:
 
 def vmem_bytes(bs: BlockSizes, *, group: int, page_size: int, head_dim: int,
                q_itemsize: int, kv_itemsize: int) -> int:
-    """Estimate of the kernel's VMEM use; the lane dim is padded to 128 in VMEM."""
+    """Estimate of the kernel's VMEM use; the lane dim is padded to 128 in VMEM, and a page to
+    whole sublane tiles of the pool's dtype (32 rows for fp8: S = 16 takes a 32-row tile)."""
     kvb, nb, tq = bs.kv_heads_per_block, bs.pages_per_block, bs.queries_per_block
     hp = _round_up(head_dim, LANES)
     keys = nb * page_size
-    kv_buf = 2 * 2 * kvb * keys * hp * kv_itemsize  # two slots of K and V
+    kv_buf = 2 * 2 * kvb * nb * _round_up(page_size, _tile_rows(kv_itemsize)) * hp * kv_itemsize
     q_and_o = 2 * 2 * kvb * group * tq * hp * q_itemsize  # Pallas double-buffers q and out
     acc = kvb * group * tq * hp * 4
     m_l = 2 * kvb * group * tq * LANES * 4
     scores = 3 * group * tq * _round_up(keys, LANES) * 4  # s, p and the mask, one head at a time
-    return kv_buf + q_and_o + acc + m_l + scores
+    # fp8 (the only 1-byte pools): one head's K and V upcast via f32 to q's dtype.
+    upcast = 2 * keys * hp * (4 + q_itemsize) if kv_itemsize == 1 else 0
+    return kv_buf + q_and_o + acc + m_l + scores + upcast
 
 
 def fit_block_sizes(*, num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -79,7 +97,7 @@ def fit_block_sizes(*, num_tokens: int, num_q_heads: int, num_kv_heads: int, hea
     """Picks block sizes from the table (or the caller's overrides) and fits them to VMEM."""
     group = num_q_heads // num_kv_heads
     q_itemsize, kv_itemsize = np.dtype(q_dtype).itemsize, np.dtype(kv_dtype).itemsize
-    tile = sublane_tile(q_dtype, kv_dtype)
+    tile = query_tile(q_dtype, kv_dtype)
 
     nb = pages_per_block or PAGES_PER_BLOCK.get(page_size, max(1, 256 // page_size))
     nb = max(1, min(nb, pages_per_seq))

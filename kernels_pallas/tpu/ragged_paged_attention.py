@@ -29,6 +29,10 @@ that would copy the whole pool per call.
 Nothing past ``kv_len`` reaches the output: pages past the visible range are never copied;
 scores outside the mask are replaced (``where``) by -inf; V rows past the visible range are
 zeroed before ``p @ v`` because 0 * NaN is NaN.
+
+fp8 pools (``reference.FP8_DTYPES``): pages travel HBM -> VMEM and sit in VMEM as fp8 (half
+the bytes of bf16), and K/V are upcast after the load to ``reference.compute_dtype`` (q's
+dtype) for both matmuls; q itself is never cast down to the pool's dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxpage.kernels_pallas import reference
 from jaxpage.kernels_pallas.tpu import block_sizes as bsz
 from jaxpage.kernels_pallas.validation import check_paged_inputs
 
@@ -65,6 +70,14 @@ def _lanes(x, n: int):
         return x[..., :n]
     reps, rem = divmod(n, LANES)
     return jnp.concatenate([x] * reps + ([x[..., :rem]] if rem else []), axis=-1)
+
+
+def _upcast(x, dtype):
+    """``x`` as ``dtype``; fp8 goes through float32, since Mosaic does not convert between
+    arbitrary dtypes (fp8 -> bf16 directly may not lower). Exact: every fp8 value is a bf16."""
+    if reference.is_fp8(x.dtype):
+        x = x.astype(jnp.float32)
+    return x.astype(dtype)
 
 
 def _kernel(
@@ -101,8 +114,11 @@ def _kernel(
     blk_start = qi * tq
     blk_end = blk_start + tq
     num_seqs = num_seqs_ref[0]
-    # f32 pools: full-precision MXU passes (the default may round operands to bf16).
-    precision = lax.Precision.HIGHEST if kv_buf.dtype == jnp.float32 else None
+    # Both matmuls run in this dtype: the pool's, or q's for an fp8 pool (K/V upcast after the
+    # VMEM load, so the DMAs move one byte per value).
+    cdt = reference.compute_dtype(q_ref.dtype, kv_buf.dtype)
+    # f32 operands: full-precision MXU passes (the default may round operands to bf16).
+    precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
 
     m_ref[...] = jnp.full(m_ref.shape, M_INIT, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
@@ -173,10 +189,12 @@ def _kernel(
             mask &= j > t + diag - sliding_window
 
         def head(k, carry):
-            q = q_ref[k, :, rsl, :].reshape(rows, head_dim)  # (G*n, H)
-            kk = kv_buf[slot, 0, k].reshape(keys, head_dim)  # (L, H)
-            vv = kv_buf[slot, 1, k].reshape(keys, head_dim)  # (L, H)
-            s = lax.dot_general(q.astype(kk.dtype), kk, _NT, precision=precision,
+            q = q_ref[k, :, rsl, :].reshape(rows, head_dim).astype(cdt)  # (G*n, H)
+            # Upcast before the reshape: merging (NB, S, H) -> (L, H) is tile-aligned in the
+            # compute dtype, not in fp8 (32-row tiles) when S = 16.
+            kk = _upcast(kv_buf[slot, 0, k], cdt).reshape(keys, head_dim)  # (L, H)
+            vv = _upcast(kv_buf[slot, 1, k], cdt).reshape(keys, head_dim)  # (L, H)
+            s = lax.dot_general(q, kk, _NT, precision=precision,
                                 preferred_element_type=jnp.float32) * sm_scale  # (G*n, L)
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -187,7 +205,7 @@ def _kernel(
             alpha = jnp.exp(m_prev - m_next)
             p = jnp.exp(s - _lanes(m_next, keys))  # (G*n, L); masked -> exp(-inf) = 0
             l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-            pv = jnp.dot(p.astype(vv.dtype), vv, precision=precision,
+            pv = jnp.dot(p.astype(cdt), vv, precision=precision,
                          preferred_element_type=jnp.float32)  # (G*n, H)
             acc = acc_ref[k, :, rsl, :].reshape(rows, head_dim)
             acc_ref[k, :, rsl, :] = (_lanes(alpha, head_dim) * acc + pv).reshape(
@@ -211,8 +229,10 @@ def _kernel(
             ok = pos < num_ok
 
             def head(k, carry):
-                # In f32: selects on packed 16-bit vregs are not supported on every chip.
-                v = kv_buf[slot, 1, k].astype(jnp.float32)  # (NB, S, H)
+                # In f32: selects on packed 16/8-bit vregs are not supported on every chip. The
+                # round trip is exact, fp8 included (every fp8 value is an f32, 0.0 is an fp8),
+                # and the NaN of a poisoned fp8 slot is replaced, not converted.
+                v = _upcast(kv_buf[slot, 1, k], jnp.float32)  # (NB, S, H)
                 kv_buf[slot, 1, k] = jnp.where(ok, v, 0.0).astype(kv_buf.dtype)
                 return carry
 
@@ -271,6 +291,8 @@ def _kernel(
 def _validate(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, soft_cap,
               sliding_window):
     num_reqs = check_paged_inputs(q, kv_pages, kv_lens, block_tables, int32_only=True)[5]
+    if reference.is_fp8(q.dtype):
+        raise ValueError(f"q must not be fp8 (only the pool may be), got {q.dtype}")
     if query_start_loc.shape != (num_reqs + 1,):
         raise ValueError(f"query_start_loc must be ({num_reqs + 1},), got "
                          f"{query_start_loc.shape}")
@@ -311,7 +333,8 @@ def ragged_paged_attention(
 
     Args:
         q: (T, N, H) queries, requests packed back to back.
-        kv_pages: (P, 2, K, S, H) this layer's pool.
+        kv_pages: (P, 2, K, S, H) this layer's pool; fp8 (``reference.FP8_DTYPES``) is read
+            as stored and upcast to q's dtype in VMEM.
         kv_lens: (R,) int32 context length per request, new tokens included.
         block_tables: (R, Pmax) int32 page ids per request.
         query_start_loc: (R + 1,) int32 row offsets of each request's queries.
@@ -342,7 +365,7 @@ def ragged_paged_attention(
         q_dtype=q.dtype, kv_dtype=kv_pages.dtype, pages_per_block=pages_per_block,
         queries_per_block=queries_per_block, kv_heads_per_block=kv_heads_per_block)
     tq, nb, kvb = bs.queries_per_block, bs.pages_per_block, bs.kv_heads_per_block
-    q_tile = bsz.sublane_tile(q.dtype, kv_pages.dtype)
+    q_tile = bsz.query_tile(q.dtype, kv_pages.dtype)
     if tq % q_tile or tq & (tq - 1):
         raise ValueError(f"queries_per_block must be a power of two and a multiple of {q_tile}, "
                          f"got {tq}")

@@ -70,3 +70,18 @@ def test_small_prefill_chunks(prompts, reference):
     llm, outs = _run(prompts, max_num_seqs=8, max_num_batched_tokens=16)
     n = assert_close(reference, outs)
     print(f"chunked prefill (16): {n}/{NUM} identical")
+
+
+def test_fp8_pool_under_batching_preemption_and_caching(prompts):
+    """An fp8 pool obeys the same rule against its own one-at-a-time run: the pages' values
+    are the same bytes whatever shares the step (a quantization that depended on the batch,
+    or stale fp8 pages read past kv_len, would break it)."""
+    kw = dict(kv_cache_dtype="fp8")
+    alone = tiny_llm(max_num_seqs=1, **kw)
+    ref = [alone.generate([p], greedy(MAX_TOKENS), use_tqdm=False)[0] for p in prompts]
+    llm, outs = _run(prompts, max_num_seqs=32, max_num_batched_tokens=128, num_pages=40,
+                     max_model_len=96, **kw)
+    stats = llm.engine.get_stats()
+    assert stats["num_preemptions"] > 0 and sum(o.num_cached_tokens for o in outs) > 0
+    n = assert_close(ref, outs)
+    print(f"fp8 pool, batched + preemption + caching: {n}/{NUM} identical")

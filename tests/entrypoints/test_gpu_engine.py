@@ -30,10 +30,13 @@ GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_si
 BASES = {"h128": H128, "gemma2": GEMMA2}
 
 
-@pytest.mark.parametrize("model,dtype", [("smollm2-135m", "float32"),
-                                         ("smollm2-135m", "bfloat16"), ("h128", "bfloat16"),
-                                         ("gemma2", "float32")])
-def test_pallas_matches_reference_on_gpu(model, dtype):
+@pytest.mark.parametrize("model,dtype,kv_cache_dtype", [
+    ("smollm2-135m", "float32", "auto"), ("smollm2-135m", "bfloat16", "auto"),
+    ("h128", "bfloat16", "auto"), ("gemma2", "float32", "auto"),
+    # fp8 pools: the Triton kernels upcast after the load (Mosaic is skipped), the reference
+    # reads the same fp8 values
+    ("h128", "bfloat16", "fp8"), ("smollm2-135m", "float32", "fp8_e5m2")])
+def test_pallas_matches_reference_on_gpu(model, dtype, kv_cache_dtype):
     base = BASES.get(model) or PRESETS[model]
     cfg = dict(base, max_position_embeddings=1024)
     prompts = random_prompts(24, cfg["vocab_size"], 1, 300, seed=2, shared_prefix=40)
@@ -41,7 +44,7 @@ def test_pallas_matches_reference_on_gpu(model, dtype):
     for backend in ("reference", "pallas"):
         llm = LLM(model=None, load_format="dummy", hf_config=cfg, dtype=dtype, seed=0,
                   attention_backend=backend, max_num_seqs=32, max_num_batched_tokens=512,
-                  compile_all_buckets=False)
+                  compile_all_buckets=False, kv_cache_dtype=kv_cache_dtype)
         outs[backend] = llm.generate(prompts, greedy(32), use_tqdm=False)
         del llm
     # Random bf16 weights leave near-ties in the logits, so greedy sequences part where the
@@ -51,7 +54,8 @@ def test_pallas_matches_reference_on_gpu(model, dtype):
     # top 5. The kernels themselves are held to the reference by tolerance in tests/kernels.
     n = assert_close(outs["reference"], outs["pallas"],
                      min_identical=0.6 if dtype == "bfloat16" else 0.75)
-    print(f"GPU {model} {dtype}: pallas vs reference {n}/{len(prompts)} bit-identical")
+    print(f"GPU {model} {dtype} kv {kv_cache_dtype}: pallas vs reference "
+          f"{n}/{len(prompts)} bit-identical")
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "h128"])

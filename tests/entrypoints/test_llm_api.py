@@ -177,5 +177,7 @@ def test_bad_engine_args_fail_before_the_weights_load(tmp_path):
         LLM(model=str(tmp_path), block_size=3)
     with pytest.raises(ValueError, match="max_model_len 512 exceeds the model's limit 256"):
         LLM(model=str(tmp_path), max_model_len=512)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        LLM(model=str(tmp_path), kv_cache_dtype="int4")
     with pytest.raises(ValueError, match="checkpoint tensor"):  # good arguments: the weights fail
         LLM(model=str(tmp_path))

@@ -13,6 +13,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpage.kernels_pallas import reference
+
 
 @dataclasses.dataclass
 class PagedInputs:
@@ -37,7 +39,7 @@ class PagedInputs:
 def make_inputs(seed: int, *, q_lens, kv_lens, num_kv_heads: int, group: int, head_dim: int,
                 page_size: int, dtype=jnp.bfloat16, num_tokens: int | None = None,
                 num_reqs: int | None = None, max_pages: int | None = None,
-                free_pages: int = 3) -> PagedInputs:
+                free_pages: int = 3, kv_dtype=None) -> PagedInputs:
     """Builds one ragged batch.
 
     Args:
@@ -49,6 +51,8 @@ def make_inputs(seed: int, *, q_lens, kv_lens, num_kv_heads: int, group: int, he
         num_reqs: R >= len(q_lens); extra requests are padding (kv_len 0, q_len 0).
         max_pages: block-table width; default one more than the longest request needs.
         free_pages: extra never-used (NaN) pages in the pool.
+        kv_dtype: the pool's dtype when it differs from q's (fp8: ``reference.quantize_kv``,
+            NaN slots stay NaN).
     """
     rng = np.random.default_rng(seed)
     q_lens, kv_lens = list(q_lens), list(kv_lens)
@@ -83,8 +87,9 @@ def make_inputs(seed: int, *, q_lens, kv_lens, num_kv_heads: int, group: int, he
     qsl[num_seqs + 1:] = qsl[num_seqs]
     lens = np.zeros(num_reqs, np.int32)
     lens[:num_seqs] = kv_lens
+    kv_pages = reference.quantize_kv(jnp.asarray(pool), kv_dtype or dtype)
     return PagedInputs(
-        q=jnp.asarray(q, dtype), kv_pages=jnp.asarray(pool, dtype), kv_lens=jnp.asarray(lens),
+        q=jnp.asarray(q, dtype), kv_pages=kv_pages, kv_lens=jnp.asarray(lens),
         block_tables=jnp.asarray(tables), query_start_loc=jnp.asarray(qsl),
         num_seqs=jnp.asarray([num_seqs], jnp.int32), q_lens=tuple(q_lens))
 

@@ -23,6 +23,7 @@ from jaxpage.kernels_pallas.gpu import ragged_attention
 from tests.kernels.paged_inputs import assert_close, make_inputs
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+FP8_E4M3, FP8_E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +40,15 @@ class Case:
     num_reqs: int | None = None  # padded R
     soft_cap: float | None = None
     sliding_window: int | None = None
+    kv_dtype: object = None  # the pool's, when not q's (fp8)
 
     def inputs(self):
         seed = zlib.crc32(self.id.encode())  # different per case, stable across runs
         return make_inputs(seed, q_lens=self.q_lens, kv_lens=self.kv_lens,
                            num_kv_heads=self.num_kv_heads, group=self.group,
                            head_dim=self.head_dim, page_size=self.page_size, dtype=self.dtype,
-                           num_tokens=self.num_tokens, num_reqs=self.num_reqs)
+                           num_tokens=self.num_tokens, num_reqs=self.num_reqs,
+                           kv_dtype=self.kv_dtype)
 
     @property
     def attn_kwargs(self):
@@ -67,6 +70,11 @@ RAGGED_CASES = [
     # head_dim 256 (the table's 256 entry: 32-key blocks, decode tile of 64 keys)
     Case("mixed-g2-h256-s16-bf16", (6, 1, 1, 17), (40, 70, 1, 17), 2, 2, 256, 16, BF16,
          num_tokens=32),
+    # fp8 pools (K/V upcast to q's dtype after the load); the oracle reads the same fp8 pool
+    Case("mixed-g4-h128-s16-bf16-fp8e4m3", (9, 1, 1, 20), (40, 16, 65, 20), 2, 4, 128, 16,
+         BF16, num_tokens=40, kv_dtype=FP8_E4M3),
+    Case("mixed-g4-h64-s32-f32-fp8e5m2", (5, 1, 3), (5, 33, 70), 2, 4, 64, 32, F32,
+         num_tokens=16, soft_cap=20.0, kv_dtype=FP8_E5M2),
 ]
 # Decode-only batches (every live request has q_len 1, row b = request b).
 DECODE_CASES = [
@@ -77,6 +85,10 @@ DECODE_CASES = [
          soft_cap=30.0, sliding_window=100),
     Case("dec-g8-h128-s32-f32", (1,) * 2, (33, 256), 2, 8, 128, 32, F32, num_reqs=3),
     Case("dec-g4-h256-s32-bf16", (1,) * 3, (31, 200, 65), 2, 4, 256, 32, BF16, num_tokens=4),
+    Case("dec-g8-h128-s64-bf16-fp8e4m3", (1,) * 3, (63, 130, 1), 1, 8, 128, 64, BF16,
+         num_reqs=4, sliding_window=100, kv_dtype=FP8_E4M3),
+    Case("dec-g4-h64-s16-f32-fp8e5m2", (1,) * 2, (17, 300), 2, 4, 64, 16, F32,
+         kv_dtype=FP8_E5M2),
 ]
 
 
@@ -219,10 +231,11 @@ class TestGpuKernelsCompiled(TestGpuKernelsInterpret):
                          num_valid_rows=x.num_valid_rows)
 
 
+@pytest.mark.parametrize("kv_dtype", [None, FP8_E4M3], ids=["kv-as-q", "kv-fp8"])
 @pytest.mark.parametrize("kernel", ["ragged", "decode"])
-def test_export_lowers_for_cuda(kernel):
+def test_export_lowers_for_cuda(kernel, kv_dtype):
     """Both kernels lower to the Triton custom call for ``cuda`` from a CPU-only machine."""
-    x = DECODE_CASES[0].inputs()
+    x = dataclasses.replace(DECODE_CASES[0], kv_dtype=kv_dtype).inputs()
     kwargs = dict(sm_scale=0.1, soft_cap=20.0, sliding_window=64)
     if kernel == "ragged":
         fn = functools.partial(gpu.ragged_kernel, **kwargs)

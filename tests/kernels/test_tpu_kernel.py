@@ -9,6 +9,11 @@ for requests past ``num_seqs``; any read past ``kv_len`` turns the output NaN.
 
 Tolerances (max abs error, outputs are O(1)): float32 1e-5 in the interpreter and 5e-3
 compiled; bfloat16 3e-2 (p is rounded to bf16 before ``p @ v``, like every TPU kernel).
+
+fp8 pools (e4m3fn and e5m2, built with ``reference.quantize_kv``; both types have NaN, so the
+poison survives) are checked against the reference on the same fp8 pool, which upcasts it to
+float32. Every fp8 value is exact in bf16 and f32, so only compute precision differs and the
+tolerance is q's dtype's, as above. Casting q down to fp8 instead of upcasting K/V fails it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ ON_TPU = jax.default_backend() == "tpu"
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One sampled point of dtype x head_dim x page_size x GQA x lengths x block sizes."""
+    """One sampled point of dtype x head_dim x page_size x GQA x lengths x block sizes (and
+    pool dtype, for fp8 pools)."""
     dtype: str
     head_dim: int
     page_size: int
@@ -39,6 +45,7 @@ class Case:
     group: int  # q heads per kv head
     reqs: tuple  # (q_len, kv_len) per request in use
     blocks: tuple = ()  # kernel block-size overrides, as (name, value) pairs
+    kv_dtype: str | None = None  # the pool's dtype when it is not q's (fp8)
     sliding_window: int | None = None
     soft_cap: float | None = None
 
@@ -71,6 +78,19 @@ CASES = {
         sliding_window=20, soft_cap=5.0),
     "bf16-h64-s64-g1-window": Case("bfloat16", 64, 64, 2, 1, _lengths(64, 150),
                                    blocks=(("kv_heads_per_block", 1),), sliding_window=70),
+    # fp8 pools, each type under bf16 and f32 queries; S = 16 is half an fp8 sublane tile.
+    "bf16-fp8e4m3-h128-s16-g4": Case("bfloat16", 128, 16, 2, 4, _lengths(16, 83),
+                                     blocks=(("pages_per_block", 2), ("queries_per_block", 16)),
+                                     kv_dtype="float8_e4m3fn"),
+    "bf16-fp8e5m2-h64-s32-g8-window": Case("bfloat16", 64, 32, 1, 8, _lengths(32, 100),
+                                           blocks=(("pages_per_block", 1),),
+                                           sliding_window=40, kv_dtype="float8_e5m2"),
+    "f32-fp8e4m3-h128-s64-g1": Case("float32", 128, 64, 2, 1, _lengths(64, 150),
+                                    blocks=(("kv_heads_per_block", 1),),
+                                    kv_dtype="float8_e4m3fn"),
+    "f32-fp8e5m2-h64-s16-g4-softcap": Case("float32", 64, 16, 2, 4, _lengths(16, 70),
+                                           blocks=(("queries_per_block", 16),), soft_cap=5.0,
+                                           kv_dtype="float8_e5m2"),
 }
 
 
@@ -106,7 +126,8 @@ def make_inputs(case: Case, seed: int, num_pad_rows: int = 3, num_idle_reqs: int
     kv_lens = np.full(num_reqs, 10**6, np.int32)  # idle requests: garbage the kernel must ignore
     kv_lens[:num_seqs] = [kv for _, kv in reqs]
     dtype = jnp.dtype(case.dtype)
-    return (jnp.asarray(q, dtype), jnp.asarray(pool, dtype), jnp.asarray(kv_lens),
+    pool = reference.quantize_kv(jnp.asarray(pool), case.kv_dtype or dtype)  # NaN stays NaN
+    return (jnp.asarray(q, dtype), pool, jnp.asarray(kv_lens),
             jnp.asarray(block_tables), jnp.asarray(query_start_loc),
             jnp.asarray([num_seqs], jnp.int32))
 
@@ -144,9 +165,11 @@ class TpuKernelCases:
         # overlaps a read of it, e.g. a prefetch into the buffer being computed on.
         assert "RACE DETECTED" not in capfd.readouterr().out
 
-    def test_poison_is_visible(self):
-        """A kernel told to read one key past the data must produce NaN: the tests bite."""
-        case = Case("float32", 128, 16, 1, 4, ((1, 5), (1, 16), (1, 7)))
+    @pytest.mark.parametrize("kv_dtype", [None, "float8_e4m3fn", "float8_e5m2"])
+    def test_poison_is_visible(self, kv_dtype):
+        """A kernel told to read one key past the data must produce NaN: the tests bite (fp8
+        pools included: the poison survives quantize_kv and the upcast)."""
+        case = Case("float32", 128, 16, 1, 4, ((1, 5), (1, 16), (1, 7)), kv_dtype=kv_dtype)
         q, pool, kv_lens, bt, cu, num_seqs = make_inputs(case, seed=7, num_pad_rows=0,
                                                          num_idle_reqs=0)
         out = self.run(q, pool, kv_lens + 1, bt, cu, num_seqs, sm_scale=0.1)
@@ -171,29 +194,71 @@ class TestTpuKernelCompiled(TpuKernelCases):
     interpret = False
 
 
+# name -> (q dtype, pool dtype, H, S, K, G, kernel options)
 EXPORT_CASES = {
-    "bf16-h128-s16-k8g4": (jnp.bfloat16, 128, 16, 8, 4, {}),
-    "f32-h64-s128-k2g1-split-heads": (jnp.float32, 64, 128, 2, 1, dict(kv_heads_per_block=1)),
+    "bf16-h128-s16-k8g4": (jnp.bfloat16, jnp.bfloat16, 128, 16, 8, 4, {}),
+    "f32-h64-s128-k2g1-split-heads": (jnp.float32, jnp.float32, 64, 128, 2, 1,
+                                      dict(kv_heads_per_block=1)),
     "bf16-h64-s32-k1g8-window-softcap": (
-        jnp.bfloat16, 64, 32, 1, 8, dict(queries_per_block=32, sliding_window=64, soft_cap=30.0)),
+        jnp.bfloat16, jnp.bfloat16, 64, 32, 1, 8,
+        dict(queries_per_block=32, sliding_window=64, soft_cap=30.0)),
+    "bf16-fp8e4m3-h128-s16-k8g4": (jnp.bfloat16, jnp.float8_e4m3fn, 128, 16, 8, 4, {}),
+    "f32-fp8e5m2-h64-s32-k2g4-split-heads": (jnp.float32, jnp.float8_e5m2, 64, 32, 2, 4,
+                                             dict(kv_heads_per_block=1)),
 }
+
+
+def _export_args(q_dtype, kv_dtype, h, s, kh, g):
+    t, r, pmax, p = 256, 16, 8, 200
+    return (jax.ShapeDtypeStruct((t, kh * g, h), q_dtype),
+            jax.ShapeDtypeStruct((p, 2, kh, s, h), kv_dtype),
+            jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((r, pmax), jnp.int32),
+            jax.ShapeDtypeStruct((r + 1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
 @pytest.mark.parametrize("name", list(EXPORT_CASES))
 def test_lowers_for_tpu(name):
     """Lowers through Pallas -> Mosaic for the tpu platform on CPU (Mosaic's own layout
     passes run only inside libtpu, so this cannot prove the kernel compiles on a chip)."""
-    dtype, h, s, kh, g, extra = EXPORT_CASES[name]
-    t, r, pmax, p = 256, 16, 8, 200
-    args = (jax.ShapeDtypeStruct((t, kh * g, h), dtype),
-            jax.ShapeDtypeStruct((p, 2, kh, s, h), dtype),
-            jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((r, pmax), jnp.int32),
-            jax.ShapeDtypeStruct((r + 1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    q_dtype, kv_dtype, h, s, kh, g, extra = EXPORT_CASES[name]
+    args = _export_args(q_dtype, kv_dtype, h, s, kh, g)
     f = functools.partial(tpu_rpa.ragged_paged_attention, sm_scale=h ** -0.5, **extra)
     exported = jax.export.export(jax.jit(f), platforms=("tpu",))(*args)
     assert exported.platforms == ("tpu",)
     assert "tpu_custom_call" in exported.mlir_module()
-    assert exported.out_avals[0].shape == (t, kh * g, h)
+    assert exported.out_avals[0].shape == args[0].shape
+    assert exported.out_avals[0].dtype == q_dtype
+
+
+def _eqns(jaxpr):
+    """Every equation of a (closed) jaxpr, those of nested jaxprs (the kernel, loops) too."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    yield from _eqns(sub)
+
+
+def _float_dtypes(atoms):
+    """Float dtypes among the operands (refs included; semaphores and indices are not)."""
+    dtypes = {getattr(a.aval, "dtype", None) for a in atoms}
+    return {d for d in dtypes if isinstance(d, np.dtype) and jnp.issubdtype(d, jnp.floating)}
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("kv_dtype", reference.FP8_DTYPES, ids=["fp8e4m3", "fp8e5m2"])
+def test_fp8_pool_moves_as_fp8_and_multiplies_in_q_dtype(q_dtype, kv_dtype):
+    """What the numbers cannot show: the pool reaches VMEM as fp8 (no upcast copy of it in
+    HBM, half the DMA bytes of bf16) and no matmul operand is fp8 (q is never cast down)."""
+    args = _export_args(q_dtype, kv_dtype, 128, 16, 2, 4)
+    f = functools.partial(tpu_rpa.ragged_paged_attention, sm_scale=0.1)
+    eqns = list(_eqns(jax.make_jaxpr(f)(*args)))
+    dmas = [e for e in eqns if e.primitive.name == "dma_start"]
+    dots = [e for e in eqns if e.primitive.name == "dot_general"]
+    assert dmas and dots
+    assert all(_float_dtypes(e.invars) == {kv_dtype} for e in dmas)
+    assert all(_float_dtypes(e.invars) == {jnp.dtype(q_dtype)} for e in dots)
 
 
 def _shapes(**over):
@@ -232,27 +297,55 @@ def test_rejects_bad_options():
     with pytest.raises(ValueError, match="int32"):
         tpu_rpa.ragged_paged_attention(args[0], args[1], args[2].astype(jnp.float32), *args[3:],
                                        sm_scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="fp8"):  # only the pool may be fp8
+        tpu_rpa.ragged_paged_attention(args[0].astype(jnp.float8_e4m3fn),
+                                       args[1].astype(jnp.float8_e4m3fn), *args[2:],
+                                       sm_scale=1.0, interpret=True)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype, kv_dtype", [("float32", None), ("bfloat16", None),
+                                             ("bfloat16", "float8_e4m3fn"),
+                                             ("float32", "float8_e5m2")])
 @pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(32, 8, 128), (8, 1, 64),
                                                                  (64, 64, 128), (16, 2, 256)])
 @pytest.mark.parametrize("page_size", [16, 32, 64, 128])
 @pytest.mark.parametrize("num_tokens", [1, 16, 256, 8192])
-def test_block_sizes_fit_vmem(dtype, num_q_heads, num_kv_heads, head_dim, page_size,
+def test_block_sizes_fit_vmem(dtype, kv_dtype, num_q_heads, num_kv_heads, head_dim, page_size,
                               num_tokens):
+    kv_dtype = kv_dtype or dtype
     bs = bsz.fit_block_sizes(num_tokens=num_tokens, num_q_heads=num_q_heads,
                              num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                             pages_per_seq=512, q_dtype=dtype, kv_dtype=dtype)
-    tile = bsz.sublane_tile(dtype)
+                             pages_per_seq=512, q_dtype=dtype, kv_dtype=kv_dtype)
+    tile = bsz.sublane_tile(dtype)  # an fp8 pool is upcast first: q's tile, not fp8's 32 rows
+    assert bsz.query_tile(dtype, kv_dtype) == tile
     assert bs.queries_per_block % tile == 0
     assert bs.queries_per_block & (bs.queries_per_block - 1) == 0
     assert num_kv_heads % bs.kv_heads_per_block == 0
     assert bs.pages_per_block >= 1
     need = bsz.vmem_bytes(bs, group=num_q_heads // num_kv_heads, page_size=page_size,
                           head_dim=head_dim, q_itemsize=jnp.dtype(dtype).itemsize,
-                          kv_itemsize=jnp.dtype(dtype).itemsize)
+                          kv_itemsize=jnp.dtype(kv_dtype).itemsize)
     assert need <= bsz.VMEM_BUDGET_BYTES
+
+
+def test_block_sizes_fp8_pool():
+    """One-byte pools: 32-row sublane tiles (a 16-token page is padded to one), half the KV
+    buffer bytes of bf16 at S >= 32, and q rows tiled by q's dtype."""
+    assert bsz.sublane_tile("float8_e4m3fn") == bsz.sublane_tile("float8_e5m2") == 32
+    assert bsz.query_tile("bfloat16", "float8_e4m3fn") == 16
+    assert bsz.query_tile("float32", "float8_e5m2") == 8
+    assert bsz.query_tile("float32", "bfloat16") == 16  # q is cast to a bf16 pool's dtype
+    bs = bsz.BlockSizes(pages_per_block=8, queries_per_block=64, kv_heads_per_block=8)
+
+    def kv_part(page_size, kv_itemsize):  # the estimate's dependence on the pool's dtype
+        kw = dict(group=4, page_size=page_size, head_dim=128, q_itemsize=2)
+        return (bsz.vmem_bytes(bs, kv_itemsize=kv_itemsize, **kw)
+                - bsz.vmem_bytes(bs, kv_itemsize=2, **kw))
+
+    upcast = 2 * 8 * 16 * 128 * (4 + 2)  # one head's K and V of L = 8 * 16 keys, f32 + bf16
+    assert kv_part(16, 1) == upcast  # each 16-row page padded to 32 fp8 rows: no saving
+    kv_buf_bf16 = 2 * 2 * 8 * 8 * 32 * 128 * 2  # slots x K/V x heads x pages x S x H x bytes
+    assert kv_part(32, 1) == -kv_buf_bf16 // 2 + 2 * upcast
 
 
 def test_public_op_routes_pallas_to_tpu_kernel(monkeypatch):
