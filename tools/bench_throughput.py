@@ -47,16 +47,19 @@ JAXPAGE_ENGINES = {"jaxpage": {}, "jaxpage-sync": dict(async_scheduling=False),
 
 def run_jaxpage(ns, path: str, engine: str = "jaxpage") -> dict:
     from jaxpage import LLM, SamplingParams
+    from jaxpage.entrypoints.bench import completed
 
     llm = LLM(model=path, dtype=ns.dtype, max_model_len=ns.max_model_len,
               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
               tensor_parallel_size=ns.tensor_parallel_size, **JAXPAGE_ENGINES[engine])
     reqs = make_requests(ns, llm.loaded.config.vocab_size)
-    llm.generate([r[0] for r in reqs[:8]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    completed(llm.generate([r[0] for r in reqs[:8]], SamplingParams(max_tokens=4, ignore_eos=True),
+                           use_tqdm=False))
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=o) for _, o in reqs]
     start = time.perf_counter()
     outs = llm.generate([r[0] for r in reqs], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    completed(outs)
     return _result(engine, reqs, sum(len(o.outputs[0].token_ids) for o in outs), elapsed)
 
 

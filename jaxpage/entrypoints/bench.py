@@ -56,6 +56,16 @@ def random_requests(num_prompts: int, input_len: int, output_len: int, vocab: in
     return [(rng.integers(100, vocab - 100, int(i)).tolist(), int(o)) for i, o in zip(ins, outs)]
 
 
+def completed(outs):
+    """``outs``, or a RuntimeError if a request failed in the engine: a benchmark must not time
+    requests that the engine failed (they finish at once, with no tokens)."""
+    failed = [o for o in outs if o.outputs and o.outputs[0].finish_reason == "error"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(outs)} requests failed in the engine: "
+                           f"{failed[0].error}")
+    return outs
+
+
 def run_throughput(ns: argparse.Namespace) -> dict:
     from jaxpage import LLM, SamplingParams
 
@@ -64,12 +74,13 @@ def run_throughput(ns: argparse.Namespace) -> dict:
     reqs = random_requests(ns.num_prompts, ns.input_len, ns.output_len, vocab, ns.random_range_ratio, ns.seed)
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=o, seed=i)
               for i, (_, o) in enumerate(reqs)]
-    warm = llm.generate([r[0] for r in reqs[:min(8, len(reqs))]],
-                        [SamplingParams(max_tokens=4, ignore_eos=True)] * min(8, len(reqs)), use_tqdm=False)
-    del warm
+    completed(llm.generate([r[0] for r in reqs[:min(8, len(reqs))]],
+                           [SamplingParams(max_tokens=4, ignore_eos=True)] * min(8, len(reqs)),
+                           use_tqdm=False))
     start = time.perf_counter()
     outs = llm.generate([r[0] for r in reqs], params, use_tqdm=not ns.no_tqdm)
     elapsed = time.perf_counter() - start
+    completed(outs)
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     num_in = sum(len(r[0]) for r in reqs)
     result = dict(elapsed_time=elapsed, num_requests=len(reqs), total_num_tokens=num_in + num_out,
@@ -93,8 +104,10 @@ def run_latency(ns: argparse.Namespace) -> dict:
 
     def once() -> float:
         start = time.perf_counter()
-        llm.generate(prompts, sp, use_tqdm=False)
-        return time.perf_counter() - start
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        completed(outs)
+        return elapsed
 
     for _ in range(ns.num_iters_warmup):
         once()

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxpage.kernels_pallas import reference
 from jaxpage.kernels_pallas.gpu import _common as cm
 
 
@@ -74,9 +75,21 @@ RAGGED_TUNING: dict[int, RaggedConfig] = {
 }
 
 
-def ragged_config(head_dim: int) -> RaggedConfig:
-    key = min(RAGGED_TUNING, key=lambda d: abs(d - head_dim))
-    return RAGGED_TUNING[key]
+# fp8 pools (K/V upcast to f16 after the load), by a sweep of the mixed batch on an H200
+# (page 64; docs/benchmarks/fp8/mixed_sweep_h200.json): at H = 128, 128-key blocks two deep
+# 297 µs against the bf16 entry's 319 (64-key blocks, 3 stages; decode_block_kv 256, 128-row
+# tiles, 8 warps all slower). At H = 64 nothing beat the bf16 entry (168 µs; 2 stages 167.8,
+# 128-key blocks 179). Both stay slower than a bf16 pool (278 / 144 µs): NOTES.md, "fp8 KV pool".
+RAGGED_TUNING_FP8: dict[int, RaggedConfig] = {
+    **RAGGED_TUNING, 128: dataclasses.replace(RAGGED_TUNING[128], block_kv=128, num_stages=2)}
+
+
+def ragged_config(head_dim: int, kv_dtype=None) -> RaggedConfig:
+    """The tuned entry nearest ``head_dim``, from the fp8 table for an fp8 pool."""
+    table = RAGGED_TUNING_FP8 if kv_dtype is not None and reference.is_fp8(kv_dtype) else (
+        RAGGED_TUNING)
+    key = min(table, key=lambda d: abs(d - head_dim))
+    return table[key]
 
 
 def _ragged_kernel(
@@ -284,7 +297,7 @@ def ragged_paged_attention(
     """
     num_tokens, num_q_heads, head_dim, num_kv_heads, _, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
-    cfg = ragged_config(head_dim)
+    cfg = ragged_config(head_dim, kv_pages.dtype)
     block_m = block_m or cfg.block_m
     block_kv = block_kv or cfg.block_kv
     for name, val in (("block_m", block_m), ("block_kv", block_kv)):

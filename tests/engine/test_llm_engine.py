@@ -259,6 +259,12 @@ def test_runner_errors_fail_only_their_requests(async_scheduling):
     assert final["bad"].error == "simulated failure"
     assert final["good"].outputs[0].token_ids == expected([1, 2, 3], SamplingParams(max_tokens=5))
     assert engine.num_free_pages == 199
+    # The benchmarks refuse to time such a run (its failed requests finish at once).
+    from jaxpage.entrypoints.bench import completed
+
+    assert completed([final["good"]]) == [final["good"]]
+    with pytest.raises(RuntimeError, match="1 of 2 requests failed in the engine: simulated"):
+        completed([final["good"], final["bad"]])
 
 
 def test_a_runner_exception_fails_that_step_and_the_engine_keeps_serving(caplog):

@@ -295,3 +295,28 @@ def test_wrapper_validates_shapes():
     with pytest.raises(ValueError, match="power of two"):
         gpu.decode_paged_attention(x.q, x.kv_pages, x.kv_lens, x.block_tables, x.num_seqs,
                                    sm_scale=1.0, block_kv=48, interpret=True)
+
+
+def test_fp8_pools_take_their_own_tables_and_f16_matmuls():
+    from jaxpage.kernels_pallas.gpu import _common as cm
+    from jaxpage.kernels_pallas.gpu import decode_attention as da
+
+    for h in (64, 128, 256):
+        assert da.decode_config(h, FP8_E4M3) == da.DECODE_TUNING_FP8[h]
+        assert da.decode_config(h, BF16) == da.DECODE_TUNING[h]
+        assert ragged_attention.ragged_config(h, FP8_E5M2) == ragged_attention.RAGGED_TUNING_FP8[h]
+        assert ragged_attention.ragged_config(h) == ragged_attention.RAGGED_TUNING[h]
+    assert da.DECODE_TUNING_FP8[128].block_kv == 2 * da.DECODE_TUNING[128].block_kv
+    assert cm.kv_compute_dtype(BF16, FP8_E4M3) == jnp.float16
+    assert cm.kv_compute_dtype(F32, FP8_E5M2) == F32  # f32 queries keep f32 products
+    assert cm.kv_compute_dtype(BF16, F32) == F32 and cm.kv_compute_dtype(BF16, BF16) == BF16
+    # bf16 queries past f16's range saturate instead of becoming inf.
+    q = cm.to_compute(jnp.asarray([1e5, -1e6, 3.0], BF16), jnp.float16)
+    assert q.dtype == jnp.float16 and bool(jnp.isfinite(q).all()) and float(q[2]) == 3.0
+
+
+def test_quantize_kv_saturates_fp8():
+    x = jnp.asarray([1000.0, -1000.0, 1.0, jnp.nan], F32)
+    e4m3 = reference.quantize_kv(x, FP8_E4M3).astype(F32)
+    assert e4m3.tolist()[:3] == [448.0, -448.0, 1.0] and bool(jnp.isnan(e4m3[3]))
+    assert reference.quantize_kv(x, F32).tolist()[:3] == [1000.0, -1000.0, 1.0]
