@@ -43,8 +43,7 @@ from jaxpage.kernels_pallas import gpu, reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_sweep  # noqa: E402  (tools/ is not a package)
-from bench_timing import (bench_calls, clock_summary, gpu_runs, headline,  # noqa: E402
-                          time_runs)
+from bench_timing import bench_calls, ceilings  # noqa: E402
 from kernel_report import fmt, markdown, plot  # noqa: E402
 
 N, K, H = 32, 8, 128
@@ -62,35 +61,6 @@ def log(*a):
 
 
 # ----------------------------------------------------------------------------------- timing
-# ---------------------------------------------------------------------------------- ceilings
-def ceilings(gib: float = 4.0):
-    """HBM read (jnp.sum), copy (read + write) and bf16 matmul rates, on the GPU clock where
-    there is one (as the kernels' times; ``*_wall``: the same on the wall clock)."""
-    clocks = set()
-
-    def seconds(fn, args):
-        wall, gpu = time_runs(fn, args, 20), gpu_runs(fn, args)
-        r = headline(dict(clock_summary("wall", wall),
-                          **(clock_summary("gpu", gpu) if gpu else {})))
-        clocks.add(r["clock"])
-        return r["time_us"] * 1e-6, r["wall_us"] * 1e-6
-
-    n = int(gib * 2**29)  # 4 GiB of bf16 by default
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    t, tw = seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (x,))
-    out = dict(read_bw=n * 2 / t, read_bw_wall=n * 2 / tw)
-    t, tw = seconds(jax.jit(lambda x: x + jnp.bfloat16(1)), (x,))
-    out.update(copy_bw=2 * n * 2 / t, copy_bw_wall=2 * n * 2 / tw)
-    del x
-    gc.collect()
-    m = 8192 if gib >= 1 else 512
-    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
-    t, tw = seconds(jax.jit(lambda a, b: a @ b), (a, b))
-    out.update(matmul_flops=2 * m**3 / t, matmul_flops_wall=2 * m**3 / tw)
-    return dict(out, clock="gpu" if clocks == {"gpu"} else "wall")
-
-
 # ------------------------------------------------------------------------------------ inputs
 def make_pools(num_pages, page_size, n_pools, seed):
     shape = reference.kv_cache_shape(num_pages, page_size, K, H)  # (P, 2, K, S, H)

@@ -1,10 +1,11 @@
 """Timing for the kernel benchmarks (split out of ``bench_kernels.py``): the wall clock over
 groups of back-to-back runs, and the GPU clock — the kernels' durations as the profiler
-(CUPTI) records them. Method: shared/BENCHMARKS.md; why two clocks: docs/benchmarks/NOTES.md,
+(CUPTI) records them — and the ceilings the kernels are divided by (``ceilings``). Method: shared/BENCHMARKS.md; why two clocks: docs/benchmarks/NOTES.md,
 tenth pass."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import gzip
 import json
@@ -15,6 +16,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 
 GAP_US = 100.0  # idle time on the GPU that separates two profiled runs (``gpu_runs``)
 
@@ -120,3 +122,31 @@ def gpu_events(logdir) -> list[tuple[float, float]]:
                 "process_name" and "GPU" in str(e.get("args", {}).get("name", ""))}
     return [(e["ts"], e["dur"]) for e in events
             if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+
+
+def ceilings(gib: float = 4.0):
+    """HBM read (jnp.sum), copy (read + write) and bf16 matmul rates, on the GPU clock where
+    there is one (as the kernels' times; ``*_wall``: the same on the wall clock)."""
+    clocks = set()
+
+    def seconds(fn, args):
+        wall, gpu = time_runs(fn, args, 20), gpu_runs(fn, args)
+        r = headline(dict(clock_summary("wall", wall),
+                          **(clock_summary("gpu", gpu) if gpu else {})))
+        clocks.add(r["clock"])
+        return r["time_us"] * 1e-6, r["wall_us"] * 1e-6
+
+    n = int(gib * 2**29)  # 4 GiB of bf16 by default
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    t, tw = seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (x,))
+    out = dict(read_bw=n * 2 / t, read_bw_wall=n * 2 / tw)
+    t, tw = seconds(jax.jit(lambda x: x + jnp.bfloat16(1)), (x,))
+    out.update(copy_bw=2 * n * 2 / t, copy_bw_wall=2 * n * 2 / tw)
+    del x
+    gc.collect()
+    m = 8192 if gib >= 1 else 512
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    t, tw = seconds(jax.jit(lambda a, b: a @ b), (a, b))
+    out.update(matmul_flops=2 * m**3 / t, matmul_flops_wall=2 * m**3 / tw)
+    return dict(out, clock="gpu" if clocks == {"gpu"} else "wall")

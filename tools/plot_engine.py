@@ -41,21 +41,29 @@ def main(folder: str = "docs/benchmarks/engine") -> None:
     fig.savefig(d.parent / "engine.png", dpi=110)
 
 
+def _runs_side_by_side(ax, groups: dict, modes: dict, fontsize=None) -> None:
+    """One dot per run (output tok/s), a column per mode within each group, means written
+    above. ``groups``: label -> {mode: {"reps": [{"out_tok_s": ...}, ...]}}; ``modes``: mode ->
+    colour."""
+    for i, by_mode in enumerate(groups.values()):
+        for j, (mode, colour) in enumerate(modes.items()):
+            vals = [r["out_tok_s"] for r in by_mode[mode]["reps"]]
+            x = 3 * i + j
+            ax.scatter([x] * len(vals), vals, color=colour, label=mode if i == 0 else None)
+            ax.text(x, max(vals), f"{sum(vals) / len(vals):,.0f}", ha="center", va="bottom")
+    ax.set_xticks([3 * i + 0.5 for i in range(len(groups))], list(groups), fontsize=fontsize)
+    ax.set(ylabel="output tokens/s (each run)", xlim=(-1, 3 * len(groups) - 1))
+    ax.legend()
+
+
 def plot_async(folder: str = "docs/benchmarks/engine") -> None:
     d = pathlib.Path(folder)
     runs = json.loads((d / "async_h200.json").read_text())
     serving = json.loads((d / "serving_h200.json").read_text())["runs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, key in enumerate(("greedy", "sampled_temperature_1")):
-        for j, mode in enumerate(("sync", "async")):
-            vals = [r["out_tok_s"] for r in runs[key][mode]["reps"]]
-            x = 3 * i + j
-            ax1.scatter([x] * len(vals), vals, color=["tab:gray", "tab:blue"][j],
-                        label=mode if i == 0 else None)
-            ax1.text(x, max(vals), f"{sum(vals) / len(vals):,.0f}", ha="center", va="bottom")
-    ax1.set_xticks([0.5, 3.5], ["greedy", "sampled (T = 1)"])
-    ax1.set(ylabel="output tokens/s (each run)", xlim=(-1, 5),
-            title="offline, llama3.2-1b 1024 in / 128 out, 600 prompts")
+    _runs_side_by_side(ax1, {"greedy": runs["greedy"], "sampled (T = 1)":
+                             runs["sampled_temperature_1"]}, {"sync": "tab:gray", "async": "tab:blue"})
+    ax1.set(title="offline, llama3.2-1b 1024 in / 128 out, 600 prompts")
     ax1.legend()
     metrics = ("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "p99_tpot_ms")
     for j, mode in enumerate(("sync", "async")):
@@ -80,16 +88,8 @@ def plot_fp8(folder: str = "docs/benchmarks/engine") -> None:
               "1024_in_512_out_256_prompts_pool_by_memory": "1024 / 512, 256 prompts\n(pool sized by memory)",
               "1024_in_512_out_256_prompts_same_pool_bytes": "1024 / 512, 256 prompts\n(3 GiB pool each)"}
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for i, (key, title) in enumerate(titles.items()):
-        for j, kv in enumerate(("bfloat16", "fp8")):
-            vals = [r["out_tok_s"] for r in data["runs"][key][kv]["reps"]]
-            x = 3 * i + j
-            ax.scatter([x] * len(vals), vals, color=["tab:gray", "tab:orange"][j],
-                       label=f"{kv} pool" if i == 0 else None)
-            ax.text(x, max(vals), f"{sum(vals) / len(vals):,.0f}", ha="center", va="bottom")
-    ax.set_xticks([3 * i + 0.5 for i in range(len(titles))], list(titles.values()), fontsize=8)
-    ax.set(ylabel="output tokens/s (each run)", xlim=(-1, 3 * len(titles) - 1))
-    ax.legend()
+    _runs_side_by_side(ax, {title: data["runs"][key] for key, title in titles.items()},
+                       {"bfloat16": "tab:gray", "fp8": "tab:orange"}, fontsize=8)
     ax.set_title(f"fp8 vs bf16 KV pool, llama3.2-1b shape, {data['card']}, JAX {data['jax']}, "
                  f"{data['date']}", fontsize=9)
     fig.tight_layout()
