@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Where weights come from: "auto" (by what the path holds), an HF directory's safetensors, a
+# GGUF file, a jaxpage checkpoint (``jaxpage convert``: orbax), or random weights from the config.
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
+
 
 @dataclass
 class CacheConfig:
@@ -98,7 +102,8 @@ class ModelConfig:
     Args:
         model: HF directory, ``.gguf`` file, or "default" (SmolLM2-135M-Instruct, fetched once).
         dtype: "auto" (bfloat16 on accelerators, float32 on CPU), "float32", "bfloat16", "float16".
-        load_format: "auto" | "safetensors" | "gguf" | "dummy" (random weights from the config).
+        load_format: one of LOAD_FORMATS: "auto" | "safetensors" | "gguf" | "orbax" (a
+            ``jaxpage convert`` checkpoint) | "dummy" (random weights from the config).
         max_model_len: None takes the model's own limit.
         seed: seed for dummy weights and for requests without their own seed.
         attention_backend: "auto" | "reference" | "pallas".
@@ -115,8 +120,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
-        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}.")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got "
+                             f"{self.load_format!r}.")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}.")
 

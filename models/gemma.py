@@ -27,7 +27,7 @@ from flax import nnx
 from jaxpage.models.attention import AttentionMetadata
 from jaxpage.models.layers import RopeConfig, rope_cos_sin, zeros
 from jaxpage.models.llama import (LlamaAttention, LlamaConfig, LlamaForCausalLM, LlamaMLP,
-                                  hf_dims)
+                                  hf_dims, hf_layer_types)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -58,9 +58,9 @@ class GemmaConfig(LlamaConfig):
             # Default layouts as transformers writes them when a config omits ``layer_types``:
             # Gemma 2 slides on even layers, Gemma 3 on all but every sixth.
             every = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
-            types = hf.get("layer_types") or [
+            types = hf_layer_types(hf, [
                 "sliding_attention" if (i + 1) % every else "full_attention"
-                for i in range(num_layers)]
+                for i in range(num_layers)])
             windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
         else:
             windows = (None,) * num_layers

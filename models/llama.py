@@ -57,9 +57,9 @@ class LlamaConfig:
         if model_type == "mistral":
             windows = [window] * num_layers
         elif model_type in ("qwen2", "qwen3"):
-            layer_types = hf.get("layer_types") or [
+            layer_types = hf_layer_types(hf, [
                 "sliding_attention" if hf.get("use_sliding_window") and i >= hf.get("max_window_layers", 0)
-                else "full_attention" for i in range(num_layers)]
+                else "full_attention" for i in range(num_layers)])
             windows = [window if t == "sliding_attention" else None for t in layer_types]
         else:
             windows = [None] * num_layers
@@ -74,6 +74,15 @@ class LlamaConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_windows=tuple(None if w is None else int(w) for w in windows),
         )
+
+
+def hf_layer_types(hf: dict[str, Any], default: list[str]) -> list[str]:
+    """The config's ``layer_types`` (one per layer) or, when it has none, ``default``."""
+    types = hf.get("layer_types") or default
+    if len(types) != int(hf["num_hidden_layers"]):
+        raise ValueError(f"config.json: layer_types names {len(types)} layers but "
+                         f"num_hidden_layers is {hf['num_hidden_layers']}.")
+    return list(types)
 
 
 def hf_dims(hf: dict[str, Any], *, default_max_positions: int) -> dict[str, Any]:

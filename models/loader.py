@@ -2,6 +2,8 @@
 
     load_model(path)                     config.json + *.safetensors (+ tokenizer, generation_config)
     load_model("x.gguf")                 llama.cpp file: weights dequantized, tokenizer from the file
+    load_model(out)                      a jaxpage checkpoint (``jaxpage convert``, ``checkpoint.py``):
+                                         orbax, each parameter read straight into its sharding
     load_model(path, load_format="dummy")   random weights from the config (benchmarks)
     load_model(None, load_format="dummy", hf_config={...})
 
@@ -23,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpage.models import registry, weight_map
+from jaxpage.config import LOAD_FORMATS
+from jaxpage.models import checkpoint, registry, weight_map
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -81,7 +83,8 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
         model_path: an HF model directory, a ``.gguf`` file (or a directory holding exactly one),
             or None with ``load_format="dummy"`` and ``hf_config``.
         dtype: parameter and compute dtype.
-        load_format: "auto" | "safetensors" | "gguf" | "dummy" (random weights from the config).
+        load_format: "auto" | "safetensors" | "gguf" | "orbax" (a ``jaxpage convert``
+            checkpoint) | "dummy" (random weights from the config).
         seed: seed for dummy weights.
         hf_config: an HF config dict that replaces the checkpoint's ``config.json``.
         tokenizer_path: a directory to load the tokenizer from instead of ``model_path``.
@@ -102,7 +105,9 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}.")
     jdtype = resolve_dtype(dtype)
     fmt, path = _resolve_source(model_path, load_format, hf_config)
-    gguf = None
+    gguf, meta = None, None
+    if fmt == "orbax":
+        meta = checkpoint.read_meta(path)
     if path is not None and path.suffix == ".gguf":
         from jaxpage.models.gguf_file import GGUFCheckpoint
         gguf = GGUFCheckpoint(path)
@@ -116,6 +121,9 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
     if gguf is not None and gguf.rope_freq_divisors is not None:
         config = dataclasses.replace(config, rope=dataclasses.replace(
             config.rope, freq_divisors=gguf.rope_freq_divisors))
+    if meta is not None and meta.get("rope_freq_divisors") is not None:  # a converted GGUF's
+        config = dataclasses.replace(config, rope=dataclasses.replace(
+            config.rope, freq_divisors=tuple(float(x) for x in meta["rope_freq_divisors"])))
     if before_weights is not None:
         before_weights(config)
 
@@ -130,6 +138,9 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
         # constructor instead compiles one program per parameter: minutes for an 8B model).
         # The RBG generator compiles and runs much faster than threefry for such bulk draws.
         model = create(jax.random.key(seed, impl="rbg"))
+    elif fmt == "orbax":
+        abstract = nnx.eval_shape(lambda: create(jax.random.key(seed)))
+        model = checkpoint.restore_params(abstract, path, meta, placement)
     else:
         tensors = gguf.tensors() if gguf is not None else _iter_safetensors(path)
         abstract = nnx.eval_shape(lambda: create(jax.random.key(seed)))
@@ -137,7 +148,7 @@ def load_model(model_path: str | os.PathLike | None, *, dtype: str = "float32",
                                 placement=placement)
 
     tokenizer, chat_template, generation_config, eos = _load_tokenizer_and_defaults(
-        path, gguf, hf, tokenizer_path)
+        path, gguf, hf, tokenizer_path, meta)
     return LoadedModel(model=model, config=config, hf_config=hf, generation_config=generation_config,
                        chat_template=chat_template, tokenizer=tokenizer, eos_token_ids=eos,
                        max_model_len=int(config.max_position_embeddings), architecture=architecture)
@@ -187,6 +198,11 @@ def _resolve_source(model_path, load_format: str, hf_config) -> tuple[str, Path 
         raise FileNotFoundError(
             f"Model path {str(model_path)!r} does not exist. Pass an HF model directory "
             "(config.json + *.safetensors) or a .gguf file.")
+    if checkpoint.is_checkpoint(path) and load_format in ("auto", "orbax"):
+        return "orbax", path
+    if load_format == "orbax":
+        raise ValueError(f"load_format='orbax' but {str(model_path)!r} is not a jaxpage checkpoint "
+                         f"(no {checkpoint.META_FILE}); write one with `jaxpage convert`.")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise ValueError(_no_pickle_message(path))
@@ -279,7 +295,8 @@ def _assign_weights(abstract: nnx.Module, family: str, tensors: Iterable[tuple[s
 # Tokenizer, chat template, generation defaults
 # --------------------------------------------------------------------------------------------
 
-def _load_tokenizer_and_defaults(path: Path | None, gguf, hf: dict[str, Any], tokenizer_path):
+def _load_tokenizer_and_defaults(path: Path | None, gguf, hf: dict[str, Any], tokenizer_path,
+                                 meta: dict[str, Any] | None = None):
     from transformers import AutoTokenizer  # lazy: slow import
 
     tokenizer, chat_template, generation_config = None, None, {}
@@ -302,6 +319,9 @@ def _load_tokenizer_and_defaults(path: Path | None, gguf, hf: dict[str, Any], to
     if gguf is not None:
         chat_template = gguf.chat_template
         eos += gguf.eos_token_ids
+    if meta is not None:  # a converted checkpoint keeps its source's (a GGUF's eos ids)
+        chat_template = meta.get("chat_template")
+        eos += meta.get("eos_token_ids") or []
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         chat_template = chat_template or tokenizer.chat_template
     for source in (generation_config.get("eos_token_id"), hf.get("eos_token_id"),

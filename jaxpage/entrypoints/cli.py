@@ -1,4 +1,5 @@
-"""``jaxpage generate | chat | serve | bench`` on the default model or ``--model``."""
+"""``jaxpage generate | chat | serve | bench`` on the default model or ``--model``, and
+``jaxpage convert`` (a checkpoint in the models' own layout, for fast starts)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import os
 import signal
 import sys
 
-from jaxpage.config import KV_CACHE_DTYPES, EngineArgs
+from jaxpage.config import KV_CACHE_DTYPES, LOAD_FORMATS, EngineArgs
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct), an HF directory or a .gguf file")
+                   help="'default' (SmolLM2-135M-Instruct), an HF directory, a .gguf file or "
+                        "a checkpoint of `jaxpage convert`")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -109,6 +111,20 @@ def _run_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_convert(ns: argparse.Namespace) -> int:
+    import time
+
+    from jaxpage.default_model import resolve_model
+    from jaxpage.models.checkpoint import convert
+
+    t0 = time.perf_counter()
+    out = convert(resolve_model(ns.source), ns.output, dtype=ns.dtype, tokenizer=ns.tokenizer)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {ns.dtype}) in {time.perf_counter() - t0:.1f} s; "
+          f"load it with --model {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpage", description="LLM inference on JAX with paged attention")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine start-up")
@@ -134,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds requests in flight may take to finish after SIGTERM")
     _add_engine_args(serve)
+    conv = sub.add_parser(
+        "convert", help="write a model as a jaxpage checkpoint (orbax, the models' own layout): "
+                        "later starts skip name mapping and GGUF dequantization, and tensor-"
+                        "parallel starts read each device's slice straight from disk")
+    conv.add_argument("source", help="'default', an HF directory or a .gguf file")
+    conv.add_argument("output", help="a new (or empty) directory")
+    conv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                      help="the dtype stored (a load in another dtype casts on restore)")
+    conv.add_argument("--tokenizer", default=None,
+                      help="a directory to take the tokenizer from instead of the source")
     from jaxpage.entrypoints import bench
     bench.add_parser(sub)
     return parser
@@ -149,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_generate(ns, chat=ns.command == "chat")
         if ns.command == "serve":
             return _run_serve(ns)
+        if ns.command == "convert":
+            return _run_convert(ns)
         if ns.command == "bench":
             from jaxpage.entrypoints import bench
             return bench.main(ns)

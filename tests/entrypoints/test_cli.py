@@ -81,3 +81,22 @@ def test_bad_token_padding_gap_is_a_clear_error(default_gguf):
     proc = _run("generate", "hi", "--token-padding-gap", "100")
     assert proc.returncode == 2 and "token_padding_gap" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_convert_then_generate_from_the_checkpoint(default_gguf, tmp_path):
+    """`jaxpage convert` writes the default model as a checkpoint that `--model` takes, and
+    greedy text from it is the GGUF's (float32 stored: the same weights)."""
+    out = tmp_path / "smol"
+    proc = _run("convert", "default", str(out), "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout and (out / "jaxpage_checkpoint.json").is_file()
+    texts = []
+    for model in ("default", str(out)):
+        proc = _run("generate", "The capital of France is", "--model", model, "--max-tokens", "12")
+        assert proc.returncode == 0, proc.stderr
+        texts.append(proc.stdout)
+    assert texts[0] == texts[1] and len(texts[0].strip()) > 10
+    again = _run("convert", "default", str(out))
+    assert again.returncode == 2 and "not an empty directory" in again.stderr
+    assert "Traceback" not in again.stderr

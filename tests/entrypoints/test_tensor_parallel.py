@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpage import sharding
 from jaxpage.config import ParallelConfig
 from tests.entrypoints.engine_util import TINY_LLAMA, tiny_llm
-from tests.entrypoints.tp_worker import CHECKPOINT, GQA, MODELS
+from tests.entrypoints.tp_worker import CHECKPOINT, CONVERTED, GQA, MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def tp_runs():
     return result["runs"]
 
 
-@pytest.mark.parametrize("name", list(MODELS) + [CHECKPOINT])
+@pytest.mark.parametrize("name", list(MODELS) + [CHECKPOINT, CONVERTED])
 def test_split_engine_matches_one_device(tp_runs, name):
     one = tp_runs[f"{name}/tp1"]
     assert one["pool_devices"] == 1 and one["split_params"] == 0 and one["placed_at_load"] == 0
@@ -69,6 +69,16 @@ def test_split_engine_matches_one_device(tp_runs, name):
             gathers = [shape for op, shape in ops if op == "all-gather"]
             assert len(reduces) == 2 * 2 and len(ops) == len(reduces) + len(gathers), ops
             assert all(shape[-1] == vocab and shape[0] != vocab for shape in gathers), ops
+
+
+def test_converted_checkpoint_is_the_safetensors_one(tp_runs):
+    """`jaxpage convert`'s orbax checkpoint restores each parameter into its shards (counted by
+    the loader's placement calls above) and gives the safetensors checkpoint's tokens at every
+    size: the same float32 weights."""
+    sizes = [k.split("/")[1] for k in tp_runs if k.startswith(CONVERTED + "/")]
+    assert sizes == ["tp1", "tp2", "tp4"]
+    for tp in sizes:
+        assert tp_runs[f"{CONVERTED}/{tp}"]["tokens"] == tp_runs[f"{CHECKPOINT}/{tp}"]["tokens"]
 
 
 def test_split_fp8_pool(tp_runs):

@@ -23,6 +23,7 @@ from tests.entrypoints.engine_util import TINY_LLAMA, random_prompts, tiny_llm
 GQA = dict(TINY_LLAMA, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
            intermediate_size=128)
 CHECKPOINT = "llama_safetensors"  # GQA's shape, saved by transformers and loaded from disk
+CONVERTED = "llama_converted"  # the same checkpoint through `jaxpage convert` (orbax), float32
 MODELS = {
     "llama_gqa": GQA,
     "llama_tied_odd_vocab": dict(GQA, tie_word_embeddings=True, vocab_size=509),
@@ -111,16 +112,20 @@ def save_checkpoint(hf: dict, path: Path) -> None:
 
 
 def main() -> None:
-    names = sys.argv[1:] or list(MODELS) + [CHECKPOINT] + list(ENGINE_KW)
+    names = sys.argv[1:] or list(MODELS) + [CHECKPOINT, CONVERTED] + list(ENGINE_KW)
     result = dict(devices=len(jax.devices()), runs={})
     _count_placements()
     tmp = tempfile.TemporaryDirectory()
     for name in names:
         hf = MODELS.get(name, GQA)
         path = None
-        if name == CHECKPOINT:
-            path = Path(tmp.name) / name
-            save_checkpoint(hf, path)
+        if name in (CHECKPOINT, CONVERTED):
+            path = Path(tmp.name) / CHECKPOINT
+            if not path.exists():
+                save_checkpoint(hf, path)
+        if name == CONVERTED:
+            from jaxpage.models.checkpoint import convert
+            path = convert(path, Path(tmp.name) / name, dtype="float32")
         # A shared prefix (prefix caching), long prompts over a 40-page pool (chunked prefill and
         # preemption), greedy and seeded sampling.
         prompts = random_prompts(10, 500, 3, 60, seed=5, shared_prefix=12)

@@ -1,0 +1,25 @@
+"""tools/bench_load.py on a tiny HF directory: it converts once, times both forms, reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+import bench_load  # noqa: E402
+
+from tests.models.test_hf_parity import build_hf_model, save_hf_model  # noqa: E402
+
+
+def test_bench_load_reports_both_forms(tmp_path, capsys):
+    save_hf_model(build_hf_model("smollm2"), tmp_path / "hf")
+    assert bench_load.main(["--hf-dir", str(tmp_path / "hf"), "--work", str(tmp_path),
+                            "--out", str(tmp_path / "out"), "--repeats", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "| safetensors |" in table and "| checkpoint |" in table
+    result = json.loads((tmp_path / "out" / "load.json").read_text())
+    assert result["convert_s"] > 0 and all(len(v) == 2 and min(v) > 0
+                                           for v in result["times_s"].values())
+    assert (tmp_path / "jaxpage_llama3.2-1b_bfloat16" / "jaxpage_checkpoint.json").is_file()
