@@ -20,6 +20,73 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGIT_BIAS = 1024
+MAX_GRAMMAR_CHARS = 1 << 16  # a schema, regex or grammar (its text, or a schema's JSON)
+MAX_CHOICES = 1024
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains the output to a language (vLLM's ``StructuredOutputsParams``); exactly one of
+    ``json``, ``regex``, ``choice``, ``grammar`` or ``json_object`` is set.
+
+    Args:
+        json: a JSON schema (dict, or its JSON text): the output is one JSON value it accepts.
+        regex: the output matches this regular expression (Rust ``regex`` syntax, anchored).
+        choice: the output is exactly one of these strings.
+        grammar: a context-free grammar in Lark syntax (llguidance's dialect; GBNF is turned
+            into it when it reads as GBNF: ``root ::= ...``).
+        json_object: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
+        disable_any_whitespace: JSON without whitespace between tokens (compact output).
+        whitespace_pattern: a regex for the whitespace JSON may hold between tokens.
+
+    The engine compiles it for its tokenizer when the request is added (a bad schema, regex or
+    grammar is a ``ValueError`` then) and masks every sampled token to what the language still
+    allows; the request stops when the language is complete.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise param_error("structured_outputs",
+                              "must set exactly one of json, regex, choice, grammar, json_object; "
+                              f"got {kinds or 'none'}.")
+        if self.json is not None:
+            if not isinstance(self.json, (str, dict)):
+                raise param_error("structured_outputs", "json must be a JSON schema (an object "
+                                  f"or its JSON text), got {type(self.json).__name__}.")
+            text = self.json if isinstance(self.json, str) else _json_text(self.json)
+            if len(text) > MAX_GRAMMAR_CHARS:
+                raise param_error("structured_outputs", f"json schema exceeds {MAX_GRAMMAR_CHARS} characters.")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v or len(v) > MAX_GRAMMAR_CHARS):
+                raise param_error("structured_outputs", f"{name} must be a non-empty string of at "
+                                  f"most {MAX_GRAMMAR_CHARS} characters.")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or len(self.choice) > MAX_CHOICES
+                    or not all(isinstance(c, str) and c for c in self.choice)
+                    or sum(map(len, self.choice)) > MAX_GRAMMAR_CHARS):
+                raise param_error("structured_outputs", f"choice must be a list of 1 to "
+                                  f"{MAX_CHOICES} non-empty strings.")
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True, False):
+            raise param_error("structured_outputs", "json_object must be a boolean.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
 
 
 class SamplingType(IntEnum):
@@ -50,6 +117,8 @@ class SamplingParams:
         skip_special_tokens, spaces_between_special_tokens: detokenizer options.
         include_stop_str_in_output: keep the matched stop string in the text.
         logit_bias: token id -> bias added to its logit before sampling.
+        structured_outputs: constrain the output to a JSON schema, regex, choice or grammar
+            (``StructuredOutputsParams``).
     """
 
     n: int = 1
@@ -72,6 +141,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: the model's EOS ids, so the scheduler needs no tokenizer.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -139,6 +209,10 @@ class SamplingParams:
             for v in self.logit_bias.values():
                 if not math.isfinite(v) or not -100.0 <= v <= 100.0:
                     raise bad("logit_bias", f"values must be in [-100, 100], got {v!r}.")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            raise bad("structured_outputs", "must be a StructuredOutputsParams, got "
+                      f"{type(self.structured_outputs).__name__}.")
 
     def verify(self, *, vocab_size: int, max_model_len: int, num_prompt_tokens: int) -> None:
         """Checks what depends on the model; raises ``ValueError`` naming the bad field."""
@@ -181,6 +255,14 @@ def param_error(param: str, msg: str, code: str | None = None) -> ValueError:
     err.param = param  # type: ignore[attr-defined]
     err.code = code  # type: ignore[attr-defined]
     return err
+
+
+def _json_text(obj: object) -> str:
+    import json
+    try:
+        return json.dumps(obj)
+    except (TypeError, ValueError) as e:
+        raise param_error("structured_outputs", f"json schema is not JSON-serializable: {e}") from None
 
 
 def _is_int(v: object) -> bool:

@@ -20,6 +20,7 @@ from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .scheduler import RequestUpdate, Scheduler
 from .scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
+from .structured_output import Grammar, GrammarCompiler
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 
@@ -172,12 +173,21 @@ class LLMEngine:
         if self.async_scheduling and not hasattr(model_runner, "dispatch"):
             raise ValueError("async_scheduling needs a model runner with dispatch / collect.")
         self._in_flight: tuple[SchedulerOutput, Any] | None = None  # dispatched, not collected
+        self._grammars = (None if tokenizer is None else
+                          GrammarCompiler(tokenizer, vocab_size, self.eos_token_ids))
+        self._num_structured = 0  # unfinished requests (children) with a grammar
 
     # -- requests -----------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: Any, sampling_params: SamplingParams, *,
                          req_id: str | None = None, cache_salt: str | None = None) -> list[int]:
         """Checks a request without queueing it; raises ``ValueError`` (with ``param`` and
         ``code`` attributes) naming the problem. Returns the prompt as a list of ints."""
+        return self._validate(prompt_token_ids, sampling_params, req_id=req_id,
+                              cache_salt=cache_salt)[0]
+
+    def _validate(self, prompt_token_ids: Any, sampling_params: SamplingParams, *,
+                  req_id: str | None, cache_salt: str | None) -> tuple[list[int], Grammar | None]:
+        """``validate_request``, and the request's compiled grammar (structured outputs)."""
         if req_id is not None:
             if not isinstance(req_id, str) or not req_id:
                 raise _error("request_id", "request_id must be a non-empty string.")
@@ -208,7 +218,13 @@ class LLMEngine:
         if len(self.scheduler.waiting) + self._num_pending_children + sampling_params.n > limit:
             raise _error("request", f"the request queue is full ({limit} waiting); retry later.",
                          code="queue_full")
-        return ids.tolist()
+        grammar = None
+        if sampling_params.structured_outputs is not None:
+            if self._grammars is None:
+                raise _error("structured_outputs", "structured outputs need a tokenizer; this "
+                             "engine has none.")
+            grammar = self._grammars.compile(sampling_params.structured_outputs)
+        return ids.tolist(), grammar
 
     def add_request(self, req_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, *, prompt: str | None = None,
@@ -218,8 +234,8 @@ class LLMEngine:
         ``n > 1`` fans out into children that share the prompt's pages; their outputs come back
         together under ``req_id``. Raises ``ValueError`` for a bad request.
         """
-        ids = self.validate_request(prompt_token_ids, sampling_params, req_id=req_id,
-                                    cache_salt=cache_salt)
+        ids, grammar = self._validate(prompt_token_ids, sampling_params, req_id=req_id,
+                                      cache_salt=cache_salt)
         n = sampling_params.n
         child_ids = [req_id] if n == 1 else [f"{i}_{req_id}" for i in range(n)]
         if any(c in self._states or c in self._parents for c in child_ids):
@@ -236,12 +252,15 @@ class LLMEngine:
                 child_id, ids, params,
                 seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
                 max_tokens=params.max_tokens or self.max_model_len - len(ids),
-                arrival_time=arrival_time, cache_salt=cache_salt)
+                arrival_time=arrival_time, cache_salt=cache_salt,
+                grammar=None if grammar is None else grammar.copy() if index else grammar)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params)
             states.append(_RequestState(request, prompt, detok, parent, index))
             requests.append(request)
         self.scheduler.add_request(requests[0])  # the last check that can fail
         self._states.update(zip(child_ids, states))
+        if grammar is not None:
+            self._num_structured += len(states)
         if parent is not None:
             parent.head_state = states[0]
             parent.pending = requests[1:]
@@ -276,16 +295,20 @@ class LLMEngine:
 
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one engine step; returns outputs of requests that progressed or finished."""
-        if self.async_scheduling:
+        """Runs one engine step; returns outputs of requests that progressed or finished.
+
+        While a structured-output request is unfinished the step is synchronous even under
+        ``async_scheduling``: its grammar's mask for the next token needs the last one read."""
+        if self.async_scheduling and not self._num_structured:
             return self._step_async()
+        outputs = self._process_updates(self._update_in_flight())  # leaving async: drain
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
-            return []
+            return outputs
         # An empty batch still goes out: it tells the runner which requests to forget.
         model_runner_output = self._execute_model(scheduler_output)
         updates = self.scheduler.update_from_output(scheduler_output, model_runner_output)
-        outputs = self._process_updates(updates)
+        outputs += self._process_updates(updates)
         if self.scheduler.finished_req_ids and not self.scheduler.has_unfinished_requests():
             self._execute_model(self.scheduler.schedule())  # going idle: the runner forgets now
         return outputs
@@ -351,6 +374,8 @@ class LLMEngine:
             state.add_logprobs(update)
             stop_str = state.detokenizer.update(
                 update.new_token_ids, request.status == RequestStatus.FINISHED_STOPPED)
+            if request.grammar is not None and update.new_token_ids:
+                self._advance_grammar(state, update.new_token_ids)
             if stop_str is not None:
                 request.stop_reason = stop_str
                 if request.is_finished:
@@ -366,13 +391,27 @@ class LLMEngine:
                 parent.pending = []
         return self._make_outputs(touched)
 
+    def _advance_grammar(self, state: _RequestState, token_ids: list[int]) -> None:
+        """Feeds committed tokens to the request's grammar; finishes the request when the
+        grammar is complete (finish reason "stop"), fails it if a token broke the grammar
+        (only a masking bug could do that)."""
+        request = state.request
+        if not request.grammar.accept(token_ids):
+            state.error = f"structured output: a sampled token broke the grammar " \
+                          f"({request.grammar.error[:200]})"
+            logger.error("request %s: %s", request.req_id, state.error)
+            if not request.is_finished:
+                self.scheduler.finish_requests(request.req_id, RequestStatus.FINISHED_ERROR)
+        elif request.grammar.terminated and not request.is_finished:
+            self.scheduler.finish_requests(request.req_id, RequestStatus.FINISHED_STOPPED)
+
     def _make_outputs(self, states: list[_RequestState]) -> list[RequestOutput]:
         outputs, parents = [], {}
         for state in states:
             request = state.request
             completion = state.completion()
-            if request.is_finished:
-                self._states.pop(request.req_id, None)
+            if request.is_finished and self._states.pop(request.req_id, None) is not None:
+                self._num_structured -= request.grammar is not None
             if state.parent is None:
                 outputs.append(self._request_output(state, request.req_id, [completion],
                                                     request.is_finished, request.metrics))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from ..outputs import RequestMetrics
 from ..sampling_params import SamplingParams
@@ -54,7 +55,7 @@ class Request:
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  *, seed: int, max_tokens: int, arrival_time: float | None = None,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, grammar: Any = None):
         self.req_id = req_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -62,6 +63,8 @@ class Request:
         self.max_tokens = max_tokens
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt
+        # structured outputs: the request's ``structured_output.Grammar`` (None: unconstrained)
+        self.grammar = grammar
         self.output_token_ids: list[int] = []
         # Prompt + output in one list so appending a token is O(1) and slicing needs no concat.
         self._all_token_ids: list[int] = list(self.prompt_token_ids)

@@ -204,7 +204,7 @@ class Scheduler:
             req_id=request.req_id, all_token_ids=list(request.all_token_ids),
             num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
             seed=request.seed, block_ids=self.kv_cache_manager.get_block_ids(request.req_id),
-            num_computed_tokens=request.num_computed_tokens)
+            num_computed_tokens=request.num_computed_tokens, grammar=request.grammar)
 
     def _cached_request_data(self, requests: list[Request],
                              new_block_ids: dict[str, list[int]]) -> CachedRequestData:

@@ -17,6 +17,7 @@ Token ranges of one running request at a step::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..sampling_params import SamplingParams
 
@@ -36,6 +37,9 @@ class NewRequestData:
     block_ids: list[int]
     # Tokens whose KV is already in pages (prefix-cache hit); the batch starts after them.
     num_computed_tokens: int
+    # Structured outputs: the request's grammar (``structured_output.Grammar``), which the
+    # runner asks for the mask of allowed tokens whenever the request samples.
+    grammar: Any = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ host-to-device transfer; the step slices it back apart at static offsets (``Pack
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,7 @@ class CachedRequestState:
     # Tokens sampled by dispatched steps whose ids are on the device only (async scheduling):
     # the sampler keeps the last one per slot, and the next step reads its input id there.
     num_pending: int = 0
+    grammar: Any = None  # structured outputs (``NewRequestData.grammar``)
 
     @property
     def num_output_tokens(self) -> int:
@@ -100,7 +102,7 @@ class InputBatch:
             self.block_table[slot, :b] = new.block_ids
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, slot, new.num_prompt_tokens, new.sampling_params, new.seed, n, b,
-                new.num_computed_tokens)
+                new.num_computed_tokens, grammar=new.grammar)
         cached = so.scheduled_cached_reqs
         for req_id, new_tokens, new_blocks, num_computed in zip(
                 cached.req_ids, cached.new_token_ids, cached.new_block_ids, cached.num_computed_tokens):

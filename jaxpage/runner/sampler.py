@@ -4,6 +4,7 @@ Pure functions of (logits, SamplingMetadata); jit them with the metadata as an a
 static flags pick the graph, see ``sampling_metadata.py`` for the variant policy). The order
 follows vLLM v1::
 
+    (structured outputs: logits of tokens a row's grammar forbids -> -inf first, as vLLM does)
     raw logits ──► log_softmax ─────────────────────────────────────────────► logprobs (raw)
         └─► + logit_bias, stop ids -> -inf under min_tokens ─► penalties ──┬─► argmax (greedy rows)
                                                                             └─► / temperature
@@ -43,7 +44,7 @@ from jaxpage.runner.sampling_metadata import (
 
 __all__ = ["LogprobsTensors", "SamplerOutput", "SamplingMetadata", "SamplingRow",
            "build_sampling_metadata", "compute_logprobs_for_tokens", "sample",
-           "apply_logit_bias", "apply_penalties", "apply_top_k_top_p_min_p"]
+           "apply_logit_bias", "apply_penalties", "apply_token_bitmask", "apply_top_k_top_p_min_p"]
 
 _RADIX_BITS = 4  # 8 passes of 16 candidate thresholds per radix select
 # The filters' fast path searches the NUM_CANDIDATE_CHUNKS chunks of CHUNK_SIZE tokens with the
@@ -92,6 +93,8 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
         logprobs of the sampled tokens, their ranks and the top ``max_num_logprobs`` per row.
     """
     logits = logits.astype(jnp.float32)                        # (R, V)
+    if md.has_token_mask:
+        logits = apply_token_bitmask(logits, md.token_bitmask)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if md.max_num_logprobs else None
     if md.has_logit_bias:
         logits = apply_logit_bias(logits, md)
@@ -106,6 +109,15 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
         return SamplerOutput(token_ids)
     k = min(md.max_num_logprobs, logits.shape[-1])
     return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, token_ids, k))
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where a row's bitmask ((R, W) int32, bit t % 32 of word t // 32) forbids token t."""
+    R, V = logits.shape
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = (bitmask.astype(jnp.uint32)[:, :, None] >> shifts) & 1   # (R, W, 32)
+    allowed = bits.reshape(R, -1)[:, :V].astype(bool)                # (R, V)
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def compute_logprobs_for_tokens(logits: jax.Array, token_ids: jax.Array, k: int) -> LogprobsTensors:

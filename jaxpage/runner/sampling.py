@@ -83,14 +83,22 @@ class StepSampler:
         if not samples:
             return SamplingRow(_IDLE, 0)
         sp = state.sampling_params
+        fill = None
+        if state.grammar is not None:
+            if state.num_pending:  # the engine steps synchronously while grammars are live
+                raise RuntimeError(f"request {state.req_id!r} has a grammar and a token in "
+                                   "flight: its mask would miss that token.")
+            fill = state.grammar.fill_bitmask
         if sp.has_penalties:
             ids = self.input_batch.token_ids[state.slot]
             outputs = ids[state.num_prompt_tokens:state.num_tokens]
             if state.num_pending:  # the token in flight counts too: read it back (a sync)
                 outputs = np.append(outputs, last_host[state.slot])
-            return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens], outputs)
+            return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens], outputs,
+                               fill_token_mask=fill)
         return SamplingRow(sp, state.seed,
-                           num_output_tokens=state.num_output_tokens + state.num_pending)
+                           num_output_tokens=state.num_output_tokens + state.num_pending,
+                           fill_token_mask=fill)
 
     def dispatch(self, logits: jax.Array, states: list[CachedRequestState], samples: list[bool],
                  padded_num_reqs: int) -> PendingSample:

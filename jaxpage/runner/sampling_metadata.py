@@ -10,6 +10,7 @@ cache key of the sampler (per ``(R, V)`` bucket):
 
     all_greedy × has_top_k_top_p_min_p × has_penalties × has_logit_bias × max_num_logprobs
                   (only when not greedy)    (+ Lmax bucket)  (+ Bmax, Smax)  ∈ LOGPROBS_BUCKETS
+    × has_token_mask (structured outputs)
 
 The common case costs three variants: greedy, plain temperature sampling, and temperature with
 top-k/top-p/min-p; logprobs at most triple that (0, 5, 20). Penalties add one variant per
@@ -31,7 +32,7 @@ in the pass that takes the argmax anyway, so such a flag would double the varian
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -71,6 +72,8 @@ class SamplingMetadata:
         logit_bias_values: (R, Bmax) float32 added to those logits.
         penalty_token_ids: (R, Lmax) int32 prompt then output token ids, PAD_ID padded.
         penalty_output_mask: (R, Lmax) bool; True where penalty_token_ids holds an output token.
+        token_bitmask: (R, W) int32, W = ceil(V / 32): bit t % 32 of word t // 32 allows token
+            t (structured outputs; every bit set in rows without a grammar); (R, 1) when off.
         all_greedy: static; every row is greedy: the sampler is one argmax.
         has_top_k_top_p_min_p: static; some random row filters its distribution.
         has_penalties: static; some row has presence/frequency/repetition penalties.
@@ -78,6 +81,7 @@ class SamplingMetadata:
             (both are one sparse scatter into the logits).
         max_num_logprobs: static; width of the top-logprobs outputs, one of LOGPROBS_BUCKETS
             (0: no logprobs outputs at all).
+        has_token_mask: static; some row's grammar masks its tokens (``token_bitmask``).
     """
 
     temperature: jax.Array
@@ -95,11 +99,13 @@ class SamplingMetadata:
     logit_bias_values: jax.Array
     penalty_token_ids: jax.Array
     penalty_output_mask: jax.Array
+    token_bitmask: jax.Array
     all_greedy: bool = dataclasses.field(default=True, metadata=dict(static=True))
     has_top_k_top_p_min_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
     has_penalties: bool = dataclasses.field(default=False, metadata=dict(static=True))
     has_logit_bias: bool = dataclasses.field(default=False, metadata=dict(static=True))
     max_num_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))
+    has_token_mask: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @dataclass
@@ -115,6 +121,8 @@ class SamplingRow:
         num_output_tokens: tokens generated so far, i.e. the output position being sampled;
             None means ``len(output_token_ids)`` (pass it when the host lags the device by a
             step under async scheduling).
+        fill_token_mask: structured outputs: ``(mask, row)`` writes the row's allowed-token
+            bitmask into ``mask[row]`` (``structured_output.Grammar.fill_bitmask``).
     """
 
     sampling_params: SamplingParams
@@ -122,6 +130,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] | np.ndarray = ()
     output_token_ids: Sequence[int] | np.ndarray = ()
     num_output_tokens: int | None = None
+    fill_token_mask: Callable[[np.ndarray, int], None] | None = None
 
     @property
     def output_pos(self) -> int:
@@ -177,6 +186,10 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], padded_num_reqs: int,
     has_logit_bias = any(r.sampling_params.logit_bias for r in rows) or bool(suppress.any())
     stop_ids, bias_ids, bias_values = _sparse_bias_arrays(rows, suppress, R, has_logit_bias)
     penalty_ids, output_mask = _penalty_arrays(rows, R)
+    masked = [i for i, r in enumerate(rows) if r.fill_token_mask is not None]
+    token_bitmask = np.full((R, mask_words(V) if masked else 1), -1, np.int32)
+    for i in masked:
+        rows[i].fill_token_mask(token_bitmask, i)
 
     random = temperature[live] > 0
     return SamplingMetadata(
@@ -186,13 +199,20 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], padded_num_reqs: int,
         suppress_stop_tokens=suppress, stop_token_ids=stop_ids,
         logit_bias_token_ids=bias_ids, logit_bias_values=bias_values,
         penalty_token_ids=penalty_ids, penalty_output_mask=output_mask,
+        token_bitmask=token_bitmask,
         all_greedy=not random.any(),
         has_top_k_top_p_min_p=bool(np.any(random & ((top_k[live] < V) | (top_p[live] < 1.0)
                                                     | (min_p[live] > 0.0)))),
         has_penalties=any(r.sampling_params.has_penalties for r in rows),
         has_logit_bias=has_logit_bias,
         max_num_logprobs=logprobs_bucket(num_logprobs),
+        has_token_mask=bool(masked),
     )
+
+
+def mask_words(vocab_size: int) -> int:
+    """int32 words of one row's token bitmask (structured outputs)."""
+    return (vocab_size + 31) // 32
 
 
 def logprobs_bucket(num_logprobs: int) -> int:

@@ -233,6 +233,18 @@ BAD_COMPLETIONS = [
     (dict(best_of=3), "best_of", None),
     (dict(stream="yes"), "stream", None),
     (dict(cache_salt=""), "cache_salt", None),
+    # structured outputs: malformed, two at once, and a regex / schema / grammar that does
+    # not compile (the engine's check, before anything is queued)
+    (dict(response_format={"type": "xml"}), "response_format", None),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format", None),
+    (dict(response_format={"type": "json_object"}, guided_regex="a+"), "guided_regex", None),
+    (dict(guided_choice=[]), "guided_choice", None),
+    (dict(guided_regex="a(b"), "structured_outputs", None),
+    (dict(guided_json={"type": "no-such-type"}), "structured_outputs", None),
+    (dict(guided_grammar="start: undefined_rule"), "structured_outputs", None),
+    (dict(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs", None),
+    (dict(structured_outputs={"json": {}, "structural_tag": "x"}), "structured_outputs", None),
 ]
 
 
@@ -262,7 +274,9 @@ BAD_CHATS = [
     (dict(top_logprobs=2), "top_logprobs"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (dict(tool_choice="required"), "tool_choice"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"schema": "not an object"}}),
+     "response_format"),
+    (dict(guided_json="{not json"), "structured_outputs"),
     (dict(temperature=float("nan")), "temperature"),
 ]
 

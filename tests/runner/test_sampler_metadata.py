@@ -122,7 +122,7 @@ def test_rejects_more_rows_than_the_bucket():
 def test_is_a_pytree_with_static_flags():
     md = build_sampling_metadata([_row(temperature=0.5, logprobs=2)], 2, V)
     leaves, treedef = jax.tree.flatten(md)
-    assert len(leaves) == 15 and all(isinstance(x, np.ndarray) for x in leaves)
+    assert len(leaves) == 16 and all(isinstance(x, np.ndarray) for x in leaves)
     other = build_sampling_metadata([_row(temperature=0.9, logprobs=4, seed=3)], 2, V)
     assert jax.tree.structure(other) == treedef  # same flags and shapes: same jit cache entry
     assert isinstance(jax.tree.unflatten(treedef, leaves), SamplingMetadata)

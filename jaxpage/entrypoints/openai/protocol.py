@@ -4,6 +4,9 @@
 Fields follow the OpenAI API; vLLM's extra sampling fields (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``cache_salt``) are accepted too.
+Structured outputs come as OpenAI's ``response_format`` (``json_object``, ``json_schema``), as
+vLLM's ``structured_outputs`` object, or as vLLM's older ``guided_json`` / ``guided_regex`` /
+``guided_choice`` / ``guided_grammar`` fields; one of them per request.
 Unknown fields are ignored, as OpenAI clients send fields a server may not know.
 """
 
@@ -14,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxpage.sampling_params import (GENERATION_DEFAULT_FIELDS, MAX_LOGIT_BIAS, SamplingParams,
-                                     param_error)
+                                     StructuredOutputsParams, param_error)
 
 # OpenAI's own cap on the completions route's ``logprobs``; chat's ``top_logprobs`` is 20.
 MAX_COMPLETION_LOGPROBS = 5
@@ -54,6 +57,56 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever of its fields names one."""
+        sources = []
+        rf = self.response_format
+        if rf is not None and rf.get("type") not in (None, "text"):
+            kind = rf.get("type")
+            if kind == "json_object":
+                sources.append(("response_format", dict(json_object=True)))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise param_error("response_format", "json_schema needs a 'json_schema' "
+                                      "object holding the 'schema' (a JSON schema object).")
+                sources.append(("response_format", dict(json=schema)))
+            else:
+                raise param_error("response_format", "type must be 'text', 'json_object' or "
+                                  f"'json_schema', got {kind!r}.")
+        if self.structured_outputs is not None:
+            known = {"json", "regex", "choice", "grammar", "json_object",
+                     "disable_any_whitespace", "whitespace_pattern"}
+            unknown = sorted(set(self.structured_outputs) - known)
+            if unknown:
+                raise param_error("structured_outputs", f"has unsupported fields {unknown}; "
+                                  f"supported: {sorted(known)}.")
+            sources.append(("structured_outputs", dict(self.structured_outputs)))
+        for name, field in (("guided_json", "json"), ("guided_regex", "regex"),
+                            ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                sources.append((name, {field: getattr(self, name)}))
+        if not sources:
+            return None
+        if len(sources) > 1:
+            raise param_error(sources[1][0], "one output constraint per request: "
+                              f"{', '.join(n for n, _ in sources)} were given.")
+        name, fields = sources[0]
+        if self.guided_whitespace_pattern is not None:
+            fields.setdefault("whitespace_pattern", self.guided_whitespace_pattern)
+        try:
+            return StructuredOutputsParams(**fields)
+        except ValueError as e:
+            raise param_error(name, str(e).removeprefix("structured_outputs ")) from None
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
                         defaults: dict[str, Any]) -> SamplingParams:
@@ -76,6 +129,7 @@ class _SamplingFields(_Body):
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
+            structured_outputs=self.structured(),
             **{k: v for k, v in picked.items() if v is not None})
 
 
@@ -117,7 +171,6 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
     def check_supported(self) -> None:
@@ -126,8 +179,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise param_error("tools", "are not supported by this server.")
         if self.tool_choice not in (None, "none"):
             raise param_error("tool_choice", "is not supported by this server.")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise param_error("response_format", "only {'type': 'text'} is supported.")
         if self.top_logprobs is not None and not self.logprobs:
             raise param_error("top_logprobs", "needs logprobs: true.")
 

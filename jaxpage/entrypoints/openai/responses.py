@@ -86,6 +86,11 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _logprob(value: float) -> float:
+    """JSON has no -inf (a token a grammar forbids): vLLM's floor instead."""
+    return max(value, -9999.0)
+
+
 def completion_logprobs(serving: Serving, c: CompletionOutput, start: int,
                          offset: int) -> dict | None:
     """OpenAI's legacy logprobs of tokens ``start:`` of a completion (text offsets from
@@ -97,8 +102,9 @@ def completion_logprobs(serving: Serving, c: CompletionOutput, start: int,
     for lp in c.logprobs[start:]:
         text = serving.token_text(lp.token_ids[0])
         tokens.append(text)
-        token_logprobs.append(lp.logprobs[0])
-        top.append({serving.token_text(t): v for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])})
+        token_logprobs.append(_logprob(lp.logprobs[0]))
+        top.append({serving.token_text(t): _logprob(v)
+                    for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])})
         offsets.append(pos)
         pos += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
@@ -111,7 +117,7 @@ def chat_logprobs(serving: Serving, c: CompletionOutput, start: int) -> dict | N
 
     def entry(token_id: int, logprob: float) -> dict:
         text = serving.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8"))}
 
     return {"content": [dict(entry(lp.token_ids[0], lp.logprobs[0]), top_logprobs=[
         entry(t, v) for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])])

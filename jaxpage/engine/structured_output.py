@@ -1,0 +1,134 @@
+"""Structured outputs: a request's grammar (JSON schema, regex, choice, Lark/GBNF grammar)
+compiled for the engine's tokenizer by llguidance, and the per-step token masks it allows.
+
+Host side, no jax. The engine compiles a request's ``StructuredOutputsParams`` when the request
+is added (a bad schema, regex or grammar is a ``ValueError`` then, naming ``structured_outputs``),
+gives each request (each ``n > 1`` child) its own ``Grammar``, and feeds it every token the
+request commits. At dispatch the runner asks each sampling row's grammar for a bitmask of the
+tokens allowed next (bit ``t % 32`` of word ``t // 32``, ceil(V / 32) int32 words per row);
+the sampler sets every other logit to -inf before anything else (vLLM's order, so the
+logprobs describe the constrained distribution). A request stops (finish reason "stop") when
+its grammar can take no further token.
+
+A mask needs every earlier token consumed, so while a structured request is live the engine
+steps without async scheduling (``LLMEngine.step``): the host reads step N back before it
+dispatches step N + 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..sampling_params import StructuredOutputsParams, param_error
+
+
+class Grammar:
+    """One request's matcher: which tokens may come next, and the tokens it has taken."""
+
+    def __init__(self, matcher: Any):
+        self._matcher = matcher
+
+    def copy(self) -> "Grammar":
+        return Grammar(self._matcher.deep_copy())
+
+    def fill_bitmask(self, mask: np.ndarray, row: int) -> None:
+        """Writes the allowed-token bitmask into ``mask[row]`` ((R, W) int32, C-contiguous)."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, mask, row)
+
+    def accept(self, token_ids: Iterable[int]) -> bool:
+        """Consumes committed tokens; False (the matcher then stays in error) if the grammar
+        does not allow one of them."""
+        return all(self._matcher.consume_token(int(t)) for t in token_ids)
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar takes no further token (the request is done)."""
+        return self._matcher.is_stopped()
+
+    @property
+    def error(self) -> str:
+        return self._matcher.get_error() if self._matcher.is_error() else ""
+
+
+class GrammarCompiler:
+    """Compiles ``StructuredOutputsParams`` for one tokenizer (its llguidance view is built on
+    first use: ~1 s for a 128 K vocabulary)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]):
+        self._hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._eos = sorted(int(t) for t in eos_token_ids)
+        self._ll_tokenizer = None
+
+    def _tokenizer(self):
+        if self._ll_tokenizer is None:
+            import llguidance
+
+            backend = getattr(self._hf_tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                raise param_error("structured_outputs", "structured outputs need a fast (Rust) "
+                                  "tokenizer; this model's is "
+                                  f"{type(self._hf_tokenizer).__name__}.")
+            backend = copy.copy(backend)  # the matcher tokenizes nothing: no padding, truncation
+            backend.no_padding()
+            backend.no_truncation()
+            self._ll_tokenizer = llguidance.LLTokenizer(
+                backend.to_str(), n_vocab=self.vocab_size,
+                eos_token=self._eos or self._hf_tokenizer.eos_token_id)
+        return self._ll_tokenizer
+
+    @staticmethod
+    def grammar_text(so: StructuredOutputsParams) -> str:
+        """llguidance's grammar for the constraint (not yet checked)."""
+        from llguidance import LLMatcher
+        from llguidance.gbnf_to_lark import any_to_lark
+
+        kind = so.kind
+        if kind in ("json", "json_object"):
+            schema = {"type": "object"} if kind == "json_object" else so.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise param_error("structured_outputs", f"json schema is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise param_error("structured_outputs", "json schema must be a JSON object.")
+            options: dict[str, Any] = {"whitespace_flexible": not so.disable_any_whitespace}
+            if so.whitespace_pattern is not None:
+                options["whitespace_pattern"] = so.whitespace_pattern
+            try:
+                return LLMatcher.grammar_from_json_schema(schema, defaults=options)
+            except ValueError as e:
+                raise param_error("structured_outputs", f"json schema: {e}") from None
+        if kind == "regex":
+            return LLMatcher.grammar_from_regex(so.regex)
+        if kind == "choice":  # Lark string literals read JSON's escapes
+            return LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in so.choice))
+        try:
+            return LLMatcher.grammar_from_lark(any_to_lark(so.grammar))
+        except Exception as e:  # noqa: BLE001 - the GBNF reader's own errors
+            raise param_error("structured_outputs", f"grammar: {e}") from None
+
+    def compile(self, so: StructuredOutputsParams) -> Grammar:
+        """A fresh matcher for ``so``; ``ValueError`` (param ``structured_outputs``) if the
+        schema, regex or grammar does not compile."""
+        from llguidance import LLMatcher
+
+        grammar = self.grammar_text(so)
+        tokenizer = self._tokenizer()
+        message = LLMatcher.validate_grammar(grammar, tokenizer)
+        if message and not message.startswith("WARNING"):
+            raise param_error("structured_outputs", f"{so.kind} does not compile: "
+                              f"{message.strip()[:2000]}")
+        matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise param_error("structured_outputs", f"{so.kind} does not compile: "
+                              f"{matcher.get_error()[:2000]}")
+        return Grammar(matcher)

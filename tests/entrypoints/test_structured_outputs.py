@@ -1,0 +1,251 @@
+"""Structured outputs on the real model (SmolLM2-135M-Instruct, float32, CPU): the text is in
+the language asked for; each greedy token is the model's best among those the grammar allows
+(checked against the unconstrained model's logprobs and a fresh matcher); outputs do not depend
+on batching, preemption or async scheduling; bad constraints are clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from jaxpage import LLM, SamplingParams, StructuredOutputsParams as SO
+from tests.entrypoints.engine_util import tiny_llm
+
+pytestmark = pytest.mark.slow
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                  "maxItems": 3}}}
+CHOICES = ['yes "really"', "no\\maybe", "ünïcödé", "two\nlines"]
+
+
+def _check_person(text: str) -> None:
+    obj = json.loads(text)
+    assert set(obj) == {"name", "age", "tags"}, obj
+    assert isinstance(obj["name"], str) and len(obj["name"]) <= 20
+    assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 150
+    assert isinstance(obj["tags"], list) and len(obj["tags"]) <= 3
+    assert all(isinstance(t, str) and len(t) <= 12 for t in obj["tags"])
+
+
+@pytest.fixture(scope="module")
+def smol(default_gguf):
+    return dict(model=str(default_gguf), dtype="float32", max_model_len=512, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm(smol):
+    return LLM(max_num_seqs=8, max_num_batched_tokens=256, **smol)
+
+
+def _chat(llm, text: str) -> list[int]:
+    msgs = [{"role": "user", "content": text}]
+    s = llm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return llm.tokenizer(s, add_special_tokens=False)["input_ids"]
+
+
+def _requests(llm):
+    """(prompt ids, params, check) covering every kind of constraint, greedy and sampled."""
+    person = _chat(llm, "Describe a fictional person as JSON with name, age and tags.")
+    return [
+        (person, SamplingParams(temperature=0.0, max_tokens=96,
+                                structured_outputs=SO(json=PERSON)), _check_person),
+        (person, SamplingParams(temperature=0.9, seed=5, max_tokens=96, n=2,
+                                structured_outputs=SO(json=json.dumps(PERSON),
+                                                      disable_any_whitespace=True)),
+         lambda t: (_check_person(t), " " not in t.replace('" ', "").replace(' "', ""))),
+        (_chat(llm, "Is the sky blue?"), SamplingParams(
+            temperature=0.0, max_tokens=16, structured_outputs=SO(choice=CHOICES)),
+         lambda t: t in CHOICES or pytest.fail(t)),
+        (_chat(llm, "Give a US phone number."), SamplingParams(
+            temperature=0.7, seed=1, max_tokens=24,
+            structured_outputs=SO(regex=r"\(\d{3}\) \d{3}-\d{4}")),
+         lambda t: re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", t) or pytest.fail(t)),
+        (_chat(llm, "Add two small numbers."), SamplingParams(
+            temperature=0.0, max_tokens=24, structured_outputs=SO(
+                grammar='start: NUM " + " NUM " = " NUM\nNUM: /[0-9]{1,3}/')),
+         lambda t: re.fullmatch(r"\d{1,3} \+ \d{1,3} = \d{1,3}", t) or pytest.fail(t)),
+        (_chat(llm, "Answer yes or no: is water wet?"), SamplingParams(
+            temperature=0.0, max_tokens=8,
+            structured_outputs=SO(grammar='root ::= "yes" | "no"')),  # GBNF
+         lambda t: t in ("yes", "no") or pytest.fail(t)),
+        (_chat(llm, "Return a JSON object with the key \"city\" set to the capital of "
+                    "France."), SamplingParams(
+            temperature=0.0, max_tokens=64, structured_outputs=SO(json_object=True)),
+         lambda t: isinstance(json.loads(t), dict) or pytest.fail(t)),
+    ]
+
+
+def _texts(outs):
+    return [[(c.text, c.token_ids, c.finish_reason) for c in o.outputs] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def alone(llm):
+    """Each request alone: the reference the batched, preempted and async runs must equal."""
+    reqs = _requests(llm)
+    return reqs, [llm.generate([p], sp, use_tqdm=False)[0] for p, sp, _ in reqs]
+
+
+def test_outputs_are_in_the_language(alone):
+    reqs, outs = alone
+    for (_, _, check), out in zip(reqs, outs):
+        for c in out.outputs:
+            assert c.finish_reason == "stop", (c.text, c.finish_reason)
+            check(c.text)
+
+
+def test_greedy_tokens_are_the_best_the_grammar_allows(llm, alone):
+    """Oracle: the unconstrained model re-scores prompt + output (prompt_logprobs, top 20) and
+    a fresh matcher walks the output: every token is allowed, and every token the model ranks
+    above it is one the grammar forbade at that point."""
+    reqs, outs = alone
+    compiler = llm.engine._grammars
+    words = -(-llm.engine.vocab_size // 32)
+    checked = 0
+    for (prompt, sp, _), out in zip(reqs, outs):
+        if sp.temperature:
+            continue
+        tokens = out.outputs[0].token_ids
+        rescored = llm.generate([prompt + tokens], SamplingParams(
+            max_tokens=1, prompt_logprobs=20, temperature=0.0), use_tqdm=False)[0]
+        grammar = compiler.compile(sp.structured_outputs)
+        mask = np.zeros((1, words), np.int32)
+        for i, tok in enumerate(tokens):
+            grammar.fill_bitmask(mask, 0)
+            allowed = np.unpackbits(mask.view(np.uint8), bitorder="little").astype(bool)
+            lp = rescored.prompt_logprobs[len(prompt) + i]
+            assert lp.token_ids[0] == tok and allowed[tok]
+            chosen = lp.logprobs[0]
+            for t, v in zip(lp.token_ids[1:], lp.logprobs[1:]):
+                if v > chosen + 1e-4:
+                    assert not allowed[t], (i, t, v, chosen)
+            assert grammar.accept([tok])
+            checked += 1
+    assert checked > 40
+
+
+def test_batched_preempted_and_async_runs_equal_each_alone(smol, alone):
+    """All constraints in one batch beside unconstrained requests, under a tight pool
+    (preemption) and with async scheduling on (the engine steps synchronously while a grammar
+    is live, then goes back): every structured output is its request's output alone, and the
+    unconstrained ones are what they are without structured neighbours."""
+    reqs, ref = alone
+    plain = [(p, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+             for p, _, _ in reqs[:6]]
+    for kwargs in (dict(async_scheduling=False), dict(async_scheduling=True, num_pages=34)):
+        llm = LLM(max_num_seqs=16, max_num_batched_tokens=128, **smol, **kwargs)
+        want_plain = llm.generate([p for p, _ in plain], plain[0][1], use_tqdm=False)
+        free = llm.engine.num_free_pages
+        prompts = [p for p, _, _ in reqs] + [p for p, _ in plain]
+        params = [sp for _, sp, _ in reqs] + [sp for _, sp in plain]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert _texts(outs) == _texts(ref) + _texts(want_plain), kwargs
+        if "num_pages" in kwargs:
+            assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.num_free_pages == free and llm.engine._num_structured == 0
+        if kwargs["async_scheduling"]:  # async again once no grammar is live
+            llm.generate(prompts[:2], plain[0][1], use_tqdm=False)
+            assert llm.engine._in_flight is None and llm.engine.async_scheduling
+
+
+def test_logprobs_under_a_grammar_describe_the_allowed_tokens(llm):
+    """vLLM's order: the mask applies before the logprobs, so the top 20 hold the few tokens
+    the grammar allows first, then forbidden ones at -inf."""
+    so = SO(choice=["yes", "no"])
+    out = llm.generate([_chat(llm, "Is the sky blue?")], SamplingParams(
+        temperature=0.0, max_tokens=4, logprobs=20, structured_outputs=so),
+        use_tqdm=False)[0].outputs[0]
+    first = out.logprobs[0]
+    mask = np.zeros((1, -(-llm.engine.vocab_size // 32)), np.int32)
+    llm.engine._grammars.compile(so).fill_bitmask(mask, 0)
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little").astype(bool)
+    finite = [t for t, v in zip(first.token_ids[1:], first.logprobs[1:]) if np.isfinite(v)]
+    assert first.ranks[0] == 1 and 0 < len(finite) == allowed.sum() < 20
+    assert all(allowed[t] for t in finite) and np.isneginf(first.logprobs[-1])
+
+
+def test_abort_frees_everything(llm):
+    engine = llm.engine
+    free = engine.num_free_pages
+    engine.add_request("a", _chat(llm, "Describe a person."), SamplingParams(
+        temperature=0.0, max_tokens=200, structured_outputs=SO(json=PERSON)))
+    engine.step()
+    engine.step()
+    assert engine._num_structured == 1
+    engine.abort_request("a")
+    while engine.has_unfinished_requests() or engine.scheduler.has_unfinished_requests():
+        engine.step()
+    engine.step()
+    assert engine._num_structured == 0 and engine.num_free_pages == free
+
+
+@pytest.mark.parametrize("so,match", [
+    (dict(regex="a(b"), "regex does not compile"),
+    (dict(json={"type": "no-such-type"}), "json does not compile"),
+    (dict(json="{not json"), "not valid JSON"),
+    (dict(grammar="start: missing_rule"), "grammar does not compile"),
+    (dict(grammar="root ::= ("), "grammar"),
+])
+def test_bad_constraints_are_clear_errors(llm, so, match):
+    with pytest.raises(ValueError, match=match) as e:
+        llm.generate(["hi"], SamplingParams(max_tokens=4, structured_outputs=SO(**so)),
+                     use_tqdm=False)
+    assert e.value.param == "structured_outputs"
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_params_need_one_constraint_and_a_tokenizer():
+    with pytest.raises(ValueError, match="exactly one of"):
+        SO(json={"type": "object"}, regex="a")
+    with pytest.raises(ValueError, match="exactly one of"):
+        SO()
+    with pytest.raises(ValueError, match="choice must be a list"):
+        SO(choice=["a", ""])
+    with pytest.raises(ValueError, match="must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs={"regex": "a"})
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        tiny_llm().generate([[5, 6]], SamplingParams(structured_outputs=SO(regex="a")),
+                            use_tqdm=False)
+
+
+def test_server_routes_take_every_way_of_asking(llm, alone):
+    """OpenAI's response_format, vLLM's structured_outputs and guided_* fields, streamed or
+    not; the chat answer is the offline engine's; forbidden tokens' logprobs are JSON numbers."""
+    from fastapi.testclient import TestClient
+
+    from jaxpage.entrypoints.openai.server import app_for_llm
+
+    reqs, ref = alone
+    with TestClient(app_for_llm(llm, model_name="smol")) as client:
+        msgs = [{"role": "user",
+                 "content": "Describe a fictional person as JSON with name, age and tags."}]
+        r = client.post("/v1/chat/completions", json=dict(
+            messages=msgs, max_tokens=96, temperature=0.0, response_format={
+                "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}))
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["message"]["content"]
+        _check_person(content)
+        assert content == ref[0].outputs[0].text  # the same request offline
+        r = client.post("/v1/completions", json=dict(
+            prompt="The answer is", max_tokens=8, temperature=0.0, stream=True,
+            guided_choice=CHOICES))
+        assert r.status_code == 200
+        text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.text.splitlines()
+                       if line.startswith("data: {"))
+        assert text in CHOICES
+        r = client.post("/v1/completions", json=dict(
+            prompt="Call me at", max_tokens=24, temperature=0.0, logprobs=5,
+            structured_outputs={"regex": r"\(\d{3}\) \d{3}-\d{4}"}))
+        body = r.json()  # strict JSON: no -Infinity anywhere
+        assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", body["choices"][0]["text"])
+        tops = [v for top in body["choices"][0]["logprobs"]["top_logprobs"] for v in top.values()]
+        assert min(tops) == -9999.0 and all(np.isfinite(tops))
+        r = client.post("/v1/chat/completions", json=dict(
+            messages=msgs, max_tokens=8, guided_regex="a(b"))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
