@@ -47,15 +47,44 @@ def timed_load(path: Path, dtype: str) -> float:
     return time.perf_counter() - t0
 
 
+def plot(result: dict, png: str) -> None:
+    """Each form's load times (from load.json) as bars, first load and best."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    forms = list(result["times_s"])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for k, (label, pick) in enumerate((("first load", lambda t: t[0]), ("best load", min))):
+        vals = [pick(result["times_s"][f]) for f in forms]
+        bars = ax.bar([i + 0.38 * k for i in range(len(forms))], vals, 0.36, label=label)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f} s", ha="center", va="bottom")
+    ax.set_xticks([i + 0.19 for i in range(len(forms))], forms)
+    ax.set_ylabel("seconds to load")
+    ax.set_title(f"{result['preset']} {result['dtype']}, {result['device']}, JAX {result['jax']}",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama3.2-1b", choices=sorted(PRESETS))
     p.add_argument("--hf-dir", default=None, help="an existing HF directory (else one is written)")
-    p.add_argument("--work", required=True, help="where the HF directory and checkpoint go")
+    p.add_argument("--work", help="where the HF directory and checkpoint go (required unless --plot)")
     p.add_argument("--out", default=None, help="directory for load.json")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--plot", default=None, metavar="JSON",
+                   help="only draw load.json's chart to --out/load.png")
     ns = p.parse_args(argv)
+    if ns.plot:
+        plot(json.loads(Path(ns.plot).read_text()), str(Path(ns.out or ".") / "load.png"))
+        return 0
+    if not ns.work:
+        p.error("--work is required")
 
     work = Path(ns.work)
     hf_dir = Path(ns.hf_dir) if ns.hf_dir else work / f"hf_{ns.preset}"

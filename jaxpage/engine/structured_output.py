@@ -3,9 +3,11 @@ compiled for the engine's tokenizer by llguidance, and the per-step token masks 
 
 Host side, no jax. The engine compiles a request's ``StructuredOutputsParams`` when the request
 is added (a bad schema, regex or grammar is a ``ValueError`` then, naming ``structured_outputs``),
-gives each request (each ``n > 1`` child) its own ``Grammar``, and feeds it every token the
-request commits. At dispatch the runner asks each sampling row's grammar for a bitmask of the
-tokens allowed next (bit ``t % 32`` of word ``t // 32``, ceil(V / 32) int32 words per row);
+gives each request (each ``n > 1`` child) its own ``Grammar`` (a copy of a cached, compiled
+one: a batch of requests with one schema compiles it once), and feeds it every token the
+request commits. At dispatch the runner asks the sampling rows' grammars for bitmasks of the
+tokens allowed next (``fill_bitmasks``: on llguidance's thread pool, while the device runs the
+step's forward pass) (bit ``t % 32`` of word ``t // 32``, ceil(V / 32) int32 words per row);
 the sampler sets every other logit to -inf before anything else (vLLM's order, so the
 logprobs describe the constrained distribution). A request stops (finish reason "stop") when
 its grammar can take no further token.
@@ -19,11 +21,35 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+from collections import OrderedDict
 from typing import Any, Iterable
 
 import numpy as np
 
 from ..sampling_params import StructuredOutputsParams, param_error
+
+
+GRAMMAR_CACHE_SIZE = 128  # compiled constraints kept per engine (pristine matchers)
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def fill_bitmasks(mask: np.ndarray, entries: list[tuple[int, "Grammar"]]) -> None:
+    """Writes each ``(row, grammar)``'s allowed-token bitmask into ``mask[row]`` ((R, W) int32,
+    C-contiguous); several rows in parallel on llguidance's threads (the GIL released)."""
+    if len(entries) == 1:
+        row, grammar = entries[0]
+        grammar.fill_bitmask(mask, row)
+        return
+    global _executor
+    from llguidance import LLExecutor
+    from llguidance.numpy import fill_next_token_bitmask_par
+
+    with _executor_lock:
+        if _executor is None:
+            _executor = LLExecutor()
+    fill_next_token_bitmask_par(_executor, [(g._matcher, row) for row, g in entries], mask)
 
 
 class Grammar:
@@ -65,6 +91,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._eos = sorted(int(t) for t in eos_token_ids)
         self._ll_tokenizer = None
+        self._cache: OrderedDict[str, Any] = OrderedDict()  # key -> pristine matcher
 
     def _tokenizer(self):
         if self._ll_tokenizer is None:
@@ -118,7 +145,20 @@ class GrammarCompiler:
 
     def compile(self, so: StructuredOutputsParams) -> Grammar:
         """A fresh matcher for ``so``; ``ValueError`` (param ``structured_outputs``) if the
-        schema, regex or grammar does not compile."""
+        schema, regex or grammar does not compile. Compiled constraints are cached (LRU)."""
+        key = json.dumps([so.kind, so.json, so.regex, so.choice, so.grammar,
+                          so.disable_any_whitespace, so.whitespace_pattern], sort_keys=True)
+        pristine = self._cache.get(key)
+        if pristine is None:
+            pristine = self._compile(so)
+            self._cache[key] = pristine
+            if len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return Grammar(pristine.deep_copy())
+
+    def _compile(self, so: StructuredOutputsParams) -> Any:
         from llguidance import LLMatcher
 
         grammar = self.grammar_text(so)
@@ -131,4 +171,4 @@ class GrammarCompiler:
         if matcher.is_error():
             raise param_error("structured_outputs", f"{so.kind} does not compile: "
                               f"{matcher.get_error()[:2000]}")
-        return Grammar(matcher)
+        return matcher

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpage.engine.scheduler_output import Logprobs, ModelRunnerOutput
+from jaxpage.engine.structured_output import fill_bitmasks
 from jaxpage.runner.input_batch import CachedRequestState, InputBatch
 from jaxpage.runner.sampler import (LogprobsTensors, SamplerOutput,
                                     compute_logprobs_for_tokens, sample)
@@ -83,22 +84,20 @@ class StepSampler:
         if not samples:
             return SamplingRow(_IDLE, 0)
         sp = state.sampling_params
-        fill = None
-        if state.grammar is not None:
-            if state.num_pending:  # the engine steps synchronously while grammars are live
-                raise RuntimeError(f"request {state.req_id!r} has a grammar and a token in "
-                                   "flight: its mask would miss that token.")
-            fill = state.grammar.fill_bitmask
+        if state.grammar is not None and state.num_pending:
+            # the engine steps synchronously while grammars are live
+            raise RuntimeError(f"request {state.req_id!r} has a grammar and a token in "
+                               "flight: its mask would miss that token.")
         if sp.has_penalties:
             ids = self.input_batch.token_ids[state.slot]
             outputs = ids[state.num_prompt_tokens:state.num_tokens]
             if state.num_pending:  # the token in flight counts too: read it back (a sync)
                 outputs = np.append(outputs, last_host[state.slot])
             return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens], outputs,
-                               fill_token_mask=fill)
+                               grammar=state.grammar)
         return SamplingRow(sp, state.seed,
                            num_output_tokens=state.num_output_tokens + state.num_pending,
-                           fill_token_mask=fill)
+                           grammar=state.grammar)
 
     def dispatch(self, logits: jax.Array, states: list[CachedRequestState], samples: list[bool],
                  padded_num_reqs: int) -> PendingSample:
@@ -108,7 +107,7 @@ class StepSampler:
                for s, do in zip(states, samples)):
             last_host = np.asarray(jax.device_get(self.last_sampled))
         rows = [self._row(s, do, last_host) for s, do in zip(states, samples)]
-        md = build_sampling_metadata(rows, padded_num_reqs, self.vocab_size)
+        md = build_sampling_metadata(rows, padded_num_reqs, self.vocab_size, fill_bitmasks)
         slots = np.full(padded_num_reqs, self.input_batch.max_num_reqs, np.int32)
         for i, (state, do) in enumerate(zip(states, samples)):
             if do:

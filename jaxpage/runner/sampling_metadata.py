@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -121,8 +122,8 @@ class SamplingRow:
         num_output_tokens: tokens generated so far, i.e. the output position being sampled;
             None means ``len(output_token_ids)`` (pass it when the host lags the device by a
             step under async scheduling).
-        fill_token_mask: structured outputs: ``(mask, row)`` writes the row's allowed-token
-            bitmask into ``mask[row]`` (``structured_output.Grammar.fill_bitmask``).
+        grammar: structured outputs: the row's grammar, for ``build_sampling_metadata``'s
+            ``fill_token_masks`` (``structured_output.Grammar``).
     """
 
     sampling_params: SamplingParams
@@ -130,7 +131,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] | np.ndarray = ()
     output_token_ids: Sequence[int] | np.ndarray = ()
     num_output_tokens: int | None = None
-    fill_token_mask: Callable[[np.ndarray, int], None] | None = None
+    grammar: Any = None
 
     @property
     def output_pos(self) -> int:
@@ -138,14 +139,19 @@ class SamplingRow:
         return len(self.output_token_ids) if n is None else n
 
 
-def build_sampling_metadata(rows: Sequence[SamplingRow], padded_num_reqs: int,
-                            vocab_size: int) -> SamplingMetadata:
+def build_sampling_metadata(
+        rows: Sequence[SamplingRow], padded_num_reqs: int, vocab_size: int,
+        fill_token_masks: Callable[[np.ndarray, list[tuple[int, Any]]], None] | None = None,
+) -> SamplingMetadata:
     """Packs the rows of one step into numpy arrays (the caller moves them to the device).
 
     Args:
         rows: the requests that sample this step, in batch-row order.
         padded_num_reqs: R, the step's request bucket (>= len(rows)).
         vocab_size: V, the width of the logits.
+        fill_token_masks: ``(mask, [(row, grammar), ...])`` writes those rows' allowed-token
+            bitmasks into the (R, W) int32 ``mask`` (``structured_output.fill_bitmasks``);
+            needed when a row has a grammar.
 
     Returns:
         A SamplingMetadata of numpy arrays; rows past ``len(rows)`` are greedy and neutral.
@@ -186,10 +192,12 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], padded_num_reqs: int,
     has_logit_bias = any(r.sampling_params.logit_bias for r in rows) or bool(suppress.any())
     stop_ids, bias_ids, bias_values = _sparse_bias_arrays(rows, suppress, R, has_logit_bias)
     penalty_ids, output_mask = _penalty_arrays(rows, R)
-    masked = [i for i, r in enumerate(rows) if r.fill_token_mask is not None]
+    masked = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
     token_bitmask = np.full((R, mask_words(V) if masked else 1), -1, np.int32)
-    for i in masked:
-        rows[i].fill_token_mask(token_bitmask, i)
+    if masked:
+        if fill_token_masks is None:
+            raise ValueError("rows with a grammar need fill_token_masks.")
+        fill_token_masks(token_bitmask, masked)
 
     random = temperature[live] > 0
     return SamplingMetadata(

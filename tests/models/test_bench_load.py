@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import bench_load  # noqa: E402
@@ -23,3 +25,6 @@ def test_bench_load_reports_both_forms(tmp_path, capsys):
     assert result["convert_s"] > 0 and all(len(v) == 2 and min(v) > 0
                                            for v in result["times_s"].values())
     assert (tmp_path / "jaxpage_llama3.2-1b_bfloat16" / "jaxpage_checkpoint.json").is_file()
+    pytest.importorskip("matplotlib")  # the chart: a plotting dependency, not a test one
+    assert bench_load.main(["--plot", str(tmp_path / "out" / "load.json"),
+                            "--out", str(tmp_path)]) == 0 and (tmp_path / "load.png").is_file()

@@ -32,10 +32,13 @@ def test_bitmask_matches_numpy_packing():
 
 
 def _rows_with_masks(params, masks):
-    def filler(m):
-        return lambda buf, row: buf.__setitem__(row, m)
-    return [SamplingRow(p, seed=i, fill_token_mask=None if m is None else filler(m))
-            for i, (p, m) in enumerate(zip(params, masks))]
+    """Rows whose "grammar" is the mask itself; ``_fill`` copies it into place."""
+    return [SamplingRow(p, seed=i, grammar=m) for i, (p, m) in enumerate(zip(params, masks))]
+
+
+def _fill(buf, entries):
+    for row, mask in entries:
+        buf[row] = mask
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -49,7 +52,7 @@ def test_sampled_tokens_stay_inside_the_mask(temperature):
     masks = [_bitmask(allowed[i:i + 1])[0] if i % 4 else None for i in range(R)]
     params = [SamplingParams(temperature=temperature, seed=i, top_k=50 if i % 3 else -1)
               for i in range(R)]
-    md = build_sampling_metadata(_rows_with_masks(params, masks), R, V)
+    md = build_sampling_metadata(_rows_with_masks(params, masks), R, V, _fill)
     assert md.has_token_mask and md.token_bitmask.shape == (R, mask_words(V))
     assert (md.token_bitmask[::4] == -1).all()  # rows without a grammar allow everything
     tokens = np.asarray(jax.jit(sample)(logits, md).sampled_token_ids)
@@ -69,7 +72,8 @@ def test_rows_without_a_grammar_sample_as_without_the_flag():
               for i in range(R)]
     plain = build_sampling_metadata(_rows_with_masks(params, [None] * R), R, V)
     all_ones = np.full(mask_words(V), -1, np.int32)
-    masked = build_sampling_metadata(_rows_with_masks(params, [all_ones] + [None] * (R - 1)), R, V)
+    masked = build_sampling_metadata(_rows_with_masks(params, [all_ones] + [None] * (R - 1)),
+                                     R, V, _fill)
     assert masked.has_token_mask and not plain.has_token_mask
     a, b = jax.jit(sample)(logits, plain), jax.jit(sample)(logits, masked)
     np.testing.assert_array_equal(a.sampled_token_ids, b.sampled_token_ids)

@@ -1,0 +1,60 @@
+"""The host side of structured outputs: cached compiles hand out independent matchers, and
+the parallel mask fill writes what the one-row fill writes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxpage.engine import structured_output
+from jaxpage.engine.structured_output import GrammarCompiler, fill_bitmasks
+from jaxpage.sampling_params import StructuredOutputsParams as SO
+from tests.engine.test_detokenizer import build_tokenizer
+
+SO_KINDS = [SO(regex=r"[a-c]{2,6}x"), SO(choice=["one", "two", "three"]),
+            SO(json={"type": "object", "properties": {"k": {"type": "integer"}}}),
+            SO(grammar='start: "(" NUM ")"\nNUM: /[0-9]+/')]
+
+
+def _allowed(mask_row: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.unpackbits(mask_row.view(np.uint8), bitorder="little"))
+
+
+def test_parallel_fill_equals_one_row_fills():
+    tok = build_tokenizer()
+    compiler = GrammarCompiler(tok, len(tok), [tok.eos_token_id])
+    rng = np.random.default_rng(0)
+    grammars = []
+    for i in range(12):  # each walked a different number of allowed tokens
+        g = compiler.compile(SO_KINDS[i % len(SO_KINDS)])
+        row = np.zeros((1, -(-len(tok) // 32)), np.int32)
+        for _ in range(i % 4):
+            g.fill_bitmask(row, 0)
+            allowed = _allowed(row[0])
+            if g.terminated or not len(allowed):
+                break
+            assert g.accept([int(rng.choice(allowed))])
+        grammars.append(g)
+    words = -(-len(tok) // 32)
+    serial = np.full((16, words), -1, np.int32)
+    for i, g in enumerate(grammars):
+        g.fill_bitmask(serial, i + 2)
+    parallel = np.full((16, words), -1, np.int32)
+    fill_bitmasks(parallel, [(i + 2, g) for i, g in enumerate(grammars)])
+    np.testing.assert_array_equal(parallel, serial)
+    assert (parallel[:2] == -1).all() and (parallel[14:] == -1).all()  # other rows untouched
+    assert all(0 < len(_allowed(parallel[i + 2])) < len(tok) for i in range(12))
+
+
+def test_cached_compiles_are_independent_matchers(monkeypatch):
+    tok = build_tokenizer()
+    compiler = GrammarCompiler(tok, len(tok), [tok.eos_token_id])
+    calls = []
+    real = compiler._compile
+    monkeypatch.setattr(compiler, "_compile", lambda so: calls.append(so) or real(so))
+    a, b = compiler.compile(SO_KINDS[1]), compiler.compile(SO(choice=["one", "two", "three"]))
+    assert len(calls) == 1  # one compile for equal constraints
+    assert a.accept(tok.encode("one")) and a.terminated and not b.terminated  # own state
+    monkeypatch.setattr(structured_output, "GRAMMAR_CACHE_SIZE", 2)
+    for so in SO_KINDS:
+        compiler.compile(so)
+    assert len(compiler._cache) == 2
