@@ -249,3 +249,73 @@ def test_server_routes_take_every_way_of_asking(llm, alone):
         r = client.post("/v1/chat/completions", json=dict(
             messages=msgs, max_tokens=8, guided_regex="a(b"))
         assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False,
+                                       "required": ["zone"],
+                                       "properties": {"zone": {"type": "string",
+                                                               "maxLength": 20}}}}}
+
+
+def _weather_args(args: str) -> dict:
+    obj = json.loads(args)
+    assert set(obj) == {"city", "unit"} and obj["unit"] in ("celsius", "fahrenheit")
+    assert isinstance(obj["city"], str) and len(obj["city"]) <= 30
+    return obj
+
+
+def test_forced_tool_calls(llm):
+    """tool_choice naming a function, and "required" (one call, or several): the calls parse,
+    name known tools and follow their parameters; streamed like not; a follow-up turn with the
+    tool's answer renders through the chat template."""
+    from fastapi.testclient import TestClient
+
+    from jaxpage.entrypoints.openai.server import app_for_llm
+
+    msgs = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+    named = dict(messages=msgs, max_tokens=64, temperature=0.0, tools=[WEATHER, TIME],
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    with TestClient(app_for_llm(llm, model_name="smol")) as client:
+        r = client.post("/v1/chat/completions", json=named)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+        _weather_args(call["function"]["arguments"])
+
+        r = client.post("/v1/chat/completions", json=dict(named, stream=True))
+        deltas = [json.loads(line[6:])["choices"] for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        streamed = [c["delta"]["tool_calls"] for cs in deltas for c in cs
+                    if c["delta"].get("tool_calls")]
+        assert len(streamed) == 1 and streamed[0][0]["index"] == 0
+        assert streamed[0][0]["function"] == call["function"]
+        assert deltas[-1][0]["finish_reason"] == "tool_calls"
+
+        for parallel in (False, True):
+            r = client.post("/v1/chat/completions", json=dict(
+                named, tool_choice="required", parallel_tool_calls=parallel, max_tokens=160))
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] == "tool_calls", choice
+            calls = choice["message"]["tool_calls"]
+            assert calls and (parallel or len(calls) == 1)
+            for c in calls:
+                assert c["function"]["name"] in ("get_weather", "get_time")
+                args = json.loads(c["function"]["arguments"])
+                if c["function"]["name"] == "get_weather":
+                    _weather_args(c["function"]["arguments"])
+                else:
+                    assert set(args) == {"zone"}
+
+        follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": call["id"], "content": "18 C, sunny"}]
+        r = client.post("/v1/chat/completions", json=dict(messages=follow, max_tokens=16,
+                                                          tools=[WEATHER], tool_choice="none"))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]

@@ -23,6 +23,7 @@ from jaxpage.sampling_params import (GENERATION_DEFAULT_FIELDS, MAX_LOGIT_BIAS, 
 MAX_COMPLETION_LOGPROBS = 5
 MAX_PROMPTS = 128  # prompts in one completions request (RELIABILITY.md: bounded everything)
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128
 
 
 class _Body(BaseModel):
@@ -65,9 +66,13 @@ class _SamplingFields(_Body):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
 
+    def tool_constraint(self) -> tuple[str, dict] | None:
+        """(field, StructuredOutputsParams fields) forced by a tool choice; chat overrides."""
+        return None
+
     def structured(self) -> StructuredOutputsParams | None:
         """The request's output constraint, from whichever of its fields names one."""
-        sources = []
+        sources = [] if (tc := self.tool_constraint()) is None else [tc]
         rf = self.response_format
         if rf is not None and rf.get("type") not in (None, "text"):
             kind = rf.get("type")
@@ -160,6 +165,8 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -171,14 +178,75 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
 
+
+    def functions(self) -> dict[str, dict]:
+        """name -> the tool's ``function`` object, checked (OpenAI's ``tools`` format)."""
+        if not self.tools:
+            return {}
+        if len(self.tools) > MAX_TOOLS:
+            raise param_error("tools", f"allows at most {MAX_TOOLS} tools.")
+        out: dict[str, dict] = {}
+        for tool in self.tools:
+            fn = tool.get("function") if tool.get("type") == "function" else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if not isinstance(name, str) or not name:
+                raise param_error("tools", "each tool must be {'type': 'function', 'function': "
+                                  "{'name': ..., 'parameters': {...}}}.")
+            params = fn.get("parameters", {"type": "object"})
+            if not isinstance(params, dict):
+                raise param_error("tools", f"function {name!r}: parameters must be a JSON "
+                                  "schema object.")
+            out[name] = dict(fn, parameters=params)
+        return out
+
+    def tool_mode(self) -> str | None:
+        """None (no tool call forced), "named" or "required"; refuses what is not served."""
+        fns = self.functions()
+        choice = self.tool_choice
+        if not fns:
+            if choice not in (None, "none"):
+                raise param_error("tool_choice", "needs tools.")
+            return None
+        if choice == "none":
+            return None
+        if choice in (None, "auto"):
+            raise param_error("tool_choice", "'auto' (the default with tools) needs a tool-call "
+                              "parser for the model's own format, which this server does not "
+                              "have; use 'required', name a function, or 'none'.")
+        if choice == "required":
+            return "required"
+        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        if not (isinstance(choice, dict) and choice.get("type") == "function" and name):
+            raise param_error("tool_choice", "must be 'none', 'auto', 'required' or "
+                              "{'type': 'function', 'function': {'name': ...}}.")
+        if name not in fns:
+            raise param_error("tool_choice", f"names {name!r}, which is not among the tools.")
+        return "named"
+
+    def tool_constraint(self) -> tuple[str, dict] | None:
+        """A forced tool call as an output constraint: a named function's arguments follow its
+        parameters schema; ``required`` is a JSON array of {"name", "parameters"} calls (one
+        when ``parallel_tool_calls`` is false), as vLLM does."""
+        mode = self.tool_mode()
+        if mode is None:
+            return None
+        fns = self.functions()
+        if mode == "named":
+            return "tool_choice", dict(json=fns[self.tool_choice["function"]["name"]]["parameters"])
+        calls = {"anyOf": [{"type": "object", "additionalProperties": False,
+                            "required": ["name", "parameters"],
+                            "properties": {"name": {"const": name},
+                                           "parameters": fn["parameters"]}}
+                           for name, fn in fns.items()]}
+        schema = dict(type="array", minItems=1, items=calls,
+                      **({} if self.parallel_tool_calls else {"maxItems": 1}))
+        return "tool_choice", dict(json=schema)
 
     def check_supported(self) -> None:
         """Refuses what this server does not do (a 400 naming the field)."""
-        if self.tools:
-            raise param_error("tools", "are not supported by this server.")
-        if self.tool_choice not in (None, "none"):
-            raise param_error("tool_choice", "is not supported by this server.")
+        self.tool_mode()
         if self.top_logprobs is not None and not self.logprobs:
             raise param_error("top_logprobs", "needs logprobs: true.")
 

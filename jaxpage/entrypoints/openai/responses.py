@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,14 +71,40 @@ def completion_body(serving: Serving, body: CompletionRequest, base: str, prompt
             "model": serving.config.model_name, "choices": choices, "usage": usage(results)}
 
 
+def tool_calls(body: ChatCompletionRequest, c: CompletionOutput) -> list[dict] | None:
+    """A forced tool call's ``tool_calls`` from a finished choice's text (constrained to the
+    tool's schema, so it parses); None when no call was forced or the output was cut short."""
+    mode = body.tool_mode()
+    if mode is None or c.finish_reason != "stop":
+        return None
+    if mode == "named":
+        calls = [(body.tool_choice["function"]["name"], c.text)]
+    else:
+        calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
+                 for call in json.loads(c.text)]
+    return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+             "function": {"name": name, "arguments": args}} for name, args in calls]
+
+
+def chat_message(body: ChatCompletionRequest, c: CompletionOutput) -> tuple[dict, str | None]:
+    """A choice's message and finish reason: a forced tool call's is ``tool_calls`` (with no
+    content), as OpenAI and vLLM answer."""
+    calls = tool_calls(body, c)
+    if calls is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+
+
 def chat_body(serving: Serving, body: ChatCompletionRequest, base: str,
               out: RequestOutput) -> dict:
     """The non-streamed ``chat.completion``."""
     check_finished(out)
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(serving, c, 0) if body.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-               for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        message, finish = chat_message(body, c)
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": chat_logprobs(serving, c, 0) if body.logprobs else None,
+                        "finish_reason": finish, "stop_reason": c.stop_reason})
     return {"id": base, "object": "chat.completion", "created": int(time.time()),
             "model": serving.config.model_name, "choices": choices, "usage": usage([out])}
 
@@ -219,6 +246,8 @@ async def chat_chunks(serving: Serving, body: ChatCompletionRequest, base: str, 
 
     sent = _Sent()
     final = None
+    forced = body.tool_mode() is not None  # the call goes out whole once its JSON is complete
+    ended: set[int] = set()
     try:
         yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for k in range(params.n)])
@@ -228,6 +257,20 @@ async def chat_chunks(serving: Serving, body: ChatCompletionRequest, base: str, 
                 check_finished(out)
                 final = out if out.finished else final
                 for c in out.outputs:
+                    if forced and (c.finish_reason is None or c.index in ended):
+                        continue
+                    if forced:
+                        ended.add(c.index)
+                        message, finish = chat_message(body, c)
+                        calls = message.get("tool_calls")
+                        delta = ({"tool_calls": [dict(call, index=i) for i, call in
+                                                 enumerate(calls)]} if calls else
+                                 {"content": c.text})
+                        yield chunk([{"index": c.index, "delta": delta,
+                                      "logprobs": chat_logprobs(serving, c, 0) if body.logprobs
+                                      else None, "finish_reason": finish,
+                                      "stop_reason": c.stop_reason}])
+                        continue
                     new = sent.advance(c.index, c)
                     if new is None:
                         continue

@@ -149,7 +149,8 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         serving.admit(body.model)
         body.check_supported()
-        text, ids = serving.chat_prompt(body.messages, body.add_generation_prompt)
+        text, ids = serving.chat_prompt(body.messages, body.add_generation_prompt,
+                                        body.tools if body.tool_mode() else None)
         params = body.sampling_params(max_tokens=body.output_limit(),
                                       logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                       defaults=config.default_sampling)

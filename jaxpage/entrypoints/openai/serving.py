@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,15 +80,18 @@ class Serving:
         tok = self.need_tokenizer("a text prompt")
         return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def chat_prompt(self, messages, add_generation_prompt: bool) -> tuple[str, list[int]]:
+    def chat_prompt(self, messages, add_generation_prompt: bool,
+                    tools: list[dict] | None = None) -> tuple[str, list[int]]:
+        """The chat template over the messages (and the tools, for templates that show them)."""
         if len(messages) > MAX_MESSAGES:
             raise param_error("messages", f"allows at most {MAX_MESSAGES} messages.")
         tok = self.need_tokenizer("a chat")
-        conv = [{"role": m.role, "content": message_text(m)} for m in messages]
+        conv = [_template_message(m) for m in messages]
         try:
             text = tok.apply_chat_template(conv, tokenize=False,
                                            add_generation_prompt=add_generation_prompt,
-                                           chat_template=self.config.chat_template)
+                                           chat_template=self.config.chat_template,
+                                           **({"tools": tools} if tools else {}))
         except Exception as e:  # a template's own raise_exception(), e.g. roles out of order
             raise param_error("messages", f"the chat template refused them: {e}") from None
         return text, list(tok(text, add_special_tokens=False)["input_ids"])
@@ -141,6 +145,26 @@ class Serving:
             raise APIError(500, str(e), type_="server_error", code="engine_dead") from None
         except ValueError as e:
             raise from_value_error(e) from None
+
+
+def _template_message(m) -> dict:
+    """A message as chat templates read it: an assistant's tool calls with their arguments as
+    objects (HF's convention; OpenAI sends them as JSON text), a tool answer's call id."""
+    out: dict[str, Any] = {"role": m.role, "content": message_text(m)}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            fn = dict(call.get("function") or {})
+            if isinstance(fn.get("arguments"), str):
+                with contextlib.suppress(ValueError):
+                    fn["arguments"] = json.loads(fn["arguments"])
+            calls.append(dict(call, function=fn))
+        out["tool_calls"] = calls
+    return out
 
 
 async def all_or_none(coros: list) -> list:
