@@ -54,9 +54,11 @@ def _time(fn, iters: int) -> float:
 
 
 def make_llm(model: str, dtype: str, backend: str, max_num_seqs: int,
-             max_num_batched_tokens: int, ctx: int, block_size: int = 16):
+             max_num_batched_tokens: int, ctx: int, block_size: int = 16,
+             tensor_parallel_size: int = 1):
     """An engine for ``model`` (``preset:NAME`` = random weights of a standard shape) whose pool
-    holds ``max_num_seqs`` requests of ``ctx`` tokens, filled with fresh random KV."""
+    holds ``max_num_seqs`` requests of ``ctx`` tokens, filled with fresh random KV (split over
+    ``tensor_parallel_size`` devices as the engine splits it)."""
     kw = dict(model=None, load_format="dummy", hf_config=PRESETS[model.split(":", 1)[1]]) \
         if model.startswith("preset:") else dict(model=model)
     # A pool just big enough for the largest decode batch: the card's memory stays free for
@@ -64,11 +66,14 @@ def make_llm(model: str, dtype: str, backend: str, max_num_seqs: int,
     num_pages = max_num_seqs * math.ceil((ctx + 16) / block_size) + 1
     llm = LLM(**kw, dtype=dtype, attention_backend=backend, max_model_len=ctx + 16,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-              block_size=block_size, num_pages=num_pages, compile_all_buckets=False)
+              block_size=block_size, num_pages=num_pages, compile_all_buckets=False,
+              tensor_parallel_size=tensor_parallel_size)
     runner = llm.engine.model_runner
     # Fresh random KV (never zeros): timings on zeros can flatter the hardware.
     for i, x in enumerate(runner.kv_pages):
-        runner.kv_pages[i] = jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+        draw = jax.jit(lambda key, x=x: jax.random.normal(key, x.shape, x.dtype),
+                       out_shardings=x.sharding)
+        runner.kv_pages[i] = draw(jax.random.key(i))
     return llm
 
 
@@ -87,7 +92,8 @@ def stage_batch(runner, kind: str, num_reqs: int, q_len: int, ctx: int, rng):
     runner.input_batch.update(so)
     bucket = runner.buckets.pick(num_reqs * q_len, num_reqs)
     packed = jax.device_put(runner.input_batch.prepare(
-        so, [n.req_id for n in new], PackedLayout(*bucket, runner.pages_per_req)))
+        so, [n.req_id for n in new], PackedLayout(*bucket, runner.pages_per_req)),
+        runner._inputs)  # replicated over a tensor-parallel mesh, else the default device
     exe = runner._executable(bucket, decode_only=kind == "decode")
 
     def step():
@@ -101,9 +107,11 @@ def stage_batch(runner, kind: str, num_reqs: int, q_len: int, ctx: int, rng):
     return step, bucket, release
 
 
-def decode_step_fn(model: str, dtype: str, backend: str, reqs: int, ctx: int):
+def decode_step_fn(model: str, dtype: str, backend: str, reqs: int, ctx: int,
+                   tensor_parallel_size: int = 1):
     """One decode step of ``reqs`` requests at ``ctx`` tokens, as a blocking callable."""
-    llm = make_llm(model, dtype, backend, reqs, max(reqs, 256), ctx)
+    llm = make_llm(model, dtype, backend, reqs, max(reqs, 256), ctx,
+                   tensor_parallel_size=tensor_parallel_size)
     step, _, _ = stage_batch(llm.engine.model_runner, "decode", reqs, 1, ctx,
                              np.random.default_rng(0))
     step.llm = llm  # keep the engine (and its pool) alive with the callable

@@ -28,7 +28,9 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import decode_step_fn  # noqa: E402  (tools/ is not a package)
 
-KINDS = (("attention", ("jaxpage_",)), ("matmul", ("gemm", "cutlass", "cublas", "nvjet", "sm90")),
+KINDS = (("attention", ("jaxpage_",)), ("collective", ("nccl", "all_reduce", "allreduce",
+                                                       "all-reduce", "all_gather", "one_shot")),
+         ("matmul", ("gemm", "cutlass", "cublas", "nvjet", "sm90")),
          ("copy", ("memcpy", "memset", "copy")), ("fusion", ("fusion", "loop_", "input_")))
 
 
@@ -41,13 +43,15 @@ def kind_of(name: str) -> str:
 
 
 def device_kernels(trace_dir: str):
-    """(name, start_ns, duration_ns) of every kernel on the GPU streams of the newest trace."""
+    """(name, start_ns, duration_ns) of every kernel on the first GPU's streams of the newest
+    trace (with tensor parallelism every device runs the same program)."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
                    key=os.path.getmtime)
     if not files:
         return []
     data = jax.profiler.ProfileData.from_file(files[-1])
-    lines = [line for plane in data.planes if plane.name.startswith("/device:GPU")
+    gpus = sorted(p.name for p in data.planes if p.name.startswith("/device:GPU"))
+    lines = [line for plane in data.planes if gpus and plane.name == gpus[0]
              for line in plane.lines]
     # Kernels sit on the "Stream #N" lines; the other lines (XLA Modules / Ops) are summaries.
     streams = [line for line in lines if line.name.startswith("Stream")] or lines
@@ -82,10 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("--reqs", type=int, default=8)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     p.add_argument("--out", default="profile_step_out")
     ns = p.parse_args(argv)
     os.makedirs(ns.out, exist_ok=True)
-    step = decode_step_fn(ns.model, ns.dtype, ns.backend, ns.reqs, ns.ctx)
+    step = decode_step_fn(ns.model, ns.dtype, ns.backend, ns.reqs, ns.ctx, ns.tp)
     for _ in range(3):
         step()
     trace_dir = os.path.join(ns.out, "trace")
@@ -97,7 +102,8 @@ def main(argv=None) -> int:
         walls.append(time.perf_counter() - t)
     jax.profiler.stop_trace()
     res = summarize(device_kernels(trace_dir), ns.steps, statistics.median(walls) * 1e3)
-    res.update(model=ns.model, backend=ns.backend, reqs=ns.reqs, ctx=ns.ctx,
+    res.update(model=ns.model, backend=ns.backend, reqs=ns.reqs, ctx=ns.ctx, tp=ns.tp,
+               xla_flags=os.environ.get("XLA_FLAGS", ""),
                device=jax.devices()[0].device_kind, jax_version=jax.__version__)
     print(json.dumps(res, indent=1))
     with open(os.path.join(ns.out, "profile_step.json"), "w") as f:
