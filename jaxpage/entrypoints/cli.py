@@ -100,10 +100,13 @@ def _run_serve(ns: argparse.Namespace) -> int:
     # SIGTERM exits with status 0: at once while the model loads, and after the drain below
     # once serving (uvicorn re-raises the signal it caught, under this handler).
     signal.signal(signal.SIGTERM, exit_cleanly)
+    if ns.enable_auto_tool_choice and not ns.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes).")
     llm = LLM(**vars(_engine_args(ns)))
     app = app_for_llm(llm, model_name=ns.served_model_name or ns.model,
                       api_key=ns.api_key or None, max_body_bytes=ns.max_body_bytes,
-                      drain_timeout_s=ns.drain_timeout)
+                      drain_timeout_s=ns.drain_timeout,
+                      tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None)
     # uvicorn stops taking connections on SIGTERM / SIGINT, waits for the open ones, then runs
     # the app's shutdown, which drains the engine (refusing new requests with 503 meanwhile).
     uvicorn.run(app, host=ns.host, port=ns.port, log_level="info" if ns.verbose else "warning",
@@ -149,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds requests in flight may take to finish after SIGTERM")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="serve tool_choice='auto' (needs --tool-call-parser)")
+    from jaxpage.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                       help="the model's tool-call format (hermes: Qwen2.5 / Qwen3 / Hermes)")
     _add_engine_args(serve)
     conv = sub.add_parser(
         "convert", help="write a model as a jaxpage checkpoint (orbax, the models' own layout): "

@@ -100,3 +100,11 @@ def test_convert_then_generate_from_the_checkpoint(default_gguf, tmp_path):
     again = _run("convert", "default", str(out))
     assert again.returncode == 2 and "not an empty directory" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_auto_tool_choice_needs_a_parser():
+    proc = _run("serve", "--enable-auto-tool-choice", timeout=120)
+    assert proc.returncode == 2 and "--tool-call-parser" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _run("serve", "--tool-call-parser", "nope", timeout=120)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -319,3 +319,49 @@ def test_forced_tool_calls(llm):
         r = client.post("/v1/chat/completions", json=dict(messages=follow, max_tokens=16,
                                                           tools=[WEATHER], tool_choice="none"))
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_auto_tool_choice_reads_the_models_own_calls(llm):
+    """tool_choice "auto" with the hermes parser: the model's <tool_call> block (steered here
+    by a regex, since SmolLM2 was not trained on the format) comes back as tool_calls, the text
+    before it as content, streamed the same; without a call the answer is plain text."""
+    from fastapi.testclient import TestClient
+
+    from jaxpage.entrypoints.openai.server import app_for_llm
+
+    steer = (r'Let me check\.\n<tool_call>\n\{"name": "get_weather", "arguments": '
+             r'\{"city": "(Paris|Lyon|Nice)", "unit": "celsius"\}\}\n</tool_call>')
+    body = dict(messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=80,
+                temperature=0.0, tools=[WEATHER, TIME], structured_outputs={"regex": steer})
+    with TestClient(app_for_llm(llm, model_name="smol")) as client:  # no parser: refused
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    with TestClient(app_for_llm(llm, model_name="smol", tool_call_parser="hermes")) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        assert choice["message"]["content"] == "Let me check."
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        _weather_args(call["function"]["arguments"])
+
+        r = client.post("/v1/chat/completions", json=dict(body, stream=True))
+        chunks = [json.loads(line[6:])["choices"] for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        deltas = [c["delta"] for cs in chunks for c in cs]
+        streamed = "".join(d.get("content") or "" for d in deltas)
+        assert streamed.strip() == "Let me check." and "<tool" not in streamed
+        (calls,) = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
+        assert calls[0]["function"] == call["function"]
+        assert chunks[-1][0]["finish_reason"] == "tool_calls"
+
+        plain = dict(body, structured_outputs={"regex": "Hello there, no tools <needed>"})
+        r = client.post("/v1/chat/completions", json=plain)
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+        assert choice["message"]["content"] == "Hello there, no tools <needed>"
+        r = client.post("/v1/chat/completions", json=dict(plain, stream=True))
+        text = "".join(c["delta"].get("content") or "" for line in r.text.splitlines()
+                       if line.startswith("data: {")
+                       for c in json.loads(line[6:])["choices"])
+        assert text == "Hello there, no tools <needed>"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from jaxpage.sampling_params import (GENERATION_DEFAULT_FIELDS, MAX_LOGIT_BIAS, SamplingParams,
                                      StructuredOutputsParams, param_error)
@@ -179,6 +179,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool = True
+    # the server's parser of the model's own tool-call format (``tool_parsers``): set by the
+    # route, it makes ``tool_choice="auto"`` servable
+    _tool_parser: Any = PrivateAttr(default=None)
 
 
     def functions(self) -> dict[str, dict]:
@@ -202,7 +205,8 @@ class ChatCompletionRequest(_SamplingFields):
         return out
 
     def tool_mode(self) -> str | None:
-        """None (no tool call forced), "named" or "required"; refuses what is not served."""
+        """None (tools unused), "named" or "required" (a call forced by a constraint), or
+        "auto" (the model may call, read back by the server's parser); refuses the rest."""
         fns = self.functions()
         choice = self.tool_choice
         if not fns:
@@ -212,9 +216,12 @@ class ChatCompletionRequest(_SamplingFields):
         if choice == "none":
             return None
         if choice in (None, "auto"):
+            if self._tool_parser is not None:
+                return "auto"
             raise param_error("tool_choice", "'auto' (the default with tools) needs a tool-call "
-                              "parser for the model's own format, which this server does not "
-                              "have; use 'required', name a function, or 'none'.")
+                              "parser for the model's own format (start the server with "
+                              "--enable-auto-tool-choice --tool-call-parser NAME); or use "
+                              "'required', name a function, or 'none'.")
         if choice == "required":
             return "required"
         name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
@@ -230,7 +237,7 @@ class ChatCompletionRequest(_SamplingFields):
         parameters schema; ``required`` is a JSON array of {"name", "parameters"} calls (one
         when ``parallel_tool_calls`` is false), as vLLM does."""
         mode = self.tool_mode()
-        if mode is None:
+        if mode in (None, "auto"):
             return None
         fns = self.functions()
         if mode == "named":

@@ -71,28 +71,35 @@ def completion_body(serving: Serving, body: CompletionRequest, base: str, prompt
             "model": serving.config.model_name, "choices": choices, "usage": usage(results)}
 
 
-def tool_calls(body: ChatCompletionRequest, c: CompletionOutput) -> list[dict] | None:
-    """A forced tool call's ``tool_calls`` from a finished choice's text (constrained to the
-    tool's schema, so it parses); None when no call was forced or the output was cut short."""
+def tool_calls(body: ChatCompletionRequest,
+               c: CompletionOutput) -> tuple[str | None, list[dict] | None]:
+    """(content, ``tool_calls``) of a finished choice: a forced call's text is constrained to
+    the tool's schema, so it parses; "auto" reads calls back with the server's parser. No
+    calls when none was made or forced, or the output was cut short."""
     mode = body.tool_mode()
     if mode is None or c.finish_reason != "stop":
-        return None
+        return c.text, None
+    content = None
     if mode == "named":
         calls = [(body.tool_choice["function"]["name"], c.text)]
-    else:
+    elif mode == "required":
         calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
                  for call in json.loads(c.text)]
-    return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-             "function": {"name": name, "arguments": args}} for name, args in calls]
+    else:
+        content, calls = body._tool_parser.parse(c.text)
+        if not calls:
+            return c.text, None
+    return content, [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+                      "function": {"name": name, "arguments": args}} for name, args in calls]
 
 
 def chat_message(body: ChatCompletionRequest, c: CompletionOutput) -> tuple[dict, str | None]:
-    """A choice's message and finish reason: a forced tool call's is ``tool_calls`` (with no
-    content), as OpenAI and vLLM answer."""
-    calls = tool_calls(body, c)
+    """A choice's message and finish reason: with tool calls it is ``tool_calls`` (content
+    None unless the model wrote text beside its calls), as OpenAI and vLLM answer."""
+    content, calls = tool_calls(body, c)
     if calls is None:
         return {"role": "assistant", "content": c.text}, c.finish_reason
-    return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
 def chat_body(serving: Serving, body: ChatCompletionRequest, base: str,
@@ -246,7 +253,9 @@ async def chat_chunks(serving: Serving, body: ChatCompletionRequest, base: str, 
 
     sent = _Sent()
     final = None
-    forced = body.tool_mode() is not None  # the call goes out whole once its JSON is complete
+    mode = body.tool_mode()
+    forced = mode in ("named", "required")  # the call goes out whole once its JSON is complete
+    parser = body._tool_parser if mode == "auto" else None
     ended: set[int] = set()
     try:
         yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
@@ -258,6 +267,29 @@ async def chat_chunks(serving: Serving, body: ChatCompletionRequest, base: str, 
                 final = out if out.finished else final
                 for c in out.outputs:
                     if forced and (c.finish_reason is None or c.index in ended):
+                        continue
+                    if parser is not None:  # content streams up to a call's start tag
+                        if c.index in ended:
+                            continue
+                        text_sent = sent.text.get(c.index, 0)
+                        safe = parser.safe_prefix(c.text)
+                        if c.finish_reason is None:
+                            if safe > text_sent:
+                                sent.text[c.index] = safe
+                                yield chunk([{"index": c.index,
+                                              "delta": {"content": c.text[text_sent:safe]},
+                                              "logprobs": None, "finish_reason": None}])
+                            continue
+                        ended.add(c.index)
+                        _, calls = tool_calls(body, c)
+                        rest = c.text[text_sent:safe if calls else None]
+                        delta = {"content": rest} if rest else {}
+                        if calls:
+                            delta["tool_calls"] = [dict(call, index=i)
+                                                   for i, call in enumerate(calls)]
+                        yield chunk([{"index": c.index, "delta": delta, "logprobs": None,
+                                      "finish_reason": "tool_calls" if calls
+                                      else c.finish_reason, "stop_reason": c.stop_reason}])
                         continue
                     if forced:
                         ended.add(c.index)

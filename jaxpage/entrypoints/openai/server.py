@@ -148,6 +148,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         serving.admit(body.model)
+        body._tool_parser = serving.tool_parser
         body.check_supported()
         text, ids = serving.chat_prompt(body.messages, body.add_generation_prompt,
                                         body.tools if body.tool_mode() else None)
@@ -170,14 +171,16 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
 
 
 def app_for_llm(llm, *, model_name: str, api_key: str | None = None,
-                max_body_bytes: int = MAX_BODY_BYTES, drain_timeout_s: float = 30.0) -> "_Wrapped":
+                max_body_bytes: int = MAX_BODY_BYTES, drain_timeout_s: float = 30.0,
+                tool_call_parser: str | None = None) -> "_Wrapped":
     """The server over an offline :class:`jaxpage.LLM`'s engine, tokenizer, chat template and
     sampling defaults (its generation config). The server's thread owns the engine from its
     start on: do not call ``llm.generate`` while it runs."""
     config = ServerConfig(
         model_name=model_name, max_model_len=llm.engine.max_model_len, tokenizer=llm.tokenizer,
         chat_template=llm.loaded.chat_template, default_sampling=llm.generation_defaults(),
-        api_key=api_key, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s)
+        api_key=api_key, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s,
+        tool_call_parser=tool_call_parser)
     return build_app(AsyncLLMEngine(llm.engine), config)
 
 

@@ -16,6 +16,7 @@ from jaxpage.engine.async_engine import AsyncLLMEngine, EngineDead, EngineUnavai
 from jaxpage.entrypoints.openai.errors import APIError, from_value_error, unavailable
 from jaxpage.entrypoints.openai.metrics import ServerMetrics
 from jaxpage.entrypoints.openai.protocol import MAX_MESSAGES, message_text
+from jaxpage.entrypoints.openai.tool_parsers import get_parser
 from jaxpage.outputs import RequestOutput
 from jaxpage.sampling_params import SamplingParams, param_error
 
@@ -36,6 +37,8 @@ class ServerConfig:
         api_key: required as ``Authorization: Bearer <key>`` on every route but ``/health``.
         max_body_bytes: larger bodies get 413.
         drain_timeout_s: at shutdown, how long requests in flight may take to finish.
+        tool_call_parser: the model's tool-call format (``tool_parsers``; e.g. "hermes"), which
+            makes ``tool_choice="auto"`` servable; None refuses "auto".
     """
 
     model_name: str
@@ -46,6 +49,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     drain_timeout_s: float = 30.0
+    tool_call_parser: str | None = None
 
 
 class Serving:
@@ -56,6 +60,7 @@ class Serving:
         self.config = config
         self.tokenizer = config.tokenizer
         self._token_text: dict[int, str] = {}
+        self.tool_parser = get_parser(config.tool_call_parser)
         self.metrics = ServerMetrics()
 
     def admit(self, model: str | None) -> None:
