@@ -20,6 +20,9 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import chart_option  # noqa: E402  (tools/ is not a package)
 
 from jaxpage.entrypoints.bench import PRESETS  # noqa: E402
 from jaxpage.models.checkpoint import convert  # noqa: E402
@@ -77,14 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="directory for load.json")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--plot", default=None, metavar="JSON",
-                   help="only draw load.json's chart to --out/load.png")
-    ns = p.parse_args(argv)
-    if ns.plot:
-        plot(json.loads(Path(ns.plot).read_text()), str(Path(ns.out or ".") / "load.png"))
+    ns = chart_option.parse(p, argv, plot, "load", required="work")
+    if ns is None:
         return 0
-    if not ns.work:
-        p.error("--work is required")
 
     work = Path(ns.work)
     hf_dir = Path(ns.hf_dir) if ns.hf_dir else work / f"hf_{ns.preset}"

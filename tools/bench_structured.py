@@ -26,6 +26,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import chart_option  # noqa: E402  (tools/ is not a package)
 
 from jaxpage import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 from jaxpage.entrypoints.bench import PRESETS  # noqa: E402
@@ -92,14 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--out", default=None)
-    p.add_argument("--plot", default=None, metavar="JSON",
-                   help="only draw structured.json's chart to --out/structured.png")
-    ns = p.parse_args(argv)
-    if ns.plot:
-        plot(json.loads(Path(ns.plot).read_text()), str(Path(ns.out or ".") / "structured.png"))
+    ns = chart_option.parse(p, argv, plot, "structured", required="tokenizer")
+    if ns is None:
         return 0
-    if not ns.tokenizer:
-        p.error("--tokenizer is required")
 
     cfg = PRESETS[ns.preset]
     t_start = time.perf_counter()
