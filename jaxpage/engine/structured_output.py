@@ -92,6 +92,8 @@ class GrammarCompiler:
         self._eos = sorted(int(t) for t in eos_token_ids)
         self._ll_tokenizer = None
         self._cache: OrderedDict[str, Any] = OrderedDict()  # key -> pristine matcher
+        # The server validates requests on its own thread while the engine's thread adds them.
+        self._lock = threading.Lock()
 
     def _tokenizer(self):
         if self._ll_tokenizer is None:
@@ -148,15 +150,16 @@ class GrammarCompiler:
         schema, regex or grammar does not compile. Compiled constraints are cached (LRU)."""
         key = json.dumps([so.kind, so.json, so.regex, so.choice, so.grammar,
                           so.disable_any_whitespace, so.whitespace_pattern], sort_keys=True)
-        pristine = self._cache.get(key)
-        if pristine is None:
-            pristine = self._compile(so)
-            self._cache[key] = pristine
-            if len(self._cache) > GRAMMAR_CACHE_SIZE:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        return Grammar(pristine.deep_copy())
+        with self._lock:
+            pristine = self._cache.get(key)
+            if pristine is None:
+                pristine = self._compile(so)
+                self._cache[key] = pristine
+                if len(self._cache) > GRAMMAR_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+            return Grammar(pristine.deep_copy())
 
     def _compile(self, so: StructuredOutputsParams) -> Any:
         from llguidance import LLMatcher
