@@ -94,8 +94,11 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, *, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Applies the model's chat template to one conversation (or a list) and generates."""
+             add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation (or a list) and generates.
+        ``tools`` (OpenAI's format) and ``chat_template_kwargs`` go to the template, as in
+        vLLM; reading tool calls back out of the text is the caller's (or the server's)."""
         if not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts.")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -104,7 +107,8 @@ class LLM:
             _validate_messages(conv)
             text = self.tokenizer.apply_chat_template(
                 conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template or self.loaded.chat_template)
+                chat_template=chat_template or self.loaded.chat_template,
+                **({"tools": tools} if tools else {}), **(chat_template_kwargs or {}))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
@@ -181,6 +185,7 @@ def _validate_messages(conv) -> None:
     if not isinstance(conv, list) or not conv:
         raise ValueError("a conversation must be a non-empty list of messages.")
     for m in conv:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-                m.get("content"), str):
-            raise ValueError("each message must be a dict with string 'role' and 'content'.")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or m.get("tool_calls")):
+            raise ValueError("each message must be a dict with string 'role' and 'content' "
+                             "(content may be None beside 'tool_calls').")

@@ -365,3 +365,16 @@ def test_auto_tool_choice_reads_the_models_own_calls(llm):
                        if line.startswith("data: {")
                        for c in json.loads(line[6:])["choices"])
         assert text == "Hello there, no tools <needed>"
+
+
+def test_offline_chat_passes_tools_to_the_template(llm):
+    """LLM.chat(tools=..., chat_template_kwargs=...) as vLLM's: both reach the template."""
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{{ flavour }}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content or '' }}\n{% endfor %}")
+    msgs = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=template,
+                   tools=[WEATHER, TIME], chat_template_kwargs={"flavour": "<x>"})[0]
+    assert out.prompt.startswith("[get_weather][get_time]<x>user: Weather?\nassistant: ")
