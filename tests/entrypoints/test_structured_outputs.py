@@ -314,6 +314,11 @@ def test_forced_tool_calls(llm):
                 else:
                     assert set(args) == {"zone"}
 
+        r = client.post("/v1/chat/completions", json=dict(named, stop=[","]))  # cut short
+        choice = r.json()["choices"][0]
+        assert r.status_code == 200 and "tool_calls" not in choice["message"]
+        assert choice["finish_reason"] == "stop" and choice["message"]["content"].startswith("{")
+
         follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [call]},
                          {"role": "tool", "tool_call_id": call["id"], "content": "18 C, sunny"}]
         r = client.post("/v1/chat/completions", json=dict(messages=follow, max_tokens=16,

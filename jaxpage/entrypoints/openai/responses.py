@@ -74,17 +74,21 @@ def completion_body(serving: Serving, body: CompletionRequest, base: str, prompt
 def tool_calls(body: ChatCompletionRequest,
                c: CompletionOutput) -> tuple[str | None, list[dict] | None]:
     """(content, ``tool_calls``) of a finished choice: a forced call's text is constrained to
-    the tool's schema, so it parses; "auto" reads calls back with the server's parser. No
-    calls when none was made or forced, or the output was cut short."""
+    the tool's schema, so it parses unless a stop string cut it (then it stays content);
+    "auto" reads calls back with the server's parser. No calls when none was made or forced,
+    or the output was cut short."""
     mode = body.tool_mode()
     if mode is None or c.finish_reason != "stop":
         return c.text, None
     content = None
-    if mode == "named":
-        calls = [(body.tool_choice["function"]["name"], c.text)]
-    elif mode == "required":
-        calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
-                 for call in json.loads(c.text)]
+    if mode in ("named", "required"):
+        try:
+            parsed = json.loads(c.text)
+        except json.JSONDecodeError:
+            return c.text, None
+        calls = ([(body.tool_choice["function"]["name"], c.text)] if mode == "named" else
+                 [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
+                  for call in parsed])
     else:
         content, calls = body._tool_parser.parse(c.text)
         if not calls:
