@@ -24,6 +24,7 @@ import numpy as np
 from jaxpage import LLM, SamplingParams
 from jaxpage.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from jaxpage.entrypoints.bench import PRESETS
+from jaxpage.models.loader import _dummy_draw
 from jaxpage.runner.input_batch import PackedLayout
 
 
@@ -70,9 +71,10 @@ def make_llm(model: str, dtype: str, backend: str, max_num_seqs: int,
               tensor_parallel_size=tensor_parallel_size)
     runner = llm.engine.model_runner
     # Fresh random KV (never zeros): timings on zeros can flatter the hardware.
+    # Drawn straight into each layer's (possibly split) sharding by the loader's cached draw:
+    # one compile for all layers.
     for i, x in enumerate(runner.kv_pages):
-        draw = jax.jit(lambda key, x=x: jax.random.normal(key, x.shape, x.dtype),
-                       out_shardings=x.sharding)
+        draw = _dummy_draw(("normal", 1.0), tuple(x.shape), x.dtype, x.sharding)
         runner.kv_pages[i] = draw(jax.random.key(i))
     return llm
 
