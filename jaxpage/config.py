@@ -143,6 +143,65 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}.")
 
 
+# Draft methods of speculative decoding (vLLM's ``speculative_config["method"]``).
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``speculative_config``): each step a request in decode
+    runs its last token plus up to ``num_speculative_tokens`` drafted ones, and keeps the
+    drafts the model's own sampling agrees with, plus one token of its own.
+
+    Args:
+        method: "ngram" (prompt lookup: the tokens that followed the latest earlier match of
+            the context's last n tokens, n from ``prompt_lookup_max`` down to
+            ``prompt_lookup_min``; no draft model).
+        num_speculative_tokens: most drafted tokens per request and step (k).
+        prompt_lookup_max, prompt_lookup_min: the longest and shortest n-gram matched.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config: method must be one of "
+                             f"{', '.join(SPECULATIVE_METHODS)}, got {self.method!r}.")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be an integer >= 1, got "
+                                 f"{value!r}.")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be <= "
+                             f"{MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}.")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) "
+                             f"exceeds prompt_lookup_max ({self.prompt_lookup_max}).")
+
+    @classmethod
+    def from_user(cls, value) -> "SpeculativeConfig | None":
+        """``LLM(speculative_config=...)``: None, a dict with vLLM's keys, or a config."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a dict such as {\"method\": \"ngram\", "
+                             f"\"num_speculative_tokens\": 4}}, got {type(value).__name__}.")
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; valid ones: "
+                             f"{sorted(cls.__dataclass_fields__)}.")
+        return cls(**value)
+
+
+# Drafts per request and step beyond which a verify step's logits rows (R x (1 + k)) stop
+# paying: the acceptance of the j-th draft falls geometrically.
+MAX_SPECULATIVE_TOKENS = 16
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
@@ -150,6 +209,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     compilation_cache_dir: str | None = field(default=None)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative_config: SpeculativeConfig | None = None
 
 
 # Tokens per KV page on GPUs unless set: on the H100 a mixed prefill + decode step's attention
@@ -188,6 +248,9 @@ class EngineArgs:
     compile_all_buckets: bool | None = None  # None: on for accelerators, lazy on CPU
     tensor_parallel_size: int = 1  # devices the model splits over (ParallelConfig)
     compile_workers: int = 1  # XLA compiles at once at start-up (lowering stays one by one)
+    # Speculative decoding, vLLM's dict: {"method": "ngram", "num_speculative_tokens": 4,
+    # "prompt_lookup_max": 4, "prompt_lookup_min": 1} (SpeculativeConfig); None: off.
+    speculative_config: dict | SpeculativeConfig | None = None
 
     def create_engine_config(self, *, platform: str, model_max_len: int) -> EngineConfig:
         accel = platform != "cpu"
@@ -215,4 +278,5 @@ class EngineArgs:
                                              async_scheduling=self.async_scheduling),
             compilation_cache_dir=self.compilation_cache_dir,
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            speculative_config=SpeculativeConfig.from_user(self.speculative_config),
         )

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..config import CacheConfig, SchedulerConfig
+from ..config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from .detokenizer import IncrementalDetokenizer, TokenizerInfo
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
@@ -136,12 +136,14 @@ class LLMEngine:
         eos_token_ids: EOS id(s); they stop a request unless ``ignore_eos``.
         max_model_len: longest sequence (prompt + output).
         seed: seeds the draw of per-request seeds for requests without one (None: random).
+        speculative_config: speculative decoding (drafts need the last token on the host, so
+            the engine then steps synchronously; the runner must verify drafts).
     """
 
     def __init__(self, model_runner: ModelRunnerLike, tokenizer: Any | None, *,
                  scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_pages: int,
                  vocab_size: int, eos_token_ids: int | Iterable[int] | None, max_model_len: int,
-                 seed: int | None = None):
+                 seed: int | None = None, speculative_config: SpeculativeConfig | None = None):
         page_size = cache_config.page_size
         if -(-max_model_len // page_size) > num_pages - 1:
             raise ValueError(
@@ -164,7 +166,9 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(
             num_pages, page_size, enable_caching=cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager,
-                                   max_model_len=max_model_len)
+                                   max_model_len=max_model_len,
+                                   speculative_config=speculative_config)
+        self.speculative = speculative_config is not None
         self._states: dict[str, _RequestState] = {}  # scheduler req_id -> state, unfinished
         self._parents: dict[str, ParentRequest] = {}
         self._num_pending_children = 0
@@ -298,8 +302,9 @@ class LLMEngine:
         """Runs one engine step; returns outputs of requests that progressed or finished.
 
         While a structured-output request is unfinished the step is synchronous even under
-        ``async_scheduling``: its grammar's mask for the next token needs the last one read."""
-        if self.async_scheduling and not self._num_structured:
+        ``async_scheduling``: its grammar's mask for the next token needs the last one read.
+        So is every step with speculative decoding: drafts follow the last token."""
+        if self.async_scheduling and not self._num_structured and not self.speculative:
             return self._step_async()
         outputs = self._process_updates(self._update_in_flight())  # leaving async: drain
         scheduler_output = self.scheduler.schedule()
@@ -371,9 +376,8 @@ class LLMEngine:
             request = update.request
             state = self._states[request.req_id]
             state.error = update.error or state.error
+            stop_str = self._detokenize(state, update)
             state.add_logprobs(update)
-            stop_str = state.detokenizer.update(
-                update.new_token_ids, request.status == RequestStatus.FINISHED_STOPPED)
             if request.grammar is not None and update.new_token_ids:
                 self._advance_grammar(state, update.new_token_ids)
             if stop_str is not None:
@@ -390,6 +394,29 @@ class LLMEngine:
                 self._num_pending_children -= len(parent.pending)
                 parent.pending = []
         return self._make_outputs(touched)
+
+    @staticmethod
+    def _detokenize(state: _RequestState, update: RequestUpdate) -> str | None:
+        """Adds the update's tokens to the text; returns the stop string that matched, if any.
+
+        Several tokens in one step (speculative decoding) go in one at a time when the request
+        has stop strings, and tokens after the one that completed a match are dropped, as if
+        they had come one step each."""
+        request, tokens = update.request, update.new_token_ids
+        stopped = request.status == RequestStatus.FINISHED_STOPPED
+        if len(tokens) <= 1 or not state.detokenizer.stop:
+            return state.detokenizer.update(tokens, stopped)
+        for i, token_id in enumerate(tokens):
+            last = i == len(tokens) - 1
+            stop_str = state.detokenizer.update([token_id], stopped and last)
+            if stop_str is not None:
+                if not last:
+                    request.truncate_output(request.num_output_tokens - (len(tokens) - i - 1))
+                    update.new_token_ids = tokens[:i + 1]
+                    if update.new_logprobs is not None:
+                        update.new_logprobs = update.new_logprobs[:i + 1]
+                return stop_str
+        return None
 
     def _advance_grammar(self, state: _RequestState, token_ids: list[int]) -> None:
         """Feeds committed tokens to the request's grammar; finishes the request when the
@@ -457,4 +484,6 @@ class LLMEngine:
             "kv_cache_usage": self.kv_cache_manager.usage, "num_preemptions": s.num_preemptions,
             "prefix_cache_queries": s.num_prefix_query_tokens,
             "prefix_cache_hits": s.num_prefix_hit_tokens,
+            "spec_decode_num_draft_tokens": s.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": s.num_accepted_tokens,
         }

@@ -6,6 +6,8 @@ import enum
 import time
 from typing import Any
 
+import numpy as np
+
 from ..outputs import RequestMetrics
 from ..sampling_params import SamplingParams
 
@@ -82,6 +84,9 @@ class Request:
         # Tokens sampled by steps in flight whose ids the host does not know yet (async
         # scheduling: at most one; always 0 between steps when stepping synchronously).
         self.num_pending_tokens = 0
+        # Speculative decoding: the context as a growing int32 array (``token_array``).
+        self._token_buf: np.ndarray | None = None
+        self._token_buf_len = 0  # how many of its leading entries are current
 
     # -- token views --------------------------------------------------------------------------
     @property
@@ -106,6 +111,27 @@ class Request:
             token_ids = [token_ids]
         self.output_token_ids.extend(token_ids)
         self._all_token_ids.extend(token_ids)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drops output tokens past the first ``num_output_tokens`` (a stop string matched
+        inside a step that appended several)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self._all_token_ids[self.num_prompt_tokens + num_output_tokens:]
+        self._token_buf_len = min(self._token_buf_len, self.num_tokens)
+
+    def token_array(self) -> np.ndarray:
+        """All tokens as an int32 array (a view of a buffer that grows by doubling, so a
+        request's context is converted once, not at every step)."""
+        n, buf, have = self.num_tokens, self._token_buf, self._token_buf_len
+        if buf is None or len(buf) < n:
+            grown = np.empty(max(2 * n, 64), np.int32)
+            if buf is not None:
+                grown[:have] = buf[:have]
+            self._token_buf = buf = grown
+        if have < n:
+            buf[have:n] = self._all_token_ids[have:n]
+            self._token_buf_len = n
+        return buf[:n]
 
     # -- status -------------------------------------------------------------------------------
     @property

@@ -20,6 +20,11 @@ decode is just a request that is one token behind::
     |<-- cached pages (hits) -->|<--------- scheduled this step --------->|
     num_computed_tokens starts here ^                  reaches the end: samples ^
 
+Speculative decoding (``speculative_config``): a request in decode may run its last token plus
+drafts from the proposer (``spec_decode.py``) in one step; ``num_computed_tokens`` advances over
+all of them at scheduling and falls back by the drafts the runner rejected once the step is
+read (their KV stays in the request's pages, past its length, to be overwritten).
+
 Running requests are served first, in arrival order; then the waiting queue, first come first
 served. When ``allocate_slots`` finds no room for a running request, the request at the tail of
 the running queue (the latest to join) is preempted by recompute: its pages are freed, its
@@ -34,9 +39,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import SchedulerConfig
+from ..config import SchedulerConfig, SpeculativeConfig
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
+from .spec_decode import NgramProposer
 from .scheduler_output import (CachedRequestData, Logprobs, ModelRunnerOutput,
                                              NewRequestData, SchedulerOutput)
 
@@ -64,10 +70,13 @@ class Scheduler:
             ``max_waiting_requests``.
         kv_cache_manager: the page allocator (and prefix cache).
         max_model_len: longest sequence; defaults to ``scheduler_config.max_model_len``.
+        speculative_config: drafts for requests in decode (None: none). Drafts need the last
+            token on the host, so only synchronous steps (no token in flight) carry them.
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager,
-                 *, max_model_len: int | None = None):
+                 *, max_model_len: int | None = None,
+                 speculative_config: SpeculativeConfig | None = None):
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
@@ -81,7 +90,11 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()
         # req_id -> how many of its tokens the runner holds (the rest go out as new_token_ids).
         self._num_tokens_sent: dict[str, int] = {}
+        self.proposer = (NgramProposer(speculative_config) if speculative_config is not None
+                         else None)
         # Statistics.
+        self.num_draft_tokens = 0  # drafts scheduled (speculative decoding)
+        self.num_accepted_tokens = 0  # of those, kept
         self.num_preemptions = 0
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
@@ -108,7 +121,9 @@ class Scheduler:
         """Picks this step's batch, allocates its pages, and advances ``num_computed_tokens``."""
         num_scheduled: dict[str, int] = {}  # req_id -> tokens, in batch order
         new_block_ids: dict[str, list[int]] = {}
-        scheduled_running, num_preempted = self._schedule_running(num_scheduled, new_block_ids)
+        drafts: dict[str, list[int]] = {}
+        scheduled_running, num_preempted = self._schedule_running(num_scheduled, new_block_ids,
+                                                                  drafts)
         scheduled_new = [] if num_preempted else self._schedule_waiting(num_scheduled)
         output = SchedulerOutput(
             scheduled_new_reqs=[self._new_request_data(r) for r in scheduled_new],
@@ -116,6 +131,7 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self.finished_req_ids,
+            scheduled_spec_decode_tokens=drafts,
         )
         self.finished_req_ids = set()
         # Advance now (not after the step) so that the next schedule() can run while this step
@@ -129,8 +145,11 @@ class Scheduler:
         return output
 
     def _schedule_running(self, num_scheduled: dict[str, int],
-                          new_block_ids: dict[str, list[int]]) -> tuple[list[Request], int]:
-        """Running requests, oldest first; preempts from the tail when pages run out.
+                          new_block_ids: dict[str, list[int]],
+                          drafts: dict[str, list[int]]) -> tuple[list[Request], int]:
+        """Running requests, oldest first; preempts from the tail when pages run out. A
+        request's drafts (``drafts[req_id]``) run after its last token; they are dropped rather
+        than preempting anyone for their pages.
 
         Returns the scheduled requests and how many were preempted.
         """
@@ -145,7 +164,15 @@ class Scheduler:
             if num_new <= 0 or self._will_finish(request):
                 i += 1
                 continue
-            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+            # Drafts never take the budget from a running request behind this one.
+            spec = self._propose(request, budget - num_new - (len(self.running) - i - 1))
+            new_blocks = (self.kv_cache_manager.allocate_slots(request, num_new + len(spec))
+                          if spec else None)
+            if new_blocks is not None:
+                num_new += len(spec)
+                drafts[request.req_id] = spec
+            while new_blocks is None and (
+                    new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 num_preempted += 1
@@ -159,6 +186,19 @@ class Scheduler:
             budget -= num_new
             i += 1
         return scheduled, num_preempted
+
+    def _propose(self, request: Request, budget: int) -> list[int]:
+        """Drafts for a request in decode with its last token known, within the step's
+        ``budget`` and what its length caps leave (every draft kept plus the model's own token
+        must still fit); structured-output requests get none (their masks go token by token)."""
+        if (self.proposer is None or request.num_pending_tokens or request.grammar is not None
+                or request.num_tokens - request.num_computed_tokens != 1):
+            return []
+        room = min(budget, request.max_tokens - request.num_output_tokens - 1,
+                   self.max_model_len - request.num_tokens - 1)
+        if room <= 0:
+            return []
+        return self.proposer.propose(request.token_array(), room)
 
     def _will_finish(self, request: Request) -> bool:
         """True when a token in flight is sure to end the request (its length caps): it is not
@@ -254,12 +294,21 @@ class Scheduler:
             sampled = mro.sampled_token_ids.get(req_id) or []
             if error is None and end >= request.num_tokens and not sampled:
                 error = "the model runner returned no token for the request"
+            spec = so.scheduled_spec_decode_tokens.get(req_id)
+            if error is None and spec and not 1 <= len(sampled) <= len(spec) + 1:
+                error = (f"the model runner returned {len(sampled)} tokens for a request with "
+                         f"{len(spec)} drafts")
             if error is not None:
                 request.status = RequestStatus.FINISHED_ERROR
                 finished.append(request)
                 updates.append(RequestUpdate(request, [], error=error))
                 continue
-            self.kv_cache_manager.cache_blocks(request, end)
+            if spec:  # drafts past the first the model disagreed with: their KV is void
+                num_rejected = len(spec) + 1 - len(sampled)
+                request.num_computed_tokens -= num_rejected
+                end -= num_rejected
+                self.num_draft_tokens += len(spec)
+                self.num_accepted_tokens += len(spec) - num_rejected
             new_token_ids: list[int] = []
             if end >= request.num_tokens:  # the range reached the end: the runner sampled
                 request.num_pending_tokens = max(request.num_pending_tokens - 1, 0)
@@ -270,6 +319,7 @@ class Scheduler:
                         break
                 if request.metrics.first_token_time is None:
                     request.metrics.first_token_time = time.time()
+            self.kv_cache_manager.cache_blocks(request, end)
             logprobs = mro.logprobs.get(req_id)
             if logprobs is not None:
                 logprobs = logprobs[:len(new_token_ids)]

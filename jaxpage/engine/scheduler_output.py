@@ -65,6 +65,10 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # Requests finished, aborted or preempted since the last step: the runner forgets them.
     finished_req_ids: set[str]
+    # Speculative decoding: req_id -> draft tokens that follow its last token in this step
+    # (num_scheduled_tokens counts them); the runner samples each position and returns the
+    # drafts it kept plus its own next token.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -84,7 +88,7 @@ class Logprobs:
 class ModelRunnerOutput:
     """What one step produced, for requests in the batch that reached the end of their tokens."""
 
-    # req_id -> sampled token ids (one per step today; a list leaves room for speculative decoding).
+    # req_id -> sampled token ids: one, or with drafts the kept drafts and one more.
     sampled_token_ids: dict[str, list[int]]
     # req_id -> logprobs of each sampled token (only for requests that asked for logprobs).
     logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)

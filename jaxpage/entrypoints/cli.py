@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="devices the model splits over (by heads and MLP width)")
     g.add_argument("--compile-workers", type=int, default=1,
                    help="XLA compiles at once while every bucket compiles at start-up")
+    g.add_argument("--speculative-config", type=_json_object, default=None,
+                   help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (drafts from '
+                        "the context's own n-grams; the engine then steps synchronously)")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV page (default: 64 on GPU, 16 elsewhere)")
     g.add_argument("--num-pages", type=int, default=None)
@@ -44,6 +49,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compilation-cache-dir", default=None,
                    help="JAX persistent compilation cache (default ~/.cache/jaxpage/xla; '' turns it off)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +77,7 @@ def _engine_args(ns: argparse.Namespace) -> EngineArgs:
                       async_scheduling=ns.async_scheduling,
                       tensor_parallel_size=ns.tensor_parallel_size,
                       compile_workers=ns.compile_workers,
+                      speculative_config=ns.speculative_config,
                       num_pages=ns.num_pages, kv_cache_dtype=ns.kv_cache_dtype,
                       gpu_memory_utilization=ns.gpu_memory_utilization,
                       attention_backend=ns.attention_backend,

@@ -52,6 +52,7 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
                         hf_config=args.hf_config, tokenizer_path=args.tokenizer,
                         before_weights=before_weights, placement=placement)
     cfg = made[0]
+    spec = cfg.speculative_config
     kv_dtype = kv_cache_dtype_name(cfg.cache_config.kv_cache_dtype, jnp.dtype(dtype).name)
     runner = ModelRunner(loaded.model, cache_config=cfg.cache_config,
                          scheduler_config=cfg.scheduler_config,
@@ -59,9 +60,11 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, LoadedModel]:
                          kv_dtype=jnp.dtype(kv_dtype), attention_backend=args.attention_backend,
                          compile_all_buckets=args.compile_all_buckets,
                          parallel_config=cfg.parallel_config,
-                         compile_workers=args.compile_workers)
+                         compile_workers=args.compile_workers,
+                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
     engine = LLMEngine(runner, loaded.tokenizer, scheduler_config=cfg.scheduler_config,
                        cache_config=cfg.cache_config, num_pages=runner.num_pages,
                        vocab_size=loaded.config.vocab_size, eos_token_ids=loaded.eos_token_ids,
-                       max_model_len=cfg.scheduler_config.max_model_len, seed=args.seed)
+                       max_model_len=cfg.scheduler_config.max_model_len, seed=args.seed,
+                       speculative_config=spec)
     return engine, loaded

@@ -24,12 +24,19 @@ class PackedLayout:
     num_tokens: int  # T
     num_reqs: int  # R
     pages_per_req: int  # Pmax
+    # L, the rows of logits the step returns: one per request (0 means R), or with speculative
+    # decoding one per position a request samples (its last token and each draft).
+    num_logits: int = 0
+
+    @property
+    def logits_rows(self) -> int:
+        return self.num_logits or self.num_reqs
 
     def sizes(self) -> dict[str, int]:
         t, r = self.num_tokens, self.num_reqs
         return dict(input_ids=t, positions=t, slot_mapping=t, block_tables=r * self.pages_per_req,
-                    seq_lens=r, query_start_loc=r + 1, num_seqs=1, logits_indices=r,
-                    placeholder_slots=t)
+                    seq_lens=r, query_start_loc=r + 1, num_seqs=1,
+                    logits_indices=self.logits_rows, placeholder_slots=t)
 
     @property
     def total(self) -> int:
@@ -123,12 +130,20 @@ class InputBatch:
         seq_len 0 and an all-zero block table. A position past the tokens the host knows (the
         token a step in flight samples) gets ``placeholder_slots`` = its slot + 1: the step
         reads its id from the sampler's device-side record (0: the id in ``input_ids``).
+        A request's drafts (speculative decoding) are staged past its known tokens, where the
+        next step's tokens overwrite them, and each of its last 1 + drafts positions gets a
+        logits row.
         """
         buf = np.zeros(layout.total, np.int32)
         a = layout.unpack(buf)  # views into buf
         slots = np.array([self.requests[r].slot for r in req_ids], np.int64)
         counts = np.array([so.num_scheduled_tokens[r] for r in req_ids], np.int64)
         starts = np.array([self.requests[r].num_computed_tokens for r in req_ids], np.int64)
+        spec = so.scheduled_spec_decode_tokens
+        num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], np.int64)
+        for r in spec:
+            state = self.requests[r]
+            self.token_ids[state.slot, state.num_tokens:state.num_tokens + len(spec[r])] = spec[r]
         num_reqs, num_tokens = len(req_ids), int(counts.sum())
         qsl = np.zeros(num_reqs + 1, np.int64)
         np.cumsum(counts, out=qsl[1:])
@@ -136,7 +151,7 @@ class InputBatch:
         tok_req = np.repeat(np.arange(num_reqs), counts)  # (t,)
         positions = starts[tok_req] + (np.arange(num_tokens) - qsl[:-1][tok_req])  # (t,)
         a["input_ids"][:num_tokens] = self.token_ids[slots[tok_req], positions]
-        known = np.array([self.requests[r].num_tokens for r in req_ids], np.int64)
+        known = np.array([self.requests[r].num_tokens for r in req_ids], np.int64) + num_drafts
         a["placeholder_slots"][:num_tokens] = np.where(positions >= known[tok_req],
                                                        slots[tok_req] + 1, 0)
         a["positions"][:num_tokens] = positions
@@ -148,5 +163,8 @@ class InputBatch:
         a["query_start_loc"][:num_reqs + 1] = qsl
         a["query_start_loc"][num_reqs + 1:] = num_tokens
         a["num_seqs"][0] = num_reqs
-        a["logits_indices"][:num_reqs] = qsl[1:] - 1
+        rows = 1 + num_drafts  # logits rows per request: its last position and each draft's
+        row_start = np.repeat(np.cumsum(rows) - rows, rows)
+        a["logits_indices"][:int(rows.sum())] = (np.repeat(qsl[1:] - rows, rows)
+                                                 + np.arange(int(rows.sum())) - row_start)
         return buf

@@ -31,7 +31,7 @@ logger = logging.getLogger("jaxpage")
 
 def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
              layout: PackedLayout, backend: str, all_logits: bool, decode_only: bool,
-             mesh=None):
+             mesh=None, ragged_impl: str = "auto"):
     """One step. ``params`` are the flat leaves of the model's nnx.State: flattening a tuple
     per call is cheap, flattening an nnx.State is not. ``last_sampled`` (max_num_seqs,) holds
     each slot's last sampled token on the device: the input of a token still in flight.
@@ -43,7 +43,8 @@ def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
                            seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
                            num_seqs=a["num_seqs"], attention_backend=backend,
-                           max_q_len=1 if decode_only else None, mesh=mesh)
+                           max_q_len=1 if decode_only else None, mesh=mesh,
+                           ragged_impl=ragged_impl)
     model = nnx.merge(graphdef, state)
     hidden, kv_pages = model(input_ids, a["positions"], kv_pages, md)  # (T, D)
     whole = (lambda x: x) if mesh is None else functools.partial(sharding.gather_logits,
@@ -66,13 +67,23 @@ class ModelRunner:
             on first use.
         parallel_config: tensor parallelism (``jaxpage/sharding.py``); default one device.
         compile_workers: XLA compiles at once in ``precompile`` (1: one after the other).
+        num_speculative_tokens: most drafts per request and step (speculative decoding): the
+            steps then return logits for every position that samples, not only the last.
     """
 
     def __init__(self, model, *, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  max_model_len: int, kv_dtype, attention_backend: str = "auto",
                  compile_all_buckets: bool | None = None,
-                 parallel_config: ParallelConfig | None = None, compile_workers: int = 1):
+                 parallel_config: ParallelConfig | None = None, compile_workers: int = 1,
+                 num_speculative_tokens: int = 0):
         cfg = model.config
+        self.num_speculative_tokens = num_speculative_tokens
+        # With drafts, steps run the Triton ragged kernel on GPUs, not the Mosaic one: on an
+        # H200 (JAX 0.11.2) verify steps through the Mosaic kernel made the next sampler launch
+        # fail ("Input buffer 0 is not 256-byte aligned") although every logits buffer was
+        # aligned; the Triton kernel on the same steps ran clean. Unexplained; see
+        # docs/benchmarks/NOTES.md (speculative decoding).
+        self.ragged_impl = "triton" if num_speculative_tokens else "auto"
         self.vocab_size = cfg.vocab_size
         self.max_model_len = max_model_len
         self.page_size = cache_config.page_size
@@ -127,7 +138,12 @@ class ModelRunner:
 
     # -- compilation --------------------------------------------------------------------------
     def _layout(self, bucket: tuple[int, int]) -> PackedLayout:
-        return PackedLayout(bucket[0], bucket[1], self.pages_per_req)
+        T, R = bucket
+        k = self.num_speculative_tokens
+        # With drafts, a step's requests sample at up to min(T, R (1 + k)) positions: rounded
+        # up to a power of two, so the sampler compiles for few row counts.
+        rows = R if not k else max(R, min(T, 1 << (R * (1 + k) - 1).bit_length()))
+        return PackedLayout(T, R, self.pages_per_req, rows)
 
     def _lower(self, key: tuple[int, int, bool, bool]) -> jax.stages.Lowered:
         T, R, all_logits, decode_only = key
@@ -135,7 +151,8 @@ class ModelRunner:
         fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
                                        backend=self.backend, all_logits=all_logits,
                                        decode_only=decode_only, mesh=self.mesh,
-                                       state_treedef=self.state_treedef),
+                                       state_treedef=self.state_treedef,
+                                       ragged_impl=self.ragged_impl),
                      donate_argnums=(1,))
         packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32, sharding=self._inputs)
         return fn.lower(self.params, self.kv_pages, packed, self.sampler.last_sampled)
@@ -175,7 +192,7 @@ class ModelRunner:
             done = [compile_one((k, self._lower(k))) for k in keys]
         for key, exe, seconds in done:
             self._compiled[key], self.compile_seconds[key] = exe, seconds
-        self.sampler.precompile(self.buckets.req_buckets)
+        self.sampler.precompile(sorted({self._layout(p).logits_rows for p in pairs}))
         logger.info("compiled %d step buckets in %.1f s (%d compile thread%s)", len(pairs),
                     time.perf_counter() - start, self.compile_workers,
                     "" if self.compile_workers == 1 else "s")
@@ -206,6 +223,7 @@ class ModelRunner:
         counts = [so.num_scheduled_tokens[r] for r in req_ids]
         want_prompt_lp = any(s.sampling_params.prompt_logprobs is not None
                              and s.num_computed_tokens < s.num_prompt_tokens for s in states)
+        drafts = [so.scheduled_spec_decode_tokens.get(r, []) for r in req_ids]
         exe = self._executable(bucket, want_prompt_lp,
                                decode_only=so.total_num_scheduled_tokens == len(req_ids))
         logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages,
@@ -217,7 +235,8 @@ class ModelRunner:
                    for s, c in zip(states, counts)]
         prompt = (self.sampler.dispatch_prompt_logprobs(all_logits, states, counts)
                   if want_prompt_lp else None)
-        return StepHandle(self.sampler.dispatch(logits, states, samples, bucket[1]), prompt)
+        return StepHandle(self.sampler.dispatch(logits, states, samples, layout.logits_rows,
+                                                drafts), prompt)
 
 
 @dataclass

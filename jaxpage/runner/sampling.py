@@ -4,6 +4,16 @@ A step's sampling is dispatched (device arrays, nothing waited for) and collecte
 that under async scheduling the next step can be dispatched in between. Each sampled token is
 also recorded per slot on the device (``last_sampled``): the next step's input for a request
 whose previous token the host has not read yet.
+
+Speculative decoding: a request with drafts d_1..d_k has k + 1 logits rows, and row j is
+sampled exactly as plain decoding would sample output position n + j (its seed and position,
+its penalties counting d_1..d_j as outputs). Row j's token t_j is what the model says after
+the context and d_1..d_j, so the drafts are kept while t_j == d_{j+1}, and the first t_j that
+differs (or t_k, if all agree) is the model's own next token. The kept tokens are the ones
+plain decoding would have produced, one step each. For a draft that is one fixed token this is
+the rejection sampling of speculative decoding: t_j equals the draft with exactly the target's
+probability of it, and when it does not, t_j is a draw from the target with the draft's token
+left out (the residual distribution).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ class PendingSample:
     out: SamplerOutput
     states: list[CachedRequestState]
     samples: list[bool]
+    drafts: list[list[int]]  # per request, the drafts its rows after the first verify
 
 
 @dataclass
@@ -69,8 +80,9 @@ class StepSampler:
         # (max_num_seqs,) the last token sampled in each input-batch slot, on the device.
         self.last_sampled = jnp.zeros((input_batch.max_num_reqs,), jnp.int32, device=sharding)
 
-    def precompile(self, req_buckets, logits_dtype=np.float32) -> None:
-        for r in req_buckets:
+    def precompile(self, row_counts, logits_dtype=np.float32) -> None:
+        """Compiles the common variants for each count of logits rows a step can return."""
+        for r in row_counts:
             logits = np.zeros((r, self.vocab_size), logits_dtype)
             if self.sharding is not None:  # as the step hands them over
                 logits = jax.device_put(logits, self.sharding)
@@ -79,59 +91,77 @@ class StepSampler:
                 md = build_sampling_metadata([SamplingRow(sp, 0)] * r, r, self.vocab_size)
                 jax.block_until_ready(self._sample(logits, md, self.last_sampled, slots))
 
-    def _row(self, state: CachedRequestState, samples: bool,
-             last_host: np.ndarray | None) -> SamplingRow:
+    def _row(self, state: CachedRequestState, samples: bool, last_host: np.ndarray | None,
+             drafted: list[int] = ()) -> SamplingRow:
+        """The row sampling ``state``'s next output position, or the one after ``drafted``
+        (drafts taken as its outputs: speculative decoding)."""
         if not samples:
             return SamplingRow(_IDLE, 0)
         sp = state.sampling_params
-        if state.grammar is not None and state.num_pending:
-            # the engine steps synchronously while grammars are live
+        if state.grammar is not None and (state.num_pending or drafted):
+            # the engine steps synchronously while grammars are live, and drafts none for them
             raise RuntimeError(f"request {state.req_id!r} has a grammar and a token in "
-                               "flight: its mask would miss that token.")
+                               "flight or drafted: its mask would miss that token.")
         if sp.has_penalties:
             ids = self.input_batch.token_ids[state.slot]
             outputs = ids[state.num_prompt_tokens:state.num_tokens]
             if state.num_pending:  # the token in flight counts too: read it back (a sync)
                 outputs = np.append(outputs, last_host[state.slot])
+            if drafted:
+                outputs = np.append(outputs, drafted)
             return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens], outputs,
                                grammar=state.grammar)
-        return SamplingRow(sp, state.seed,
-                           num_output_tokens=state.num_output_tokens + state.num_pending,
-                           grammar=state.grammar)
+        return SamplingRow(sp, state.seed, num_output_tokens=(
+            state.num_output_tokens + state.num_pending + len(drafted)), grammar=state.grammar)
 
     def dispatch(self, logits: jax.Array, states: list[CachedRequestState], samples: list[bool],
-                 padded_num_reqs: int) -> PendingSample:
-        """Launches this step's sampling; every sampling row's token becomes pending."""
+                 padded_rows: int, drafts: list[list[int]] | None = None) -> PendingSample:
+        """Launches this step's sampling; every sampling request's token becomes pending.
+
+        ``logits`` holds ``padded_rows`` rows: per request one, or 1 + its drafts (in batch
+        order, as ``InputBatch.prepare`` laid them out)."""
+        drafts = drafts or [[] for _ in states]
         last_host = None
         if any(do and s.num_pending and s.sampling_params.has_penalties
                for s, do in zip(states, samples)):
             last_host = np.asarray(jax.device_get(self.last_sampled))
-        rows = [self._row(s, do, last_host) for s, do in zip(states, samples)]
-        md = build_sampling_metadata(rows, padded_num_reqs, self.vocab_size, fill_bitmasks)
-        slots = np.full(padded_num_reqs, self.input_batch.max_num_reqs, np.int32)
-        for i, (state, do) in enumerate(zip(states, samples)):
+        rows = [self._row(s, do, last_host, d[:j])
+                for s, do, d in zip(states, samples, drafts) for j in range(len(d) + 1)]
+        md = build_sampling_metadata(rows, padded_rows, self.vocab_size, fill_bitmasks)
+        slots = np.full(padded_rows, self.input_batch.max_num_reqs, np.int32)
+        row = 0
+        for state, do, d in zip(states, samples, drafts):
             if do:
-                slots[i] = state.slot
+                # With drafts the token to record is known only once verified; the engine
+                # steps synchronously then, and the next step reads its input from the host.
+                if not d:
+                    slots[row] = state.slot
                 state.num_pending += 1
+            row += 1 + len(d)
         out, self.last_sampled = self._sample(logits, md, self.last_sampled, slots)
-        return PendingSample(out, list(states), list(samples))
+        return PendingSample(out, list(states), list(samples), drafts)
 
     def collect(self, pending: PendingSample) -> ModelRunnerOutput:
         """Reads a dispatched sampling back (waits for the device)."""
         out = jax.device_get(pending.out)
         token_ids = out.sampled_token_ids
         result = ModelRunnerOutput(sampled_token_ids={})
-        for i, (state, do) in enumerate(zip(pending.states, pending.samples)):
+        row = 0
+        for state, do, drafts in zip(pending.states, pending.samples, pending.drafts):
+            first, row = row, row + 1 + len(drafts)
             if not do:
                 continue
-            tok = int(token_ids[i])
-            result.sampled_token_ids[state.req_id] = [tok]
+            kept = 0  # drafts the model agrees with, up to the first it does not
+            while kept < len(drafts) and token_ids[first + kept] == drafts[kept]:
+                kept += 1
+            toks = [int(t) for t in token_ids[first:first + kept + 1]]
+            result.sampled_token_ids[state.req_id] = toks
             k = state.sampling_params.logprobs
             if k is not None and out.logprobs is not None:
                 lp = out.logprobs
                 result.logprobs[state.req_id] = [make_logprobs(
                     lp.token_logprobs[i], lp.token_ranks[i], lp.topk_token_ids[i],
-                    lp.topk_logprobs[i], k, tok)]
+                    lp.topk_logprobs[i], k, tok) for i, tok in enumerate(toks, first)]
         return result
 
     def dispatch_prompt_logprobs(self, all_logits: jax.Array, states: list[CachedRequestState],

@@ -29,19 +29,27 @@ def next_token(kv: int, vocab_size: int) -> int:
     return x % vocab_size
 
 
+def markov_token(last: int, vocab_size: int) -> int:
+    """The ``markov`` fake model's next token: a function of the last token alone, so outputs
+    soon cycle and n-gram drafts (speculative decoding) are often right."""
+    return (last * 5 + 3) % min(vocab_size, 13)
+
+
 def fake_logprob(kv: int) -> float:
     return -((kv >> 7) % 1000) / 100.0 - 0.01
 
 
 def reference_generate(prompt: list[int], max_tokens: int, vocab_size: int,
-                       stop_ids: set[int] = frozenset(), min_tokens: int = 0) -> list[int]:
+                       stop_ids: set[int] = frozenset(), min_tokens: int = 0,
+                       markov: bool = False) -> list[int]:
     """What the fake model generates for a prompt, computed without the engine."""
     kv = 0
     for pos, t in enumerate(prompt):
         kv = kv_of(kv, t, pos)
     out: list[int] = []
     for _ in range(max_tokens):
-        tok = next_token(kv, vocab_size)
+        last = out[-1] if out else prompt[-1]
+        tok = markov_token(last, vocab_size) if markov else next_token(kv, vocab_size)
         out.append(tok)
         if len(out) >= max_tokens or (len(out) >= min_tokens and tok in stop_ids):
             return out
@@ -60,10 +68,11 @@ class _State:
         # Tokens this runner sampled that the scheduler has not sent back yet: under async
         # scheduling the next step runs on them before the host knows them.
         self.pending: list[int] = []
+        self.drafts: list[int] = []  # this step's drafts (speculative decoding)
 
     @property
     def seq(self) -> list[int]:
-        return self.tokens + self.pending
+        return self.tokens + self.pending + self.drafts
 
 
 class FakeRunner:
@@ -73,10 +82,14 @@ class FakeRunner:
         scheduler: if given, token ids the runner holds are checked against the scheduler's.
         fail_req_ids: requests reported in ``errors`` whenever scheduled.
         raise_on_steps: step numbers (1-based) on which execute_model raises.
+        markov: the next token depends on the last token alone (``markov_token``), so that
+            n-gram drafts are often right; the KV is simulated and checked as always.
     """
 
     def __init__(self, num_pages: int, page_size: int, vocab_size: int, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, scheduler=None, fail_req_ids=(), raise_on_steps=()):
+                 max_num_batched_tokens: int, scheduler=None, fail_req_ids=(), raise_on_steps=(),
+                 markov: bool = False):
+        self.markov = markov
         self.page_size = page_size
         self.vocab_size = vocab_size
         self.max_num_seqs = max_num_seqs
@@ -143,6 +156,12 @@ class FakeRunner:
                 assert state.pending and state.pending.pop(0) == t, (req_id, t, state.pending)
             state.tokens.extend(toks)
             state.block_ids.extend(blocks)
+        for req_id, drafts in so.scheduled_spec_decode_tokens.items():
+            state = self.reqs[req_id]
+            assert drafts and not state.pending, "drafts need the last token on the host"
+            assert so.num_scheduled_tokens[req_id] == 1 + len(drafts)
+            assert state.num_computed == len(state.tokens) - 1, "drafts after a non-decode"
+            state.drafts = list(drafts)
         for req_id, n in so.num_scheduled_tokens.items():
             state = self.reqs[req_id]
             end = state.num_computed + n
@@ -182,9 +201,14 @@ class FakeRunner:
         end = state.num_computed + n
         seq = state.seq
         kv = 0
+        kvs = []
         for pos in range(end):  # every position the request attends to must hold its own KV
             kv = kv_of(kv, seq[pos], pos)
             assert int(self.pool[self._slot(state, pos)]) == kv, f"{req_id}: bad KV at {pos}"
+            kvs.append(kv)
+        if state.drafts:
+            self._verify_drafts(req_id, state, end, kvs, out)
+            return
         sp = state.params
         if sp.prompt_logprobs is not None and state.num_computed < state.num_prompt:
             out.prompt_logprobs[req_id] = [
@@ -195,7 +219,7 @@ class FakeRunner:
             if req_id in self.fail_req_ids:
                 out.errors[req_id] = "simulated failure"
             return  # a partial prefill chunk samples nothing
-        tok = next_token(kv, self.vocab_size)
+        tok = self._sample(kv, seq[end - 1])
         # The device samples (a step launched after this one reads the token) even when the
         # request's result is reported as failed.
         state.pending.append(tok)
@@ -204,7 +228,31 @@ class FakeRunner:
             return
         out.sampled_token_ids[req_id] = [tok]
         if sp.logprobs is not None:
-            k = sp.logprobs
-            top = [(tok + 1 + i) % self.vocab_size for i in range(k)]
-            out.logprobs[req_id] = [Logprobs([tok] + top, [fake_logprob(kv)] + [-5.0] * k,
-                                             [1] + list(range(2, k + 2)))]
+            out.logprobs[req_id] = [self._logprobs(tok, kv, sp.logprobs)]
+
+    def _logprobs(self, tok: int, kv: int, k: int) -> Logprobs:
+        top = [(tok + 1 + i) % self.vocab_size for i in range(k)]
+        return Logprobs([tok] + top, [fake_logprob(kv)] + [-5.0] * k, [1] + list(range(2, k + 2)))
+
+    def _sample(self, kv: int, last: int) -> int:
+        return markov_token(last, self.vocab_size) if self.markov else next_token(kv,
+                                                                                  self.vocab_size)
+
+    def _verify_drafts(self, req_id: str, state: _State, end: int, kvs: list[int],
+                       out: ModelRunnerOutput) -> None:
+        """Samples at the last token and at each draft; keeps drafts up to the first the
+        "model" disagrees with, plus its own token there."""
+        drafts, seq = state.drafts, state.seq
+        first = end - 1 - len(drafts)
+        toks = []
+        for j in range(len(drafts) + 1):
+            toks.append(self._sample(kvs[first + j], seq[first + j]))
+            if j < len(drafts) and toks[-1] != drafts[j]:
+                break
+        state.drafts = []
+        state.num_computed = end - (len(drafts) + 1 - len(toks))
+        state.pending.extend(toks)
+        out.sampled_token_ids[req_id] = toks
+        if state.params.logprobs is not None:
+            out.logprobs[req_id] = [self._logprobs(t, kvs[first + j], state.params.logprobs)
+                                    for j, t in enumerate(toks)]

@@ -54,12 +54,18 @@ def test_engine_flags_reach_engine_args():
     args = cli._engine_args(p.parse_args(["--token-padding-gap", "256",
                                           "--max-num-batched-tokens", "1024",
                                           "--no-async-scheduling",
-                                          "--kv-cache-dtype", "fp8_e5m2"]))
+                                          "--kv-cache-dtype", "fp8_e5m2",
+                                          "--speculative-config",
+                                          '{"method": "ngram", "num_speculative_tokens": 2}']))
     assert args.token_padding_gap == 256 and args.max_num_batched_tokens == 1024
     cfg = args.create_engine_config(platform="cpu", model_max_len=2048)
     assert cfg.scheduler_config.token_padding_gap == 256
     assert not cfg.scheduler_config.async_scheduling
     assert cfg.cache_config.kv_cache_dtype == "fp8_e5m2"
+    assert cfg.speculative_config.num_speculative_tokens == 2
+    for bad in ("ngram", "[1]"):  # not JSON / not an object: argparse's clear error
+        with pytest.raises(SystemExit):
+            p.parse_args(["--speculative-config", bad])
     default = cli._engine_args(p.parse_args([])).create_engine_config(platform="gpu",
                                                                       model_max_len=2048)
     assert default.scheduler_config.async_scheduling  # on by default (engine.md, H200)

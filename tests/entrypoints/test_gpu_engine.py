@@ -81,6 +81,35 @@ def test_async_scheduling_matches_sync_on_gpu(model):
     print(f"GPU {model}: async vs sync {n}/{len(prompts)} bit-identical")
 
 
+@pytest.mark.parametrize("model,dtype", [("smollm2-135m", "float32"), ("h128", "bfloat16")])
+def test_speculative_decoding_matches_plain_on_gpu(model, dtype):
+    """Draft verification steps (several query rows per decode: the ragged kernels, Mosaic for
+    h128) give plain decoding's greedy tokens (CPU twin: tests/entrypoints/test_spec_decode.py)."""
+    import numpy as np
+
+    base = H128 if model == "h128" else PRESETS[model]
+    cfg = dict(base, max_position_embeddings=1024)
+    rng = np.random.default_rng(4)
+    prompts = random_prompts(12, cfg["vocab_size"], 1, 200, seed=4)
+    prompts += [rng.integers(3, cfg["vocab_size"], int(rng.integers(3, 9))).tolist() * 6
+                for _ in range(12)]
+    outs, stats = {}, None
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 4}):
+        llm = LLM(model=None, load_format="dummy", hf_config=cfg, dtype=dtype, seed=0,
+                  max_num_seqs=32, max_num_batched_tokens=512, compile_all_buckets=False,
+                  speculative_config=spec)
+        baseline = llm.engine.num_free_pages
+        outs[spec is not None] = llm.generate(prompts, greedy(32), use_tqdm=False)
+        assert llm.engine.num_free_pages == baseline
+        stats = llm.engine.get_stats()
+        del llm
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+    n = assert_close(outs[False], outs[True], min_identical=0.6 if dtype == "bfloat16" else 0.75)
+    print(f"GPU {model} {dtype}: speculative vs plain {n}/{len(prompts)} bit-identical, "
+          f"{stats['spec_decode_num_accepted_tokens']}/{stats['spec_decode_num_draft_tokens']} "
+          "drafts kept")
+
+
 def test_structured_outputs_on_gpu(tmp_path):
     """Grammars on the GPU engine (the masked sampler variant, sync stepping beside async
     requests): every output is in its language and equals its request run alone (CPU twin:

@@ -184,7 +184,9 @@ def test_models_tokenize_detokenize_metrics_health(served, tok):
     metrics = client.get("/metrics").text
     for name in ("jaxpage:num_requests_running", "jaxpage:kv_cache_usage_perc",
                  "jaxpage:num_free_pages", 'jaxpage:http_requests_total{route="/health"',
-                 'jaxpage:time_to_first_token_seconds_bucket{le="+Inf"}'):
+                 'jaxpage:time_to_first_token_seconds_bucket{le="+Inf"}',
+                 "jaxpage:spec_decode_num_draft_tokens_total 0",
+                 "jaxpage:spec_decode_num_accepted_tokens_total 0"):
         assert name in metrics
     count = lambda text, name: float(next(  # noqa: E731
         line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))

@@ -85,6 +85,10 @@ def render_metrics(stats: dict[str, float], metrics: ServerMetrics) -> str:
            "cache.", stats.get("prefix_cache_queries", 0))
     metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
            stats.get("prefix_cache_hits", 0))
+    metric("spec_decode_num_draft_tokens_total", "counter", "Draft tokens run (speculative "
+           "decoding).", stats.get("spec_decode_num_draft_tokens", 0))
+    metric("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens kept (speculative "
+           "decoding).", stats.get("spec_decode_num_accepted_tokens", 0))
     metric("engine_steps_total", "counter", "Engine steps run.", stats.get("num_steps", 0))
     lines += ["# HELP jaxpage:http_requests_total HTTP requests by route and status.",
               "# TYPE jaxpage:http_requests_total counter"]
