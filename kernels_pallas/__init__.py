@@ -56,14 +56,11 @@ def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.
 def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, backend: str = "auto",
-                           interpret: bool = False, max_q_len: int | None = None,
-                           ragged_impl: str = "auto"):
+                           interpret: bool = False, max_q_len: int | None = None):
     """Mixed prefill + decode paged attention; see ``reference.py`` for the exact contract.
 
     ``max_q_len`` is a static hint: 1 promises a decode-only batch (every live request has
     exactly one query row, row b for request b), which selects the split-KV decode kernel.
-    ``ragged_impl`` picks the GPU ragged kernel ("auto" | "triton" | "mosaic"); other
-    backends ignore it.
     """
     backend = resolve_backend(backend)
     if backend == "reference":
@@ -75,7 +72,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
         return gpu.ragged_paged_attention(
             q, kv_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
             soft_cap=soft_cap, sliding_window=sliding_window, max_q_len=max_q_len,
-            ragged_impl=ragged_impl, interpret=interpret)
+            interpret=interpret)
     # Imported lazily: Mosaic TPU APIs. True interpret -> the TPU interpreter.
     from jaxpage.kernels_pallas.tpu import ragged_paged_attention as tpu_rpa
     return tpu_rpa.ragged_paged_attention(

@@ -28,8 +28,6 @@ class AttentionMetadata:
         attention_backend: static; "reference" | "pallas" (already resolved from "auto").
         max_q_len: static hint; 1 promises a decode-only step (request b's one token in row b),
             which lets the kernels take their split-KV decode path. None: any mix.
-        ragged_impl: static; the GPU ragged kernel: "auto" (Mosaic on Hopper where it takes
-            the shape), "triton" or "mosaic" (``kernels_pallas.gpu.ragged_paged_attention``).
         mesh: static; with tensor parallelism, the device mesh whose "model" axis splits the
             heads and the pool (``jaxpage/sharding.py``): attention runs per device under
             ``shard_map``. None: one device.
@@ -42,7 +40,6 @@ class AttentionMetadata:
     num_seqs: jax.Array
     attention_backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
     max_q_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))
-    ragged_impl: str = dataclasses.field(default="auto", metadata=dict(static=True))
     mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
@@ -58,8 +55,7 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Arra
         ((T, N, H) attention output, updated kv_pages).
     """
     local = functools.partial(_write_and_attend, backend=md.attention_backend,
-                              max_q_len=md.max_q_len, ragged_impl=md.ragged_impl,
-                              sm_scale=sm_scale, soft_cap=soft_cap,
+                              max_q_len=md.max_q_len, sm_scale=sm_scale, soft_cap=soft_cap,
                               sliding_window=sliding_window)
     tables = (md.slot_mapping, md.seq_lens, md.block_tables, md.query_start_loc, md.num_seqs)
     if md.mesh is None:
@@ -74,11 +70,9 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Arra
 
 
 def _write_and_attend(q, k, v, kv_pages, slot_mapping, seq_lens, block_tables, query_start_loc,
-                      num_seqs, *, backend, max_q_len, ragged_impl, sm_scale, soft_cap,
-                      sliding_window):
+                      num_seqs, *, backend, max_q_len, sm_scale, soft_cap, sliding_window):
     kv_pages = kernels_pallas.write_kv(kv_pages, k, v, slot_mapping, backend=backend)
     out = kernels_pallas.ragged_paged_attention(
         q, kv_pages, seq_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, backend=backend, max_q_len=max_q_len,
-        ragged_impl=ragged_impl)
+        soft_cap=soft_cap, sliding_window=sliding_window, backend=backend, max_q_len=max_q_len)
     return out, kv_pages

@@ -31,7 +31,7 @@ logger = logging.getLogger("jaxpage")
 
 def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
              layout: PackedLayout, backend: str, all_logits: bool, decode_only: bool,
-             mesh=None, ragged_impl: str = "auto"):
+             mesh=None):
     """One step. ``params`` are the flat leaves of the model's nnx.State: flattening a tuple
     per call is cheap, flattening an nnx.State is not. ``last_sampled`` (max_num_seqs,) holds
     each slot's last sampled token on the device: the input of a token still in flight.
@@ -43,8 +43,7 @@ def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"],
                            seq_lens=a["seq_lens"], query_start_loc=a["query_start_loc"],
                            num_seqs=a["num_seqs"], attention_backend=backend,
-                           max_q_len=1 if decode_only else None, mesh=mesh,
-                           ragged_impl=ragged_impl)
+                           max_q_len=1 if decode_only else None, mesh=mesh)
     model = nnx.merge(graphdef, state)
     hidden, kv_pages = model(input_ids, a["positions"], kv_pages, md)  # (T, D)
     whole = (lambda x: x) if mesh is None else functools.partial(sharding.gather_logits,
@@ -78,12 +77,6 @@ class ModelRunner:
                  num_speculative_tokens: int = 0):
         cfg = model.config
         self.num_speculative_tokens = num_speculative_tokens
-        # With drafts, steps run the Triton ragged kernel on GPUs, not the Mosaic one: on an
-        # H200 (JAX 0.11.2) verify steps through the Mosaic kernel made the next sampler launch
-        # fail ("Input buffer 0 is not 256-byte aligned") although every logits buffer was
-        # aligned; the Triton kernel on the same steps ran clean. Unexplained; see
-        # docs/benchmarks/NOTES.md (speculative decoding).
-        self.ragged_impl = "triton" if num_speculative_tokens else "auto"
         self.vocab_size = cfg.vocab_size
         self.max_model_len = max_model_len
         self.page_size = cache_config.page_size
@@ -151,8 +144,7 @@ class ModelRunner:
         fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
                                        backend=self.backend, all_logits=all_logits,
                                        decode_only=decode_only, mesh=self.mesh,
-                                       state_treedef=self.state_treedef,
-                                       ragged_impl=self.ragged_impl),
+                                       state_treedef=self.state_treedef),
                      donate_argnums=(1,))
         packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32, sharding=self._inputs)
         return fn.lower(self.params, self.kv_pages, packed, self.sampler.last_sampled)

@@ -88,6 +88,14 @@ MOSAIC_TUNING: dict[int, MosaicConfig] = {
 # Head dims where ``backend="auto"`` takes this kernel on Hopper: where it measured faster than
 # the Triton kernel (H = 128, above). Not H = 64, where it measured slower.
 AUTO_HEAD_DIMS = (128,)
+# ``backend="auto"`` takes this kernel only for steps of at least this many query rows. In the
+# engine on an H200 (JAX 0.11.2, h128 bf16 test model), steps of 16-64 rows through it — chunked
+# prefill under a 64-token budget, speculative decoding's verify steps — made the next launch
+# of *another* executable fail ("Input buffer 0 is not 256-byte aligned") in 28-48 of 48
+# requests, though the kernel alone matched the reference at those shapes and every buffer the
+# step returned was aligned; with this floor the same runs failed none (NOTES.md, session 16).
+# Small steps are not where the kernel's speed was measured to matter (mixed batches of 2108).
+AUTO_MIN_TOKENS = 128
 
 
 def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
