@@ -140,7 +140,8 @@ class InputBatch:
         counts = np.array([so.num_scheduled_tokens[r] for r in req_ids], np.int64)
         starts = np.array([self.requests[r].num_computed_tokens for r in req_ids], np.int64)
         spec = so.scheduled_spec_decode_tokens
-        num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], np.int64)
+        num_drafts = (np.array([len(spec.get(r, ())) for r in req_ids], np.int64) if spec
+                      else np.zeros(len(req_ids), np.int64))
         for r in spec:
             state = self.requests[r]
             self.token_ids[state.slot, state.num_tokens:state.num_tokens + len(spec[r])] = spec[r]
@@ -163,6 +164,9 @@ class InputBatch:
         a["query_start_loc"][:num_reqs + 1] = qsl
         a["query_start_loc"][num_reqs + 1:] = num_tokens
         a["num_seqs"][0] = num_reqs
+        if not spec:
+            a["logits_indices"][:num_reqs] = qsl[1:] - 1
+            return buf
         rows = 1 + num_drafts  # logits rows per request: its last position and each draft's
         row_start = np.repeat(np.cumsum(rows) - rows, rows)
         a["logits_indices"][:int(rows.sum())] = (np.repeat(qsl[1:] - rows, rows)

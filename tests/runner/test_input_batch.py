@@ -64,3 +64,31 @@ def test_packing_order_starts_chunks_on_8_row_boundaries():
     assert [s % 8 for s in starts[:3]] == [0, 0, 0]  # every multiple-of-8 chunk, and one more
     assert sorted(order) == sorted(num_scheduled)
 
+
+
+def test_drafts_are_staged_and_each_position_gets_a_logits_row():
+    batch = InputBatch(max_num_reqs=4, max_model_len=32, pages_per_req=8, page_size=S)
+    so1 = SchedulerOutput([_new("a", [10, 11, 12], [2, 6]), _new("b", [20, 21], [4])],
+                          CachedRequestData(), {"a": 3, "b": 2}, 5, set())
+    batch.update(so1)
+    # Step 2: "a" runs its sampled token 13 and drafts 14, 15; "b" runs 22 alone.
+    so2 = SchedulerOutput([], CachedRequestData(["a", "b"], [[13], [22]], [[], []], [3, 2]),
+                          {"a": 3, "b": 1}, 4, set(),
+                          scheduled_spec_decode_tokens={"a": [14, 15]})
+    batch.update(so2)
+    layout = PackedLayout(16, 4, 8, num_logits=8)
+    a = layout.unpack(batch.prepare(so2, ["a", "b"], layout))
+    assert a["input_ids"][:4].tolist() == [13, 14, 15, 22]
+    assert a["positions"][:4].tolist() == [3, 4, 5, 2]
+    assert a["placeholder_slots"][:4].tolist() == [0, 0, 0, 0]  # drafts are known ids
+    assert a["slot_mapping"][:4].tolist() == [2 * S + 3, 6 * S, 6 * S + 1, 4 * S + 2]
+    assert a["seq_lens"][:2].tolist() == [6, 3]
+    assert a["logits_indices"][:4].tolist() == [0, 1, 2, 3]  # a: all three rows; b: its last
+    assert batch.requests["a"].num_tokens == 4  # drafts are not tokens yet
+    # Step 3: "a" kept draft 14 and sampled 16 after it; its next input overwrites draft 15.
+    so3 = SchedulerOutput([], CachedRequestData(["a"], [[14, 16]], [[]], [5]), {"a": 1}, 1,
+                          set())
+    batch.update(so3)
+    a = layout.unpack(batch.prepare(so3, ["a"], layout))
+    assert a["input_ids"][0] == 16 and a["positions"][0] == 5
+    assert batch.token_ids[batch.requests["a"].slot, :6].tolist() == [10, 11, 12, 13, 14, 16]
