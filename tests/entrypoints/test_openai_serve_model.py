@@ -54,6 +54,36 @@ def test_server_tokens_equal_the_offline_engines():
     assert [got[i] for i in range(len(prompts))] == want
 
 
+def test_server_with_speculative_decoding():
+    """Several tokens a step reach the client as plain decoding's tokens, streamed or not, and
+    /metrics counts the drafts."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 512, 5).tolist() * 5 for _ in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in tiny_llm().generate(prompts, params, use_tqdm=False)]
+    llm = tiny_llm(speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    with TestClient(app_for_llm(llm, model_name="tiny")) as client:
+        for i, prompt in enumerate(prompts):
+            body = dict(prompt=prompt, max_tokens=16, temperature=0.0, ignore_eos=True,
+                        logprobs=0)
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert _ids_of(r.json()["choices"][0]["logprobs"]) == want[i]
+            streamed = []
+            with client.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        lp = json.loads(line[6:])["choices"][0].get("logprobs")
+                        streamed += _ids_of(lp) if lp else []
+            assert streamed == want[i]
+        metrics = client.get("/metrics").text
+    kept = next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("jaxpage:spec_decode_num_accepted_tokens_total "))
+    assert kept > 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
