@@ -190,14 +190,17 @@ class Scheduler:
     def _propose(self, request: Request, budget: int) -> list[int]:
         """Drafts for a request in decode with its last token known, within the step's
         ``budget`` and what its length caps leave (every draft kept plus the model's own token
-        must still fit); structured-output requests get none (their masks go token by token)."""
-        if (self.proposer is None or request.num_pending_tokens or request.grammar is not None
+        must still fit). A structured-output request's drafts are the tokens its grammar
+        forces next (a JSON schema's keys and punctuation), not n-grams."""
+        if (self.proposer is None or request.num_pending_tokens
                 or request.num_tokens - request.num_computed_tokens != 1):
             return []
-        room = min(budget, request.max_tokens - request.num_output_tokens - 1,
+        room = min(budget, self.proposer.k, request.max_tokens - request.num_output_tokens - 1,
                    self.max_model_len - request.num_tokens - 1)
         if room <= 0:
             return []
+        if request.grammar is not None:
+            return request.grammar.forced_tokens(room)
         return self.proposer.propose(request.token_array(), room)
 
     def _will_finish(self, request: Request) -> bool:

@@ -35,9 +35,19 @@ _executor = None
 _executor_lock = threading.Lock()
 
 
-def fill_bitmasks(mask: np.ndarray, entries: list[tuple[int, "Grammar"]]) -> None:
+def fill_bitmasks(mask: np.ndarray, entries: list[tuple]) -> None:
     """Writes each ``(row, grammar)``'s allowed-token bitmask into ``mask[row]`` ((R, W) int32,
-    C-contiguous); several rows in parallel on llguidance's threads (the GIL released)."""
+    C-contiguous); several rows in parallel on llguidance's threads (the GIL released).
+
+    An entry ``(row, grammar, drafted)`` with drafted tokens (speculative decoding) gets the
+    mask after them: the grammar takes them, fills the row, and rolls them back; such rows go
+    one by one, after the parallel ones (a grammar may own several rows)."""
+    drafted = [e for e in entries if len(e) > 2 and len(e[2])]
+    entries = [e[:2] for e in entries if not (len(e) > 2 and len(e[2]))]
+    for row, grammar, tokens in drafted:
+        grammar.fill_bitmask_after(mask, row, tokens)
+    if not entries:
+        return
     if len(entries) == 1:
         row, grammar = entries[0]
         grammar.fill_bitmask(mask, row)
@@ -66,6 +76,27 @@ class Grammar:
         from llguidance.numpy import fill_next_token_bitmask
 
         fill_next_token_bitmask(self._matcher, mask, row)
+
+    def fill_bitmask_after(self, mask: np.ndarray, row: int, tokens: list[int]) -> None:
+        """``fill_bitmask`` as if ``tokens`` had been taken (drafts); the state is unchanged
+        after. If the grammar refuses one of them, the row is unreachable (its sample counts
+        only when every earlier draft was sampled, under its mask) and allows every token."""
+        m = self._matcher
+        if m.validate_tokens(tokens) < len(tokens):
+            mask[row] = -1
+            return
+        if not m.consume_tokens(tokens):
+            raise RuntimeError(f"grammar refused validated drafts: {m.get_error()[:200]}")
+        self.fill_bitmask(mask, row)
+        m.rollback(len(tokens))
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Tokens the grammar forces next (llguidance's fast-forward tokens), at most
+        ``limit``: drafts that plain decoding makes too, whenever the model's tokenization of
+        the forced text is the grammar's."""
+        if limit <= 0 or self._matcher.is_stopped():
+            return []
+        return [int(t) for t in self._matcher.compute_ff_tokens()[:limit]]
 
     def accept(self, token_ids: Iterable[int]) -> bool:
         """Consumes committed tokens; False (the matcher then stays in error) if the grammar

@@ -98,10 +98,10 @@ class StepSampler:
         if not samples:
             return SamplingRow(_IDLE, 0)
         sp = state.sampling_params
-        if state.grammar is not None and (state.num_pending or drafted):
-            # the engine steps synchronously while grammars are live, and drafts none for them
+        if state.grammar is not None and state.num_pending:
+            # the engine steps synchronously while grammars are live
             raise RuntimeError(f"request {state.req_id!r} has a grammar and a token in "
-                               "flight or drafted: its mask would miss that token.")
+                               "flight: its mask would miss that token.")
         if sp.has_penalties:
             ids = self.input_batch.token_ids[state.slot]
             outputs = ids[state.num_prompt_tokens:state.num_tokens]
@@ -110,9 +110,10 @@ class StepSampler:
             if drafted:
                 outputs = np.append(outputs, drafted)
             return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens], outputs,
-                               grammar=state.grammar)
+                               grammar=state.grammar, drafted=list(drafted))
         return SamplingRow(sp, state.seed, num_output_tokens=(
-            state.num_output_tokens + state.num_pending + len(drafted)), grammar=state.grammar)
+            state.num_output_tokens + state.num_pending + len(drafted)), grammar=state.grammar,
+            drafted=list(drafted))
 
     def dispatch(self, logits: jax.Array, states: list[CachedRequestState], samples: list[bool],
                  padded_rows: int, drafts: list[list[int]] | None = None) -> PendingSample:

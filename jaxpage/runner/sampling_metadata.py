@@ -124,6 +124,8 @@ class SamplingRow:
             step under async scheduling).
         grammar: structured outputs: the row's grammar, for ``build_sampling_metadata``'s
             ``fill_token_masks`` (``structured_output.Grammar``).
+        drafted: speculative decoding: the drafts this row samples after; its grammar's mask
+            is the one after them.
     """
 
     sampling_params: SamplingParams
@@ -132,6 +134,7 @@ class SamplingRow:
     output_token_ids: Sequence[int] | np.ndarray = ()
     num_output_tokens: int | None = None
     grammar: Any = None
+    drafted: Sequence[int] = ()
 
     @property
     def output_pos(self) -> int:
@@ -149,9 +152,9 @@ def build_sampling_metadata(
         rows: the requests that sample this step, in batch-row order.
         padded_num_reqs: R, the step's request bucket (>= len(rows)).
         vocab_size: V, the width of the logits.
-        fill_token_masks: ``(mask, [(row, grammar), ...])`` writes those rows' allowed-token
-            bitmasks into the (R, W) int32 ``mask`` (``structured_output.fill_bitmasks``);
-            needed when a row has a grammar.
+        fill_token_masks: ``(mask, [(row, grammar, drafted), ...])`` writes those rows'
+            allowed-token bitmasks (after the row's drafted tokens) into the (R, W) int32
+            ``mask`` (``structured_output.fill_bitmasks``); needed when a row has a grammar.
 
     Returns:
         A SamplingMetadata of numpy arrays; rows past ``len(rows)`` are greedy and neutral.
@@ -192,7 +195,7 @@ def build_sampling_metadata(
     has_logit_bias = any(r.sampling_params.logit_bias for r in rows) or bool(suppress.any())
     stop_ids, bias_ids, bias_values = _sparse_bias_arrays(rows, suppress, R, has_logit_bias)
     penalty_ids, output_mask = _penalty_arrays(rows, R)
-    masked = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+    masked = [(i, r.grammar, r.drafted) for i, r in enumerate(rows) if r.grammar is not None]
     token_bitmask = np.full((R, mask_words(V) if masked else 1), -1, np.int32)
     if masked:
         if fill_token_masks is None:

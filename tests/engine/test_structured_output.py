@@ -58,3 +58,28 @@ def test_cached_compiles_are_independent_matchers(monkeypatch):
     for so in SO_KINDS:
         compiler.compile(so)
     assert len(compiler._cache) == 2
+
+
+def test_forced_tokens_and_masks_after_drafts():
+    """Speculative decoding: a JSON schema forces its opening key; the mask of a row after
+    drafts is the mask of a grammar that took them, and the grammar itself does not move."""
+    tok = build_tokenizer()
+    compiler = GrammarCompiler(tok, len(tok), [tok.eos_token_id])
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    g = compiler.compile(SO(json=schema, disable_any_whitespace=True))
+    forced = g.forced_tokens(16)
+    assert tok.decode(forced) == '{"name":"' and g.forced_tokens(3) == forced[:3]
+    words = -(-len(tok) // 32)
+    mask = np.zeros((5, words), np.int32)
+    fill_bitmasks(mask, [(0, g, ()), (1, g, forced[:1]), (2, g, forced[:4]), (3, g, forced),
+                         (4, g, [forced[0], forced[0]])])  # the last: refused, unreachable
+    for row, n in ((0, 0), (1, 1), (2, 4), (3, len(forced))):
+        walked = g.copy()
+        assert walked.accept(forced[:n])
+        want = np.zeros((1, words), np.int32)
+        walked.fill_bitmask(want, 0)
+        np.testing.assert_array_equal(mask[row], want[0])
+    assert (mask[4] == -1).all()
+    assert _allowed(mask[0]).tolist() != _allowed(mask[3]).tolist()
+    assert g.forced_tokens(16) == forced  # rolled back
+    assert not g.terminated and g.accept(forced)

@@ -133,3 +133,45 @@ def test_smollm2_keeps_drafts_when_copying(default_gguf):
     assert len(steps) < 0.6 * tokens / len(prompts) + 4, (len(steps), tokens)
     print(f"SmolLM2 copying: {kept}/{drafted} drafts kept, {len(steps)} steps for "
           f"{tokens} tokens of {len(prompts)} requests")
+
+
+@pytest.mark.slow
+def test_smollm2_json_schema_drafts_are_the_forced_tokens(default_gguf):
+    """A structured-output request's drafts are the tokens its grammar forces (keys,
+    punctuation): the same JSON as plain decoding, in fewer steps."""
+    import json
+
+    from jaxpage import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string"}, "country": {"type": "string"},
+        "population_millions": {"type": "number"}, "is_capital": {"type": "boolean"}},
+        "required": ["city", "country", "population_millions", "is_capital"],
+        "additionalProperties": False}
+    kw = dict(model=str(default_gguf), dtype="float32", max_model_len=512, seed=0,
+              max_num_seqs=4)
+    plain = LLM(**kw)
+    tok = plain.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Describe {c} as JSON."}],
+                                       tokenize=False, add_generation_prompt=True)
+               for c in ("Paris", "Tokyo", "Lima")]
+    sp = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=StructuredOutputsParams(
+        json=schema, disable_any_whitespace=True))
+    a = plain.generate(prompts, sp, use_tqdm=False)
+    del plain
+    spec = LLM(**kw, speculative_config={"method": "ngram", "num_speculative_tokens": 6})
+    steps = []
+    engine_step = spec.engine.step
+    spec.engine.step = lambda: (steps.append(1), engine_step())[1]
+    b = spec.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].text for o in a] == [o.outputs[0].text for o in b]
+    for o in b:
+        assert set(json.loads(o.outputs[0].text)) == set(schema["properties"])
+    stats = spec.engine.get_stats()
+    drafted, kept = (stats["spec_decode_num_draft_tokens"],
+                     stats["spec_decode_num_accepted_tokens"])
+    tokens = sum(len(o.outputs[0].token_ids) for o in b)
+    assert kept > 0.5 * drafted and len(steps) < 0.85 * tokens / len(prompts) + 2, (
+        kept, drafted, len(steps), tokens)
+    print(f"SmolLM2 JSON: {kept}/{drafted} forced drafts kept, {len(steps)} steps for "
+          f"{tokens} tokens of {len(prompts)} requests")

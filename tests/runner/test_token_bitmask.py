@@ -37,7 +37,7 @@ def _rows_with_masks(params, masks):
 
 
 def _fill(buf, entries):
-    for row, mask in entries:
+    for row, mask, _drafted in entries:
         buf[row] = mask
 
 
