@@ -376,12 +376,13 @@ class LLMEngine:
             request = update.request
             state = self._states[request.req_id]
             state.error = update.error or state.error
+            grammar_done = (request.grammar is not None and bool(update.new_token_ids)
+                            and self._advance_grammar(state, update))
             stop_str = self._detokenize(state, update)
             state.add_logprobs(update)
-            if request.grammar is not None and update.new_token_ids:
-                self._advance_grammar(state, update.new_token_ids)
             if stop_str is not None:
                 request.stop_reason = stop_str
+            if stop_str is not None or grammar_done:
                 if request.is_finished:
                     request.status = RequestStatus.FINISHED_STOPPED
                 else:
@@ -403,7 +404,9 @@ class LLMEngine:
         has stop strings, and tokens after the one that completed a match are dropped, as if
         they had come one step each."""
         request, tokens = update.request, update.new_token_ids
-        stopped = request.status == RequestStatus.FINISHED_STOPPED
+        # the last token is a stop token (EOS or stop_token_ids) that ended the request
+        stopped = (request.status == RequestStatus.FINISHED_STOPPED and bool(tokens)
+                   and tokens[-1] in request.sampling_params.all_stop_token_ids)
         if len(tokens) <= 1 or not state.detokenizer.stop:
             return state.detokenizer.update(tokens, stopped)
         for i, token_id in enumerate(tokens):
@@ -412,25 +415,40 @@ class LLMEngine:
             if stop_str is not None:
                 if not last:
                     request.truncate_output(request.num_output_tokens - (len(tokens) - i - 1))
+                    request.stop_reason = None  # a stop token among those dropped
                     update.new_token_ids = tokens[:i + 1]
                     if update.new_logprobs is not None:
                         update.new_logprobs = update.new_logprobs[:i + 1]
                 return stop_str
         return None
 
-    def _advance_grammar(self, state: _RequestState, token_ids: list[int]) -> None:
-        """Feeds committed tokens to the request's grammar; finishes the request when the
-        grammar is complete (finish reason "stop"), fails it if a token broke the grammar
-        (only a masking bug could do that)."""
-        request = state.request
-        if not request.grammar.accept(token_ids):
-            state.error = f"structured output: a sampled token broke the grammar " \
-                          f"({request.grammar.error[:200]})"
-            logger.error("request %s: %s", request.req_id, state.error)
-            if not request.is_finished:
-                self.scheduler.finish_requests(request.req_id, RequestStatus.FINISHED_ERROR)
-        elif request.grammar.terminated and not request.is_finished:
-            self.scheduler.finish_requests(request.req_id, RequestStatus.FINISHED_STOPPED)
+    def _advance_grammar(self, state: _RequestState, update: RequestUpdate) -> bool:
+        """Feeds the update's tokens to the request's grammar, one by one. Returns True when
+        the grammar is complete (the caller finishes the request, finish reason "stop"); tokens
+        after the one that completed it (drafts kept in the same step) are dropped, as plain
+        decoding never makes them. A token that broke the grammar (only a masking bug could)
+        fails the request."""
+        request, tokens = state.request, update.new_token_ids
+        for i, token_id in enumerate(tokens):
+            if not request.grammar.accept([token_id]):
+                state.error = f"structured output: a sampled token broke the grammar " \
+                              f"({request.grammar.error[:200]})"
+                logger.error("request %s: %s", request.req_id, state.error)
+                if not request.is_finished:
+                    self.scheduler.finish_requests(request.req_id, RequestStatus.FINISHED_ERROR)
+                return False
+            if request.grammar.terminated:
+                if i < len(tokens) - 1:
+                    request.truncate_output(request.num_output_tokens - (len(tokens) - i - 1))
+                    request.stop_reason = None  # a stop token among those dropped
+                    update.new_token_ids = tokens[:i + 1]
+                    if update.new_logprobs is not None:
+                        update.new_logprobs = update.new_logprobs[:i + 1]
+                    return True
+                # complete at the step's last token: as before, a request that its length cap
+                # ended at the same token keeps finish reason "length"
+                return not request.is_finished
+        return False
 
     def _make_outputs(self, states: list[_RequestState]) -> list[RequestOutput]:
         outputs, parents = [], {}

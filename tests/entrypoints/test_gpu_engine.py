@@ -129,10 +129,9 @@ def test_speculative_decoding_matches_plain_on_gpu(model, dtype):
           "drafts kept")
 
 
-def test_structured_outputs_on_gpu(tmp_path):
-    """Grammars on the GPU engine (the masked sampler variant, sync stepping beside async
-    requests): every output is in its language and equals its request run alone (CPU twin:
-    test_structured_outputs.py, on SmolLM2)."""
+def _structured_workload(tmp_path):
+    """A trained test tokenizer, an H = 128 float32 model for it, and 12 constrained requests
+    (schema, regex, choice; greedy and sampled) plus 4 plain ones, with each one's check."""
     import json
     import re
 
@@ -142,9 +141,6 @@ def test_structured_outputs_on_gpu(tmp_path):
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
     cfg = dict(H128, vocab_size=len(tok), max_position_embeddings=1024)
-    llm = LLM(model=None, load_format="dummy", hf_config=cfg, tokenizer=str(tmp_path),
-              dtype="float32", seed=0, max_num_seqs=32, max_num_batched_tokens=512,
-              compile_all_buckets=False)
     schema = {"type": "object", "additionalProperties": False, "required": ["n", "s"],
               "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
                              "s": {"type": "string", "maxLength": 12}}}
@@ -159,12 +155,46 @@ def test_structured_outputs_on_gpu(tmp_path):
                              structured_outputs=checks[i % 3][0]) for i in range(12)]
     params += [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)] * 4
     prompts += prompts[:4]
+
+    def llm(**kw):
+        return LLM(model=None, load_format="dummy", hf_config=cfg, tokenizer=str(tmp_path),
+                   dtype="float32", seed=0, max_num_seqs=32, max_num_batched_tokens=512,
+                   compile_all_buckets=False, **kw)
+
+    def check(outputs):
+        for i, c in enumerate(outputs[:12]):
+            assert c.finish_reason == "stop" and checks[i % 3][1](c.text), (i, c.text)
+
+    return llm, prompts, params, check
+
+
+def test_structured_outputs_on_gpu(tmp_path):
+    """Grammars on the GPU engine (the masked sampler variant, sync stepping beside async
+    requests): every output is in its language and equals its request run alone (CPU twin:
+    test_structured_outputs.py, on SmolLM2)."""
+    make, prompts, params, check = _structured_workload(tmp_path)
+    llm = make()
     alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p, sp in zip(prompts, params)]
     batched = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
-    for i, (a, b) in enumerate(zip(alone, batched)):
-        for c in (a, b) if i < 12 else ():
-            assert c.finish_reason == "stop" and checks[i % 3][1](c.text), (i, c.text)
+    check(alone)
+    check(batched)
     # float32, but other batch shapes may still flip a near-tie of random weights
     same = sum(a.token_ids == b.token_ids for a, b in zip(alone, batched))
     print(f"GPU structured outputs: batched vs alone {same}/{len(alone)} identical")
     assert same >= len(alone) - 2 and llm.engine._num_structured == 0
+
+
+def test_structured_outputs_with_forced_drafts_on_gpu(tmp_path):
+    """Speculative decoding beside grammars: the grammar's forced tokens as drafts, n-grams
+    for the plain requests; the same outputs as without (CPU twin: test_spec_decode.py)."""
+    make, prompts, params, check = _structured_workload(tmp_path)
+    plain = [o.outputs[0] for o in make().generate(prompts, params, use_tqdm=False)]
+    llm = make(speculative_config={"method": "ngram", "num_speculative_tokens": 6})
+    spec = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    check(spec)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(plain, spec))
+    stats = llm.engine.get_stats()
+    print(f"GPU structured outputs: speculative vs plain {same}/{len(spec)} identical, "
+          f"{stats['spec_decode_num_accepted_tokens']}/{stats['spec_decode_num_draft_tokens']} "
+          "drafts kept")
+    assert same >= len(spec) - 2 and stats["spec_decode_num_accepted_tokens"] > 0
