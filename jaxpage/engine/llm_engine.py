@@ -41,6 +41,18 @@ def _error(param: str, msg: str, code: str | None = None) -> ValueError:
     return err
 
 
+def _keep_first(update: RequestUpdate, n: int) -> None:
+    """Keeps the first ``n`` of a step's new tokens (several: speculative decoding) and drops
+    the rest from the request, its update and their logprobs: a stop string or the grammar
+    ended the output inside the step, where plain decoding would have stopped."""
+    request = update.request
+    request.truncate_output(request.num_output_tokens - (len(update.new_token_ids) - n))
+    request.stop_reason = None  # a stop token among those dropped
+    update.new_token_ids = update.new_token_ids[:n]
+    if update.new_logprobs is not None:
+        update.new_logprobs = update.new_logprobs[:n]
+
+
 class ParentRequest:
     """An ``n > 1`` request fanned out into children ``f"{i}_{req_id}"`` (vLLM's naming).
 
@@ -414,11 +426,7 @@ class LLMEngine:
             stop_str = state.detokenizer.update([token_id], stopped and last)
             if stop_str is not None:
                 if not last:
-                    request.truncate_output(request.num_output_tokens - (len(tokens) - i - 1))
-                    request.stop_reason = None  # a stop token among those dropped
-                    update.new_token_ids = tokens[:i + 1]
-                    if update.new_logprobs is not None:
-                        update.new_logprobs = update.new_logprobs[:i + 1]
+                    _keep_first(update, i + 1)
                 return stop_str
         return None
 
@@ -439,11 +447,7 @@ class LLMEngine:
                 return False
             if request.grammar.terminated:
                 if i < len(tokens) - 1:
-                    request.truncate_output(request.num_output_tokens - (len(tokens) - i - 1))
-                    request.stop_reason = None  # a stop token among those dropped
-                    update.new_token_ids = tokens[:i + 1]
-                    if update.new_logprobs is not None:
-                        update.new_logprobs = update.new_logprobs[:i + 1]
+                    _keep_first(update, i + 1)
                     return True
                 # complete at the step's last token: as before, a request that its length cap
                 # ended at the same token keeps finish reason "length"
