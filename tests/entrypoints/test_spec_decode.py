@@ -102,6 +102,15 @@ def test_bad_speculative_config_is_a_clear_error():
         tiny_llm(speculative_config={"method": "ngram", "num_speculative_tokens": -1})
 
 
+def _run_counting_steps(kw: dict, k: int, prompts, sp):
+    """An engine with k n-gram drafts: (the LLM, its outputs, its steps)."""
+    spec = LLM(**kw, speculative_config={"method": "ngram", "num_speculative_tokens": k})
+    steps = []
+    engine_step = spec.engine.step
+    spec.engine.step = lambda: (steps.append(1), engine_step())[1]
+    return spec, spec.generate(prompts, sp, use_tqdm=False), steps
+
+
 @pytest.mark.slow
 def test_smollm2_keeps_drafts_when_copying(default_gguf):
     """The real model asked to repeat a passage: the same text as plain decoding, most drafts
@@ -118,11 +127,7 @@ def test_smollm2_keeps_drafts_when_copying(default_gguf):
     sp = SamplingParams(temperature=0.0, max_tokens=40, logprobs=1)
     a = plain.generate(prompts, sp, use_tqdm=False)
     del plain
-    spec = LLM(**kw, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
-    steps = []
-    engine_step = spec.engine.step
-    spec.engine.step = lambda: (steps.append(1), engine_step())[1]
-    b = spec.generate(prompts, sp, use_tqdm=False)
+    spec, b, steps = _run_counting_steps(kw, 4, prompts, sp)
     assert [o.outputs[0].text for o in a] == [o.outputs[0].text for o in b]
     assert passage[:40] in b[0].outputs[0].text  # it did copy
     stats = spec.engine.get_stats()
@@ -159,11 +164,7 @@ def test_smollm2_json_schema_drafts_are_the_forced_tokens(default_gguf):
         json=schema, disable_any_whitespace=True))
     a = plain.generate(prompts, sp, use_tqdm=False)
     del plain
-    spec = LLM(**kw, speculative_config={"method": "ngram", "num_speculative_tokens": 6})
-    steps = []
-    engine_step = spec.engine.step
-    spec.engine.step = lambda: (steps.append(1), engine_step())[1]
-    b = spec.generate(prompts, sp, use_tqdm=False)
+    spec, b, steps = _run_counting_steps(kw, 6, prompts, sp)
     # tokens too: a step whose kept drafts complete the grammar must not add the bonus token
     # after them (plain decoding stops at the grammar's end without sampling one)
     assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in a] == \
