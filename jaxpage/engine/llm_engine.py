@@ -16,10 +16,11 @@ import numpy as np
 
 from ..config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from .detokenizer import IncrementalDetokenizer, TokenizerInfo
+from .output_state import ParentRequest, RequestState, keep_first
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .scheduler import RequestUpdate, Scheduler
-from .scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
+from .scheduler_output import ModelRunnerOutput, SchedulerOutput
 from .structured_output import Grammar, GrammarCompiler
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
@@ -39,100 +40,6 @@ def _error(param: str, msg: str, code: str | None = None) -> ValueError:
     err.param = param  # type: ignore[attr-defined]
     err.code = code  # type: ignore[attr-defined]
     return err
-
-
-def _keep_first(update: RequestUpdate, n: int) -> None:
-    """Keeps the first ``n`` of a step's new tokens (several: speculative decoding) and drops
-    the rest from the request, its update and their logprobs: a stop string or the grammar
-    ended the output inside the step, where plain decoding would have stopped."""
-    request = update.request
-    request.truncate_output(request.num_output_tokens - (len(update.new_token_ids) - n))
-    request.stop_reason = None  # a stop token among those dropped
-    update.new_token_ids = update.new_token_ids[:n]
-    if update.new_logprobs is not None:
-        update.new_logprobs = update.new_logprobs[:n]
-
-
-class ParentRequest:
-    """An ``n > 1`` request fanned out into children ``f"{i}_{req_id}"`` (vLLM's naming).
-
-    Child 0 runs first; the others join once it has produced a token, by which time the prompt's
-    full pages are in the prefix cache, so the children share them instead of recomputing.
-    """
-
-    def __init__(self, req_id: str, n: int, arrival_time: float):
-        self.req_id = req_id
-        self.n = n
-        self.child_ids = [f"{i}_{req_id}" for i in range(n)]
-        self.outputs: dict[int, CompletionOutput] = {}
-        self.pending: list[Request] = []  # children waiting for child 0's prompt to be cached
-        self.head_state: _RequestState | None = None  # child 0: prompt, prompt_logprobs
-        self.metrics = RequestMetrics(arrival_time=arrival_time)
-        self.num_finished = 0
-
-    @staticmethod
-    def child_params(params: SamplingParams, index: int) -> SamplingParams:
-        child = params.clone()
-        child.n = 1
-        if params.seed is not None:
-            child.seed = params.seed + index  # distinct but reproducible samples per child
-        return child
-
-    def record(self, index: int, completion: CompletionOutput, request: Request) -> None:
-        self.outputs[index] = completion
-        m, cm = self.metrics, request.metrics
-        for name in ("first_scheduled_time", "first_token_time"):
-            mine, theirs = getattr(m, name), getattr(cm, name)
-            if theirs is not None and (mine is None or theirs < mine):
-                setattr(m, name, theirs)
-        if completion.finished():
-            self.num_finished += 1
-            m.finished_time = max(m.finished_time or 0.0, cm.finished_time or time.time())
-
-    @property
-    def finished(self) -> bool:
-        return self.num_finished == self.n
-
-
-class _RequestState:
-    """Output-side state of one scheduler request (a whole n = 1 request, or one child)."""
-
-    def __init__(self, request: Request, prompt: str | None, detokenizer: IncrementalDetokenizer,
-                 parent: ParentRequest | None, index: int):
-        self.request = request
-        self.prompt = prompt
-        self.detokenizer = detokenizer
-        self.parent = parent
-        self.index = index
-        sp = request.sampling_params
-        self.logprobs: list[Logprobs] | None = [] if sp.logprobs is not None else None
-        self.cumulative_logprob: float | None = 0.0 if sp.logprobs is not None else None
-        self.prompt_logprobs: list[Logprobs | None] | None = (
-            [] if sp.prompt_logprobs is not None else None)
-        self.num_preemptions_seen = 0
-        self.error: str | None = None
-
-    def add_logprobs(self, update: RequestUpdate) -> None:
-        if self.logprobs is not None and update.new_logprobs:
-            self.logprobs.extend(update.new_logprobs)
-            self.cumulative_logprob += sum(lp.logprobs[0] for lp in update.new_logprobs)
-        plp, request = update.new_prompt_logprobs, self.request
-        if self.prompt_logprobs is None or not plp:
-            return
-        if len(self.prompt_logprobs) >= request.num_prompt_tokens:
-            return  # complete; a recompute after preemption sends them again
-        if request.num_preemptions != self.num_preemptions_seen:
-            self.prompt_logprobs.clear()  # recomputed from the start after preemption
-            self.num_preemptions_seen = request.num_preemptions
-        self.prompt_logprobs.extend(plp)
-
-    def completion(self) -> CompletionOutput:
-        r = self.request
-        return CompletionOutput(
-            index=self.index, text=self.detokenizer.get_output_text(r.is_finished),
-            token_ids=list(r.output_token_ids), cumulative_logprob=self.cumulative_logprob,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
-            finish_reason=r.finish_reason, stop_reason=r.stop_reason)
 
 
 class LLMEngine:
@@ -181,7 +88,7 @@ class LLMEngine:
                                    max_model_len=max_model_len,
                                    speculative_config=speculative_config)
         self.speculative = speculative_config is not None
-        self._states: dict[str, _RequestState] = {}  # scheduler req_id -> state, unfinished
+        self._states: dict[str, RequestState] = {}  # scheduler req_id -> state, unfinished
         self._parents: dict[str, ParentRequest] = {}
         self._num_pending_children = 0
         self._rng = random.Random(seed)
@@ -271,7 +178,7 @@ class LLMEngine:
                 arrival_time=arrival_time, cache_salt=cache_salt,
                 grammar=None if grammar is None else grammar.copy() if index else grammar)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params)
-            states.append(_RequestState(request, prompt, detok, parent, index))
+            states.append(RequestState(request, prompt, detok, parent, index))
             requests.append(request)
         self.scheduler.add_request(requests[0])  # the last check that can fail
         self._states.update(zip(child_ids, states))
@@ -383,7 +290,7 @@ class LLMEngine:
                                  errors=dict.fromkeys(so.num_scheduled_tokens, msg))
 
     def _process_updates(self, updates: list[RequestUpdate]) -> list[RequestOutput]:
-        touched: list[_RequestState] = []
+        touched: list[RequestState] = []
         for update in updates:
             request = update.request
             state = self._states[request.req_id]
@@ -409,7 +316,7 @@ class LLMEngine:
         return self._make_outputs(touched)
 
     @staticmethod
-    def _detokenize(state: _RequestState, update: RequestUpdate) -> str | None:
+    def _detokenize(state: RequestState, update: RequestUpdate) -> str | None:
         """Adds the update's tokens to the text; returns the stop string that matched, if any.
 
         Several tokens in one step (speculative decoding) go in one at a time when the request
@@ -426,11 +333,11 @@ class LLMEngine:
             stop_str = state.detokenizer.update([token_id], stopped and last)
             if stop_str is not None:
                 if not last:
-                    _keep_first(update, i + 1)
+                    keep_first(update, i + 1)
                 return stop_str
         return None
 
-    def _advance_grammar(self, state: _RequestState, update: RequestUpdate) -> bool:
+    def _advance_grammar(self, state: RequestState, update: RequestUpdate) -> bool:
         """Feeds the update's tokens to the request's grammar, one by one. Returns True when
         the grammar is complete (the caller finishes the request, finish reason "stop"); tokens
         after the one that completed it (drafts kept in the same step) are dropped, as plain
@@ -447,14 +354,14 @@ class LLMEngine:
                 return False
             if request.grammar.terminated:
                 if i < len(tokens) - 1:
-                    _keep_first(update, i + 1)
+                    keep_first(update, i + 1)
                     return True
                 # complete at the step's last token: as before, a request that its length cap
                 # ended at the same token keeps finish reason "length"
                 return not request.is_finished
         return False
 
-    def _make_outputs(self, states: list[_RequestState]) -> list[RequestOutput]:
+    def _make_outputs(self, states: list[RequestState]) -> list[RequestOutput]:
         outputs, parents = [], {}
         for state in states:
             request = state.request
@@ -476,7 +383,7 @@ class LLMEngine:
         return outputs
 
     @staticmethod
-    def _request_output(state: _RequestState, req_id: str, completions: list[CompletionOutput],
+    def _request_output(state: RequestState, req_id: str, completions: list[CompletionOutput],
                         finished: bool, metrics: RequestMetrics) -> RequestOutput:
         request = state.request
         return RequestOutput(

@@ -42,10 +42,13 @@ def fill_bitmasks(mask: np.ndarray, entries: list[tuple]) -> None:
     An entry ``(row, grammar, drafted)`` with drafted tokens (speculative decoding) gets the
     mask after them: the grammar takes them, fills the row, and rolls them back; such rows go
     one by one, after the parallel ones (a grammar may own several rows)."""
-    drafted = [e for e in entries if len(e) > 2 and len(e[2])]
-    entries = [e[:2] for e in entries if not (len(e) > 2 and len(e[2]))]
-    for row, grammar, tokens in drafted:
-        grammar.fill_bitmask_after(mask, row, tokens)
+    plain = []
+    for row, grammar, *drafted in entries:
+        if drafted and len(drafted[0]):
+            grammar.fill_bitmask_after(mask, row, drafted[0])
+        else:
+            plain.append((row, grammar))
+    entries = plain
     if not entries:
         return
     if len(entries) == 1:
