@@ -17,9 +17,18 @@ from jaxpage.engine.scheduler_output import SchedulerOutput
 from jaxpage.sampling_params import SamplingParams
 
 
+# Every array in the packed buffer starts at a multiple of this many int32s (256 bytes). XLA
+# hands a kernel a contiguous slice of the buffer as a view at its offset, and Mosaic GPU's
+# custom call rejects an input that is not 256-byte aligned ("Input buffer 0 is not 256-byte
+# aligned": the block tables, at 3 T int32s, in buckets of T = 16 or 32, or any T not a
+# multiple of 64). NOTES.md, session 17.
+PACK_ALIGN = 64
+
+
 @dataclass(frozen=True)
 class PackedLayout:
-    """Offsets of each array inside the packed buffer of a (T, R) bucket."""
+    """Offsets of each array inside the packed buffer of a (T, R) bucket; each array starts
+    ``PACK_ALIGN``-aligned."""
 
     num_tokens: int  # T
     num_reqs: int  # R
@@ -38,16 +47,23 @@ class PackedLayout:
                     seq_lens=r, query_start_loc=r + 1, num_seqs=1,
                     logits_indices=self.logits_rows, placeholder_slots=t)
 
+    def offsets(self) -> dict[str, int]:
+        """Where each array starts: the sizes before it, each rounded up to ``PACK_ALIGN``."""
+        out, off = {}, 0
+        for name, size in self.sizes().items():
+            out[name] = off
+            off += -(-size // PACK_ALIGN) * PACK_ALIGN
+        return out
+
     @property
     def total(self) -> int:
-        return sum(self.sizes().values())
+        name, size = list(self.sizes().items())[-1]
+        return self.offsets()[name] + size
 
     def unpack(self, buf):
         """Splits a packed buffer (numpy or jax) into named arrays (static slices)."""
-        out, off = {}, 0
-        for name, size in self.sizes().items():
-            out[name] = buf[off:off + size]
-            off += size
+        sizes = self.sizes()
+        out = {name: buf[off:off + sizes[name]] for name, off in self.offsets().items()}
         out["block_tables"] = out["block_tables"].reshape(self.num_reqs, self.pages_per_req)
         return out
 

@@ -77,15 +77,15 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
 
 def mosaic_applies(q, kv_pages) -> bool:
     """True on a Hopper GPU (compute capability 9.x) for shapes ``ragged_mosaic`` takes, at
-    the head dims where it measured faster than the Triton kernel, for steps of at least
-    ``ragged_mosaic.AUTO_MIN_TOKENS`` rows."""
+    the head dims where it measured faster than the Triton kernel. At every step size: on an
+    H200 it was 2x faster on small verify steps of speculative decoding, as fast on small
+    chunks beside decodes, and 2-3 µs slower only on one request's first 16-64 tokens
+    (``tools/bench_small_steps.py``, docs/benchmarks/small_steps.md)."""
     if jax.default_backend() != "gpu":
         return False
     if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
         return False
-    num_tokens, num_q_heads, head_dim = q.shape
-    if num_tokens < ragged_mosaic.AUTO_MIN_TOKENS:
-        return False
+    _, num_q_heads, head_dim = q.shape
     _, _, num_kv_heads, page_size, _ = kv_pages.shape
     return head_dim in ragged_mosaic.AUTO_HEAD_DIMS and ragged_mosaic.supported(
         num_q_heads, num_kv_heads, head_dim, page_size, q.dtype, kv_pages.dtype) is None

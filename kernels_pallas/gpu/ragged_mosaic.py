@@ -88,14 +88,6 @@ MOSAIC_TUNING: dict[int, MosaicConfig] = {
 # Head dims where ``backend="auto"`` takes this kernel on Hopper: where it measured faster than
 # the Triton kernel (H = 128, above). Not H = 64, where it measured slower.
 AUTO_HEAD_DIMS = (128,)
-# ``backend="auto"`` takes this kernel only for steps of at least this many query rows. In the
-# engine on an H200 (JAX 0.11.2, h128 bf16 test model), steps of 16-64 rows through it — chunked
-# prefill under a 64-token budget, speculative decoding's verify steps — made the next launch
-# of *another* executable fail ("Input buffer 0 is not 256-byte aligned") in 28-48 of 48
-# requests, though the kernel alone matched the reference at those shapes and every buffer the
-# step returned was aligned; with this floor the same runs failed none (NOTES.md, session 16).
-# Small steps are not where the kernel's speed was measured to matter (mixed batches of 2108).
-AUTO_MIN_TOKENS = 128
 
 
 def supported(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -403,7 +395,13 @@ def ragged_paged_attention(q, kv_pages, kv_lens, block_tables, query_start_loc, 
     per SM of the device with the tuned ``persistent``, 132 SMs off GPU); ``profile_dir``
     writes a per-warpgroup trace of the kernel's named regions there (Mosaic GPU's profiler,
     ``tools/profile_mosaic.py``), only those in ``profile_regions`` if given; ``interpret``
-    runs Mosaic GPU's interpreter on CPU (the CI tests; see ``_mosaic_common.interpreter``)."""
+    runs Mosaic GPU's interpreter on CPU (the CI tests; see ``_mosaic_common.interpreter``).
+
+    Every array reaches the custom call at an address Mosaic GPU checks for 256-byte alignment
+    ("Input buffer 0 is not 256-byte aligned"). Under jit, XLA's dynamic-slice fusion may hand
+    the call a contiguous slice of a larger buffer as a view at a 128-byte offset (seen with
+    JAX 0.11.2): slice such inputs (``block_tables`` out of a packed metadata buffer) at
+    256-byte offsets, as the engine's packed step buffer does (``PACK_ALIGN``)."""
     num_tokens, num_q_heads, head_dim, num_kv_heads, page_size, num_reqs = cm.check_ragged(
         q, kv_pages, kv_lens, block_tables, query_start_loc, sliding_window)
     why = supported(num_q_heads, num_kv_heads, head_dim, page_size, q.dtype, kv_pages.dtype)

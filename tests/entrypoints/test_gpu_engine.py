@@ -81,23 +81,39 @@ def test_async_scheduling_matches_sync_on_gpu(model):
     print(f"GPU {model}: async vs sync {n}/{len(prompts)} bit-identical")
 
 
-def test_small_chunked_steps_on_gpu():
-    """Chunked prefill under a 64-token budget: every step has 16-64 rows, prefill chunks
-    behind their context beside decodes. Through the Mosaic kernel these steps broke the
-    runtime on an H200 (48 of 48 requests failed, NOTES.md session 16); ``auto`` now gives
-    steps under ``AUTO_MIN_TOKENS`` rows to the Triton kernel."""
+@pytest.mark.parametrize("budget", [64, 200])
+def test_small_chunked_steps_on_gpu(budget, monkeypatch):
+    """Chunked prefill under a small budget: steps of 16..budget rows, prefill chunks behind
+    their context beside decodes, all through the Mosaic kernel. These steps once failed on an
+    H200 (48 of 48 requests: "Input buffer 0 is not 256-byte aligned"): XLA's dynamic-slice
+    fusion passed the kernel the block tables as a view into the packed step buffer at 3 T
+    int32s, which T = 16, 32 and 200 leave off a 256-byte boundary. The packed arrays now start
+    256-byte aligned (``PACK_ALIGN``; NOTES.md, session 17). Budget 200: the largest bucket
+    has 200 rows."""
+    from jaxpage.kernels_pallas.gpu import ragged_mosaic
+
+    traced = []
+    real = ragged_mosaic.ragged_paged_attention
+
+    def counted(q, *args, **kw):
+        traced.append(q.shape[0])
+        return real(q, *args, **kw)
+    monkeypatch.setattr(ragged_mosaic, "ragged_paged_attention", counted)
     cfg = dict(H128, max_position_embeddings=1024)
     prompts = random_prompts(24, cfg["vocab_size"], 1, 200, seed=5)
     outs = {}
     for backend in ("reference", "pallas"):
         llm = LLM(model=None, load_format="dummy", hf_config=cfg, dtype="bfloat16", seed=0,
-                  attention_backend=backend, max_num_seqs=32, max_num_batched_tokens=64,
+                  attention_backend=backend, max_num_seqs=32, max_num_batched_tokens=budget,
                   compile_all_buckets=False)
         outs[backend] = llm.generate(prompts, greedy(24), use_tqdm=False)
         assert not any(o.outputs[0].finish_reason == "error" for o in outs[backend])
         del llm
+    # the buckets whose block tables sat off 256 bytes in the old layout: 32 rows, 200 rows
+    assert any(rows % 64 for rows in traced), sorted(set(traced))
     n = assert_close(outs["reference"], outs["pallas"], min_identical=0.6)
-    print(f"GPU h128 bf16, 64-token budget: pallas vs reference {n}/{len(prompts)} identical")
+    print(f"GPU h128 bf16, {budget}-token budget: pallas vs reference {n}/{len(prompts)} "
+          "identical")
 
 
 @pytest.mark.parametrize("model,dtype", [("smollm2-135m", "float32"), ("h128", "bfloat16")])

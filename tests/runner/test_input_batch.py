@@ -92,3 +92,22 @@ def test_drafts_are_staged_and_each_position_gets_a_logits_row():
     a = layout.unpack(batch.prepare(so3, ["a"], layout))
     assert a["input_ids"][0] == 16 and a["positions"][0] == 5
     assert batch.token_ids[batch.requests["a"].slot, :6].tolist() == [10, 11, 12, 13, 14, 16]
+
+
+def test_packed_arrays_start_256_byte_aligned():
+    """Mosaic GPU's custom call rejects an input not 256-byte aligned, and XLA passes a kernel
+    the block tables as a view into the packed buffer (NOTES.md, session 17): every array
+    starts at a multiple of 64 int32s, in every bucket shape, and the arrays do not overlap."""
+    for t, r, p, rows in [(16, 8, 8, 0), (32, 8, 5, 0), (48, 16, 3, 0), (100, 12, 7, 40),
+                          (2048, 256, 128, 0)]:
+        layout = PackedLayout(t, r, p, num_logits=rows)
+        offsets, sizes = layout.offsets(), layout.sizes()
+        assert all(off * 4 % 256 == 0 for off in offsets.values()), (t, r, p, offsets)
+        spans = sorted((off, off + sizes[name]) for name, off in offsets.items())
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert layout.total == spans[-1][1]
+        buf = np.arange(layout.total, dtype=np.int32)
+        a = layout.unpack(buf)
+        assert a["block_tables"].shape == (r, p)
+        assert a["block_tables"][0, 0] == offsets["block_tables"]
+        assert a["placeholder_slots"][-1] == layout.total - 1
