@@ -20,6 +20,9 @@ class CacheConfig:
         kv_cache_dtype: "auto" (the model's dtype), "fp8" / "fp8_e4m3" / "fp8_e5m2" (one byte
             per value, twice the pages; vLLM's names, no scale factors), or a float dtype name.
         enable_prefix_caching: reuse full pages of identical prefixes across requests.
+        calculate_kv_scales: with an fp8 pool, per-layer scales for K and V (vLLM's name):
+            computed on the first step from its own K and V, then fixed; the pool stores
+            K / k_scale and V / v_scale (``models/attention.ScaledKVPool``).
     """
 
     page_size: int = 16
@@ -27,6 +30,7 @@ class CacheConfig:
     num_pages: int | None = None
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
+    calculate_kv_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -38,6 +42,9 @@ class CacheConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}.")
+        if self.calculate_kv_scales and not self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError("calculate_kv_scales needs an fp8 kv_cache_dtype (fp8, fp8_e4m3 "
+                             f"or fp8_e5m2), got kv_cache_dtype={self.kv_cache_dtype!r}.")
 
 
 # kv_cache_dtype -> the pool's dtype name (None: the model's). vLLM's fp8 names map to the OCP
@@ -236,6 +243,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_pages: int | None = None
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False  # fp8 pools: per-layer K/V scales from the first step
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -269,7 +277,8 @@ class EngineArgs:
                                          GPU_BLOCK_SIZE if platform == "gpu" else 16),
                                      gpu_memory_utilization=self.gpu_memory_utilization,
                                      num_pages=self.num_pages, kv_cache_dtype=self.kv_cache_dtype,
-                                     enable_prefix_caching=self.enable_prefix_caching),
+                                     enable_prefix_caching=self.enable_prefix_caching,
+                                     calculate_kv_scales=self.calculate_kv_scales),
             scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs,
                                              max_num_batched_tokens=batched,
                                              max_model_len=max_model_len,

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxpage import kernels_pallas, sharding
@@ -43,17 +44,59 @@ class AttentionMetadata:
     mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
-def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array,
-                    md: AttentionMetadata, *, sm_scale: float, soft_cap: float | None = None,
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScaledKVPool:
+    """One layer's pool with its scales (vLLM's per-layer ``k_scale`` / ``v_scale``): the pool
+    holds K / k_scale and V / v_scale. ``scales`` (2,) float32 is (k_scale, v_scale); zeros
+    mean "not calibrated yet": the first step that runs calibrates them from its own K and V
+    (``calibrated_scales``), writes with them, and returns them in the pool it hands back, so
+    every later step reads them from there (``calculate_kv_scales``; no host round trip)."""
+
+    pages: jax.Array
+    scales: jax.Array
+
+
+# Calibration maps the largest |K| (|V|) of the first step's tokens to this fraction of the
+# pool type's largest value: later tokens up to 2x larger still fit (past that they saturate),
+# at the price of one bit of range at the small end.
+KV_SCALE_HEADROOM = 0.5
+
+
+def calibrated_scales(k: jax.Array, v: jax.Array, md: AttentionMetadata, dtype) -> jax.Array:
+    """(k_scale, v_scale) from this step's live tokens (padding rows excluded): the largest
+    magnitude over KV_SCALE_HEADROOM x the largest value of ``dtype``; 1 where all are zero."""
+    live = jnp.arange(k.shape[0]) < md.query_start_loc[md.num_seqs[0]]  # (T,)
+    top = KV_SCALE_HEADROOM * float(jnp.finfo(dtype).max)
+    amax = jnp.stack([jnp.max(jnp.where(live[:, None, None], jnp.abs(x.astype(jnp.float32)), 0))
+                      for x in (k, v)])  # (2,)
+    return jnp.where(amax > 0, amax / top, 1.0)
+
+
+def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    kv_pages: jax.Array | ScaledKVPool, md: AttentionMetadata, *,
+                    sm_scale: float, soft_cap: float | None = None,
                     sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Writes this step's K/V into the pool, then attends over each request's pages.
 
     Args:
-        q: (T, N, H); k, v: (T, K, H); kv_pages: one layer's pool.
+        q: (T, N, H); k, v: (T, K, H); kv_pages: one layer's pool, or a ``ScaledKVPool``:
+            then K / k_scale and V / v_scale are stored, and the kernels see q k_scale (scores
+            q . K) and return attention over V / v_scale, which is multiplied back.
 
     Returns:
-        ((T, N, H) attention output, updated kv_pages).
+        ((T, N, H) attention output, updated kv_pages of the same kind).
     """
+    if isinstance(kv_pages, ScaledKVPool):
+        stored = kv_pages.scales
+        scales = jnp.where(stored > 0, stored, calibrated_scales(k, v, md, kv_pages.pages.dtype))
+        f32 = jnp.float32
+        k = k.astype(f32) / scales[0]  # quantized on the write (write_kv saturates)
+        v = v.astype(f32) / scales[1]
+        q = (q.astype(f32) * scales[0]).astype(q.dtype)
+        out, pages = paged_attention(q, k, v, kv_pages.pages, md, sm_scale=sm_scale,
+                                     soft_cap=soft_cap, sliding_window=sliding_window)
+        return (out.astype(f32) * scales[1]).astype(out.dtype), ScaledKVPool(pages, scales)
     local = functools.partial(_write_and_attend, backend=md.attention_backend,
                               max_q_len=md.max_q_len, sm_scale=sm_scale, soft_cap=soft_cap,
                               sliding_window=sliding_window)

@@ -43,6 +43,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
                    help="KV pool dtype: auto (the model's) or fp8 / fp8_e4m3 / fp8_e5m2 (one "
                         "byte per value: twice the pages, half the attention reads)")
+    g.add_argument("--calculate-kv-scales", action="store_true",
+                   help="fp8 KV pool: per-layer K/V scales, computed on the first step")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
@@ -79,6 +81,7 @@ def _engine_args(ns: argparse.Namespace) -> EngineArgs:
                       compile_workers=ns.compile_workers,
                       speculative_config=ns.speculative_config,
                       num_pages=ns.num_pages, kv_cache_dtype=ns.kv_cache_dtype,
+                      calculate_kv_scales=ns.calculate_kv_scales,
                       gpu_memory_utilization=ns.gpu_memory_utilization,
                       attention_backend=ns.attention_backend,
                       enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,

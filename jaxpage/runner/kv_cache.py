@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpage import kernels_pallas, sharding
+from jaxpage.models.attention import ScaledKVPool
 
 logger = logging.getLogger("jaxpage")
 
@@ -26,6 +27,7 @@ class KVCacheSpec:
     page_size: int
     dtype: jnp.dtype
     shards: int = 1  # devices the kv heads split over (tensor parallelism)
+    scaled: bool = False  # per-layer K/V scales beside each pool (calculate_kv_scales)
 
     @property
     def page_bytes(self) -> int:
@@ -71,13 +73,19 @@ def determine_num_pages(spec: KVCacheSpec, *, num_pages: int | None, gpu_memory_
 
 
 def allocate_kv_pool(spec: KVCacheSpec, num_pages: int, backend: str,
-                     mesh: jax.sharding.Mesh | None = None) -> list[jax.Array]:
-    """One pool array per layer; on a mesh, split over the kv heads (each device its slice)."""
+                     mesh: jax.sharding.Mesh | None = None) -> list:
+    """One pool array per layer; on a mesh, split over the kv heads (each device its slice).
+    With ``spec.scaled`` each layer's pool comes with its scales, zeros until the first step
+    calibrates them (``ScaledKVPool``; replicated on a mesh)."""
     shape = kernels_pallas.kv_cache_shape(num_pages, spec.page_size, spec.num_kv_heads,
                                           spec.head_dim, backend=backend)
     where = None if mesh is None else sharding.kv_pool_sharding(
         mesh, len(shape), kernels_pallas.kv_cache_head_axis(backend))
-    return [jnp.zeros(shape, spec.dtype, device=where) for _ in range(spec.num_layers)]
+    pools = [jnp.zeros(shape, spec.dtype, device=where) for _ in range(spec.num_layers)]
+    if not spec.scaled:
+        return pools
+    rep = None if mesh is None else sharding.replicated(mesh)
+    return [ScaledKVPool(p, jnp.zeros((2,), jnp.float32, device=rep)) for p in pools]
 
 
 def describe_pool(spec: KVCacheSpec, num_pages: int, max_model_len: int) -> str:

@@ -95,7 +95,8 @@ class ModelRunner:
         leaves, self.state_treedef = jax.tree.flatten(state)
         self.params = tuple(leaves)  # what each step is called with
         self.spec = kv_cache.KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                         cache_config.page_size, jnp.dtype(kv_dtype), shards=tp)
+                                         cache_config.page_size, jnp.dtype(kv_dtype), shards=tp,
+                                         scaled=cache_config.calculate_kv_scales)
         device = jax.devices()[0]
         self.num_pages = kv_cache.determine_num_pages(
             self.spec, num_pages=cache_config.num_pages,

@@ -55,6 +55,7 @@ def test_engine_flags_reach_engine_args():
                                           "--max-num-batched-tokens", "1024",
                                           "--no-async-scheduling",
                                           "--kv-cache-dtype", "fp8_e5m2",
+                                          "--calculate-kv-scales",
                                           "--speculative-config",
                                           '{"method": "ngram", "num_speculative_tokens": 2}']))
     assert args.token_padding_gap == 256 and args.max_num_batched_tokens == 1024
@@ -62,6 +63,7 @@ def test_engine_flags_reach_engine_args():
     assert cfg.scheduler_config.token_padding_gap == 256
     assert not cfg.scheduler_config.async_scheduling
     assert cfg.cache_config.kv_cache_dtype == "fp8_e5m2"
+    assert cfg.cache_config.calculate_kv_scales
     assert cfg.speculative_config.num_speculative_tokens == 2
     for bad in ("ngram", "[1]"):  # not JSON / not an object: argparse's clear error
         with pytest.raises(SystemExit):

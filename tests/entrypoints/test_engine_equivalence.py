@@ -2,6 +2,7 @@
 preemption, prefix caching on/off and chunk size all give the same tokens (vLLM's rule where a
 float near-tie flips one: the first divergent token lies in the other run's top-5)."""
 
+import jax.numpy as jnp
 import pytest
 
 from tests.entrypoints.engine_util import assert_close, greedy, random_prompts, tiny_llm
@@ -85,3 +86,33 @@ def test_fp8_pool_under_batching_preemption_and_caching(prompts):
     assert stats["num_preemptions"] > 0 and sum(o.num_cached_tokens for o in outs) > 0
     n = assert_close(ref, outs)
     print(f"fp8 pool, batched + preemption + caching: {n}/{NUM} identical")
+
+
+def test_scaled_fp8_pool_under_batching_preemption_and_caching(prompts):
+    """``calculate_kv_scales``: the first step sets each layer's K/V scales, so two engines
+    agree only once they hold the same scales. Given the one-at-a-time run's scales, the
+    batched engine (preemption, prefix caching) obeys the rule above against that run, and
+    keeps the scales it was given."""
+    import numpy as np
+
+    from jaxpage.models.attention import ScaledKVPool
+
+    kw = dict(kv_cache_dtype="fp8", calculate_kv_scales=True)
+    alone = tiny_llm(max_num_seqs=1, **kw)
+    ref = [alone.generate([p], greedy(MAX_TOKENS), use_tqdm=False)[0] for p in prompts]
+    scales = [np.asarray(p.scales) for p in alone.engine.model_runner.kv_pages]
+    assert all(s.min() > 0 for s in scales)
+    llm = tiny_llm(max_num_seqs=32, max_num_batched_tokens=128, num_pages=40, max_model_len=96,
+                   **kw)
+    runner = llm.engine.model_runner
+    runner.kv_pages = [ScaledKVPool(p.pages, jnp.asarray(s))
+                       for p, s in zip(runner.kv_pages, scales)]
+    baseline = llm.engine.num_free_pages
+    outs = llm.generate(prompts, greedy(MAX_TOKENS), use_tqdm=False)
+    assert llm.engine.num_free_pages == baseline
+    for p, s in zip(runner.kv_pages, scales):
+        np.testing.assert_array_equal(np.asarray(p.scales), s)
+    stats = llm.engine.get_stats()
+    assert stats["num_preemptions"] > 0 and sum(o.num_cached_tokens for o in outs) > 0
+    n = assert_close(ref, outs)
+    print(f"scaled fp8 pool, batched + preemption + caching: {n}/{NUM} identical")

@@ -35,8 +35,12 @@ BASES = {"h128": H128, "gemma2": GEMMA2}
     ("h128", "bfloat16", "auto"), ("gemma2", "float32", "auto"),
     # fp8 pools: the Triton kernels upcast after the load (Mosaic is skipped), the reference
     # reads the same fp8 values
-    ("h128", "bfloat16", "fp8"), ("smollm2-135m", "float32", "fp8_e5m2")])
+    ("h128", "bfloat16", "fp8"), ("smollm2-135m", "float32", "fp8_e5m2"),
+    # per-layer K/V scales from the first step (calculate_kv_scales; CPU twin:
+    # tests/models/test_kv_scales.py and the scaled fp8 engine tests)
+    ("h128", "bfloat16", "fp8+scales")])
 def test_pallas_matches_reference_on_gpu(model, dtype, kv_cache_dtype):
+    kv_cache_dtype, _, scales = kv_cache_dtype.partition("+")
     base = BASES.get(model) or PRESETS[model]
     cfg = dict(base, max_position_embeddings=1024)
     prompts = random_prompts(24, cfg["vocab_size"], 1, 300, seed=2, shared_prefix=40)
@@ -44,8 +48,11 @@ def test_pallas_matches_reference_on_gpu(model, dtype, kv_cache_dtype):
     for backend in ("reference", "pallas"):
         llm = LLM(model=None, load_format="dummy", hf_config=cfg, dtype=dtype, seed=0,
                   attention_backend=backend, max_num_seqs=32, max_num_batched_tokens=512,
-                  compile_all_buckets=False, kv_cache_dtype=kv_cache_dtype)
+                  compile_all_buckets=False, kv_cache_dtype=kv_cache_dtype,
+                  calculate_kv_scales=bool(scales))
         outs[backend] = llm.generate(prompts, greedy(32), use_tqdm=False)
+        if scales:
+            assert all(float(p.scales.min()) > 0 for p in llm.engine.model_runner.kv_pages)
         del llm
     # Random bf16 weights leave near-ties in the logits, so greedy sequences part where the
     # kernels round differently from the reference (P in bf16 before PV): measured on an H200
@@ -54,8 +61,8 @@ def test_pallas_matches_reference_on_gpu(model, dtype, kv_cache_dtype):
     # top 5. The kernels themselves are held to the reference by tolerance in tests/kernels.
     n = assert_close(outs["reference"], outs["pallas"],
                      min_identical=0.6 if dtype == "bfloat16" else 0.75)
-    print(f"GPU {model} {dtype} kv {kv_cache_dtype}: pallas vs reference "
-          f"{n}/{len(prompts)} bit-identical")
+    kv = kv_cache_dtype + ("+scales" if scales else "")
+    print(f"GPU {model} {dtype} kv {kv}: pallas vs reference {n}/{len(prompts)} bit-identical")
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "h128"])

@@ -179,5 +179,7 @@ def test_bad_engine_args_fail_before_the_weights_load(tmp_path):
         LLM(model=str(tmp_path), max_model_len=512)
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         LLM(model=str(tmp_path), kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="calculate_kv_scales needs an fp8 kv_cache_dtype"):
+        LLM(model=str(tmp_path), calculate_kv_scales=True)
     with pytest.raises(ValueError, match="checkpoint tensor"):  # good arguments: the weights fail
         LLM(model=str(tmp_path))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -81,11 +82,19 @@ def test_converted_checkpoint_is_the_safetensors_one(tp_runs):
         assert tp_runs[f"{CONVERTED}/{tp}"]["tokens"] == tp_runs[f"{CHECKPOINT}/{tp}"]["tokens"]
 
 
-def test_split_fp8_pool(tp_runs):
+@pytest.mark.parametrize("name", ["llama_gqa_fp8", "llama_gqa_fp8_scaled"])
+def test_split_fp8_pool(tp_runs, name):
     """An fp8 pool split by kv heads: really fp8 and split, and the one-device engine's tokens
     in most sequences (a K/V value computed from sums taken in another order may round the
-    other way in fp8 and part a sequence), with logprobs close up to any parting."""
-    one, two = tp_runs["llama_gqa_fp8/tp1"], tp_runs["llama_gqa_fp8/tp2"]
+    other way in fp8 and part a sequence), with logprobs close up to any parting. With
+    ``calculate_kv_scales``: each layer's scales, from the first step, match one device's."""
+    one, two = tp_runs[f"{name}/tp1"], tp_runs[f"{name}/tp2"]
+    if name.endswith("scaled"):
+        assert len(one["kv_scales"]) == GQA["num_hidden_layers"]
+        assert min(min(s) for s in one["kv_scales"]) > 0
+        np.testing.assert_allclose(two["kv_scales"], one["kv_scales"], rtol=1e-3)
+    else:
+        assert one["kv_scales"] == two["kv_scales"] == []
     assert one["pool_dtype"] == two["pool_dtype"] == "float8_e4m3fn"
     assert two["pool_devices"] == 2 and two["pool_shard_heads"] == GQA["num_key_value_heads"] // 2
     assert two["pages_back"] and two["preemptions"] > 0

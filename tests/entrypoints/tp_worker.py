@@ -45,7 +45,9 @@ MODELS = {
 
 # Engine arguments beside the model: an fp8 pool split by kv heads (its own test: quantizing
 # K/V computed from differently ordered sums may round a value the other way).
-ENGINE_KW = {"llama_gqa_fp8": dict(kv_cache_dtype="fp8")}
+ENGINE_KW = {"llama_gqa_fp8": dict(kv_cache_dtype="fp8"),
+             # per-layer K/V scales, computed on the first step (replicated beside the split pool)
+             "llama_gqa_fp8_scaled": dict(kv_cache_dtype="fp8", calculate_kv_scales=True)}
 
 
 def run(name: str, hf: dict, tp: int, prompts, params, path=None):
@@ -57,8 +59,10 @@ def run(name: str, hf: dict, tp: int, prompts, params, path=None):
     baseline = engine.num_free_pages
     outs = llm.generate(prompts, params, use_tqdm=False)
     runner = engine.model_runner
-    pool = runner.kv_pages[0]
+    pool = getattr(runner.kv_pages[0], "pages", runner.kv_pages[0])  # a ScaledKVPool's pages
     info = dict(
+        kv_scales=[np.asarray(p.scales).tolist() for p in runner.kv_pages
+                   if hasattr(p, "scales")],
         tokens=[o.outputs[0].token_ids for o in outs],
         logprobs=[[lp.logprobs[0] for lp in o.outputs[0].logprobs] for o in outs],  # chosen
         prompt_logprobs=[[lp.logprobs[0] for lp in o.prompt_logprobs[1:]]
