@@ -2,7 +2,7 @@
 
 import logging as _logging
 
-from jaxpage.sampling_params import SamplingParams, StructuredOutputsParams
+from jaxpage.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 from jaxpage.outputs import CompletionOutput, RequestOutput
 
 __version__ = "0.1.0"
@@ -25,4 +25,5 @@ def __getattr__(name):  # LLM pulls in jax; import it lazily so `jaxpage.engine`
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "RequestOutput",
+           "CompletionOutput"]

@@ -271,3 +271,40 @@ def _is_int(v: object) -> bool:
 
 def _is_real(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # each round asks for 2 x beam_width logprobs
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """vLLM's beam search parameters.
+
+    Args:
+        beam_width: beams kept per prompt (1..``MAX_BEAM_WIDTH``).
+        max_tokens: most output tokens of a beam.
+        ignore_eos: keep extending beams past an end-of-sequence token.
+        temperature: of the one-token step each round (0: greedy); the candidates are the top
+            raw logprobs either way, plus the token that step samples.
+        length_penalty: exponent of the length that divides a beam's cumulative logprob.
+        include_stop_str_in_output: accepted for vLLM's signature; beam search has no stop
+            strings, so it changes nothing.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"beam_width must be an integer in [1, {MAX_BEAM_WIDTH}], "
+                             f"got {self.beam_width!r}.")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        if not _is_real(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty!r}.")
+        # temperature: SamplingParams' own check, on the step each round runs
+        SamplingParams(temperature=self.temperature, max_tokens=1)

@@ -91,6 +91,22 @@ class LLM:
             self.engine.abort_request(req_ids)
             raise
 
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params,
+                    use_tqdm: bool = False) -> list:
+        """Beam search (vLLM's ``LLM.beam_search``): ``params`` is a ``BeamSearchParams``;
+        returns one ``BeamSearchOutput`` per prompt, its best ``beam_width`` sequences first
+        (``jaxpage/entrypoints/beam_search.py`` has the algorithm and the score).
+
+        Raises:
+            ValueError: a bad prompt, or one whose prompt + max_tokens exceeds the context.
+        """
+        from jaxpage.entrypoints.beam_search import BeamSearchParams, run_beam_search
+
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        ids = [self._tokenize(text, tok) for text, tok in _normalize_prompts(prompts)]
+        return run_beam_search(self, ids, params, self.engine.eos_token_ids, use_tqdm)
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, *, chat_template: str | None = None,
