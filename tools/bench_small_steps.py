@@ -32,15 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpage.kernels_pallas import gpu, reference
+from jaxpage.runner.buckets import Buckets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_timing import bench_calls  # noqa: E402  (tools/ is not a package)
+from bench_kernels import n_pools_for, rel_err  # noqa: E402  (tools/ is not a package)
+from bench_timing import bench_calls  # noqa: E402
 
 N, K, H = 32, 8, 128
 DTYPE = jnp.bfloat16
 SM_SCALE = H ** -0.5
 PAGE = 64
-L2_ROTATE_BYTES = 192 * 2**20
 N_INNER = 4
 TOLERANCE = 2e-2  # max |ours - ref| / max |ref| on live rows, bf16
 
@@ -55,7 +56,7 @@ SMOKE = {"chunk": [dict(q_lens=[9, 5, 1], kv_lens=[30, 70, 64])]}  # with N/K = 
 
 def bucket(rows: int) -> int:
     """The engine's token bucket for a step of ``rows`` tokens (powers of two from 16)."""
-    return max(16, 1 << (rows - 1).bit_length())
+    return Buckets.create(1 << 16, 8).pick(rows, 1)[0]
 
 
 def make_step(q_lens, kv_lens, seed: int, page: int = PAGE):
@@ -90,16 +91,11 @@ def kernels(md, interpret: bool):
     }
 
 
-def rel_err(out, ref, rows: int) -> float:
-    out, ref = np.asarray(out[:rows], np.float32), np.asarray(ref[:rows], np.float32)
-    return float(np.abs(out - ref).max() / np.abs(ref).max())
-
-
 def measure(family: str, shape: dict, seed: int, interpret: bool) -> dict:
     md, num_pages, rows = make_step(shape["q_lens"], shape["kv_lens"], seed)
     live = sum(shape["q_lens"])
     kv_bytes = 2 * sum(shape["kv_lens"]) * K * H * jnp.dtype(DTYPE).itemsize
-    n_pools = 1 if interpret else int(min(N_INNER, max(1, -(-L2_ROTATE_BYTES // kv_bytes))))
+    n_pools = 1 if interpret else n_pools_for(kv_bytes, N_INNER)
     pools = tuple(make_pool(num_pages, PAGE, seed + i) for i in range(n_pools))
     qs = tuple(jax.random.normal(jax.random.key(seed + 100 + i), (rows, N, H), DTYPE)
                for i in range(1 if interpret else N_INNER))
@@ -109,7 +105,7 @@ def measure(family: str, shape: dict, seed: int, interpret: bool) -> dict:
     r = dict(family=family, requests=len(shape["q_lens"]), live_rows=live, rows=rows,
              kv_tokens=sum(shape["kv_lens"]))
     for name, call in kernels(md, interpret).items():
-        err = rel_err(call(qs[0], pools[0]), ref, live)
+        err = rel_err(call(qs[0], pools[0])[:live], ref[:live])
         if not err <= TOLERANCE:
             raise AssertionError(f"{name} on {family} {shape}: rel. error {err:.4f}")
         r[f"{name}_err"] = err
