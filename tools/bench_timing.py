@@ -78,14 +78,16 @@ def headline(r):
     return r
 
 
-def gpu_runs(fn, args, n_runs: int = 20, gap_us: float = GAP_US) -> list[float] | None:
+def gpu_runs(fn, args, n_runs: int = 20, gap_us: float = GAP_US,
+             span: bool = False) -> list[float] | None:
     """Seconds of GPU time of each of ``n_runs`` runs of ``fn(*args)`` (already warm): the
     durations of the kernels (and copies) the profiler records on the GPU, summed per run. Runs
     are told apart by the idle time between them (each waits for the one before, so > ``gap_us``
     apart; within a run the kernels follow each other within a few µs). None where the profiler
     records nothing on a GPU (CPU, or no CUPTI) or the runs cannot be told apart (without the
     sleep between runs, calls of ~1 ms or more did not split, likely because the host's next
-    dispatch followed the sync by less than the gap)."""
+    dispatch followed the sync by less than the gap). ``span``: each run's first start to its
+    last end instead of the sum, for runs whose kernels overlap (several streams)."""
     with tempfile.TemporaryDirectory() as logdir:
         try:
             with jax.profiler.trace(logdir, create_perfetto_trace=True):
@@ -95,18 +97,25 @@ def gpu_runs(fn, args, n_runs: int = 20, gap_us: float = GAP_US) -> list[float] 
         except Exception as e:  # no profiler here: the wall clock stands alone
             print(f"  profiler unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
             return None
-        return split_runs(gpu_events(logdir), n_runs, gap_us)
+        return split_runs(gpu_events(logdir), n_runs, gap_us, span)
 
 
-def split_runs(events, n_runs: int, gap_us: float = GAP_US) -> list[float] | None:
+def split_runs(events, n_runs: int, gap_us: float = GAP_US,
+               span: bool = False) -> list[float] | None:
     """Seconds of GPU activity per run from (start, duration) events in µs, a new run starting
-    after more than ``gap_us`` of idle time; None unless that makes exactly ``n_runs`` runs."""
-    runs, end = [], -math.inf
+    after more than ``gap_us`` of idle time; None unless that makes exactly ``n_runs`` runs.
+    The sum of the events' durations, or with ``span`` the run's first start to last end."""
+    runs, starts, end = [], [], -math.inf
     for ts, dur in sorted(events):
         if ts - end > gap_us:
+            if runs and span:
+                runs[-1] = (end - starts[-1]) * 1e-6
             runs.append(0.0)
+            starts.append(ts)
         runs[-1] += dur * 1e-6
         end = max(end, ts + dur)
+    if runs and span:
+        runs[-1] = (end - starts[-1]) * 1e-6
     return runs if len(runs) == n_runs else None
 
 

@@ -24,6 +24,14 @@ def test_split_runs_sums_each_runs_kernels():
     assert bench_timing.split_runs(events, 2, gap_us=0.5) is None
 
 
+def test_split_runs_span_counts_overlapping_kernels_once():
+    # Two runs of two kernels on two streams: 100 µs and 80 µs overlapping by 60 µs.
+    run = [(0.0, 100.0), (40.0, 80.0)]
+    events = run + [(600.0 + t, d) for t, d in run]
+    assert bench_timing.split_runs(events, 2) == pytest.approx([180e-6, 180e-6])
+    assert bench_timing.split_runs(events, 2, span=True) == pytest.approx([120e-6, 120e-6])
+
+
 def test_gpu_events_reads_only_gpu_processes(tmp_path):
     trace = {"traceEvents": [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
