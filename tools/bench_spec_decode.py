@@ -20,10 +20,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
+import sys
 import time
 
+import jax
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_step import device_kernels, summarize  # noqa: E402  (tools/ is not a package)
 
 PASSAGES = [
     "The lighthouse keeper climbed the spiral stairs every evening, lit the great lamp, and "
@@ -56,7 +62,11 @@ def make_prompts(kind: str, n: int, tokenizer, vocab: int, input_len: int, seed:
     return out
 
 
-def time_variant(kw: dict, prompts_by_batch: dict, max_tokens: int, rounds: int) -> list[dict]:
+def time_variant(kw: dict, prompts_by_batch: dict, max_tokens: int, rounds: int,
+                 profile_dir: str | None = None) -> list[dict]:
+    """Rows of output tok/s, steps and drafts kept; with ``profile_dir`` the last round of
+    each batch runs under ``jax.profiler`` and its row gets ``profile``: device time per step
+    by kind of kernel beside the host's ms per step (``profile_step.summarize``)."""
     from jaxpage import LLM, SamplingParams
 
     llm = LLM(**kw)
@@ -76,9 +86,15 @@ def time_variant(kw: dict, prompts_by_batch: dict, max_tokens: int, rounds: int)
         for r in range(rounds):
             s0 = dict(engine.get_stats())
             steps[0] = 0
+            trace = (os.path.join(profile_dir, f"{len(os.listdir(profile_dir))}_b{batch}")
+                     if profile_dir and r == rounds - 1 else None)
+            if trace:
+                jax.profiler.start_trace(trace)
             t0 = time.perf_counter()
             outs = llm.generate(prompts, sp, use_tqdm=False)
             elapsed = time.perf_counter() - t0
+            if trace:
+                jax.profiler.stop_trace()
             s1 = engine.get_stats()
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             drafted = s1["spec_decode_num_draft_tokens"] - s0["spec_decode_num_draft_tokens"]
@@ -89,6 +105,9 @@ def time_variant(kw: dict, prompts_by_batch: dict, max_tokens: int, rounds: int)
                              tokens_per_step=tokens / max(steps[0], 1), drafted=drafted,
                              kept=kept, texts_hash=hash(tuple(tuple(o.outputs[0].token_ids)
                                                               for o in outs))))
+            if trace:
+                rows[-1]["profile"] = summarize(device_kernels(trace), max(steps[0], 1),
+                                                rows[-1]["ms_per_step"])
     del llm, engine
     gc.collect()
     return rows
@@ -161,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
     ap.add_argument("--out", default=None, help="write the run's rows as JSON here")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="trace each variant's last round here; rows get device ms per step "
+                         "by kind of kernel")
     ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                     help="only draw these runs' chart (one panel each) to --out (a .png)")
     ns = ap.parse_args(argv)
@@ -168,7 +190,6 @@ def main(argv=None) -> int:
         plot([json.loads(open(f).read()) for f in ns.plot], ns.out or "spec_decode.png")
         return 0
 
-    import jax
     base = dict(dtype=ns.dtype, max_model_len=ns.max_model_len, seed=0,
                 max_num_batched_tokens=ns.max_num_batched_tokens,
                 max_num_seqs=max(8, max(int(b) for b in ns.batch_sizes.split(","))))
@@ -196,7 +217,10 @@ def main(argv=None) -> int:
             "method": "ngram", "num_speculative_tokens": int(k), "prompt_lookup_max": 4})
     results = []
     for name, extra in variants.items():
-        for row in time_variant({**base, **extra}, prompts_by_batch, ns.max_tokens, ns.rounds):
+        if ns.profile:
+            os.makedirs(ns.profile, exist_ok=True)
+        for row in time_variant({**base, **extra}, prompts_by_batch, ns.max_tokens, ns.rounds,
+                                ns.profile):
             results.append(dict(variant=name, **row))
     device = jax.devices()[0]
     header = dict(device=getattr(device, "device_kind", str(device)), jax=jax.__version__,
@@ -204,6 +228,14 @@ def main(argv=None) -> int:
                   max_tokens=ns.max_tokens, date=time.strftime("%Y-%m-%dT%H:%M%z"))
     run = dict(header=header, rows=results)
     print("\n".join(table(run)))
+    for r in results:
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"{r['variant']:14s} batch {r['batch']:3d}: host {r['ms_per_step']:.2f} ms/step,"
+                  f" device span {pr.get('span_ms_per_step', 0):.2f} busy "
+                  f"{pr.get('busy_ms_per_step', 0):.2f}, by kind "
+                  + json.dumps({k: round(v, 3) for k, v in
+                                pr.get("by_kind_ms_per_step", {}).items()}))
     same = {(r["batch"], r["round"]): set() for r in results}
     for r in results:
         same[(r["batch"], r["round"])].add(r["texts_hash"])

@@ -86,6 +86,8 @@ class AsyncLLMEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        if self._thread is None or not self._thread.is_alive():  # the launch thread too
+            self.engine.model_runner.shutdown()
 
     # -- requests -----------------------------------------------------------------------------
     @property

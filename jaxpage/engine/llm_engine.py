@@ -242,7 +242,7 @@ class LLMEngine:
         so = self.scheduler.schedule()
         dispatched = None
         if not so.is_empty or so.finished_req_ids:
-            dispatched = (so, self._dispatch(so))
+            dispatched = (so, self._dispatch(so, background=True))
         outputs = self._process_updates(self._update_in_flight())
         self._in_flight = dispatched
         if not self.scheduler.has_unfinished_requests():  # going idle
@@ -259,9 +259,9 @@ class LLMEngine:
         self._in_flight = None
         return self.scheduler.update_from_output(so, self._collect(so, handle))
 
-    def _dispatch(self, so: SchedulerOutput) -> Any:
+    def _dispatch(self, so: SchedulerOutput, background: bool = False) -> Any:
         try:
-            return self.model_runner.dispatch(so)
+            return self.model_runner.dispatch(so, background=background)
         except Exception as e:  # noqa: BLE001 - failed at launch: its requests fail at collect
             logger.exception("model runner failed to launch a step")
             return e

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 import math
 import time
@@ -113,6 +113,8 @@ class ModelRunner:
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, max_model_len,
                                       self.pages_per_req, self.page_size)
         self.sampler = StepSampler(self.vocab_size, self.input_batch, self._inputs)
+        self._launcher: ThreadPoolExecutor | None = None  # ``dispatch(background=True)``
+        self._launch: Future | None = None  # the step on the launch thread, if any
         # (T, R, all_logits, decode_only) -> executable
         self._compiled: dict[tuple[int, int, bool, bool], jax.stages.Compiled] = {}
         self.compile_seconds: dict[tuple[int, int, bool, bool], float] = {}
@@ -196,15 +198,27 @@ class ModelRunner:
 
     def collect(self, handle: "StepHandle") -> ModelRunnerOutput:
         """Waits for a dispatched step and reads its tokens (and logprobs) back."""
+        if handle.launch is not None:  # launched on the launch thread: its errors raise here
+            handle.sample, handle.prompt_logprobs = handle.launch.result()
+            handle.launch = None
         if handle.sample is None:
             return ModelRunnerOutput(sampled_token_ids={})
         result = self.sampler.collect(handle.sample)
         self.sampler.collect_prompt_logprobs(handle.prompt_logprobs, result)
         return result
 
-    def dispatch(self, so: SchedulerOutput) -> "StepHandle":
+    def dispatch(self, so: SchedulerOutput, background: bool = False) -> "StepHandle":
         """Launches one step on the device without waiting for it (async scheduling calls
-        this for step N + 1 before it collects step N)."""
+        this for step N + 1 before it collects step N).
+
+        With ``background`` the device calls (the step's executable, then the sampler's) are
+        made on the runner's launch thread, and the handle carries their future: an
+        executable's launch costs the host ~1 ms at batch 32 on an H200 (XLA updating and
+        launching ~200 kernels; docs/benchmarks/NOTES.md, "Host time per step"), C++ work that
+        releases the GIL, so the engine's Python for the step before (collect, stop checks,
+        outputs) and the next schedule run meanwhile. Everything on the host (batch state,
+        packed inputs, sampling metadata, pending counts) is still done here, in order."""
+        self._wait_launch()
         self.input_batch.update(so)
         if so.total_num_scheduled_tokens == 0:
             return StepHandle(None, None)
@@ -219,22 +233,48 @@ class ModelRunner:
         drafts = [so.scheduled_spec_decode_tokens.get(r, []) for r in req_ids]
         exe = self._executable(bucket, want_prompt_lp,
                                decode_only=so.total_num_scheduled_tokens == len(req_ids))
-        logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages,
-                                                jax.device_put(packed, self._inputs),
-                                                self.sampler.last_sampled)
         # Only requests whose scheduled range reaches their last token (known or in flight)
         # sample.
         samples = [s.num_computed_tokens + c >= s.num_tokens + s.num_pending
                    for s, c in zip(states, counts)]
-        prompt = (self.sampler.dispatch_prompt_logprobs(all_logits, states, counts)
-                  if want_prompt_lp else None)
-        return StepHandle(self.sampler.dispatch(logits, states, samples, layout.logits_rows,
-                                                drafts), prompt)
+        prompt_plan = (self.sampler.plan_prompt_logprobs(layout.num_tokens, states, counts)
+                       if want_prompt_lp else None)
+        sample_plan = self.sampler.plan(states, samples, layout.logits_rows, drafts)
+
+        def launch():
+            logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages,
+                                                    jax.device_put(packed, self._inputs),
+                                                    self.sampler.last_sampled)
+            return (self.sampler.launch(logits, sample_plan),
+                    self.sampler.launch_prompt_logprobs(all_logits, prompt_plan))
+
+        if not background:
+            return StepHandle(*launch())
+        if self._launcher is None:
+            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="jaxpage-launch")
+        self._launch = self._launcher.submit(launch)
+        return StepHandle(None, None, self._launch)
+
+    def _wait_launch(self) -> None:
+        """Waits for the step on the launch thread, if any: the next one reads the pool and
+        ``last_sampled`` it replaces. Its error, if it failed, is its handle's to raise."""
+        launch, self._launch = self._launch, None
+        if launch is not None:
+            launch.exception()
+
+    def shutdown(self) -> None:
+        """Stops the launch thread (after the step on it, if any)."""
+        self._wait_launch()
+        if self._launcher is not None:
+            self._launcher.shutdown(wait=True)
+            self._launcher = None
 
 
 @dataclass
 class StepHandle:
-    """A dispatched step: its sampler outputs (device arrays) and prompt logprobs, if any."""
+    """A dispatched step: its sampler outputs (device arrays) and prompt logprobs, if any;
+    or, launched in the background, the future that gives them."""
 
     sample: PendingSample | None
     prompt_logprobs: PendingPromptLogprobs | None
+    launch: Future | None = None

@@ -29,7 +29,8 @@ from jaxpage.engine.structured_output import fill_bitmasks
 from jaxpage.runner.input_batch import CachedRequestState, InputBatch
 from jaxpage.runner.sampler import (LogprobsTensors, SamplerOutput,
                                     compute_logprobs_for_tokens, sample)
-from jaxpage.runner.sampling_metadata import (SamplingRow, build_sampling_metadata, logprobs_bucket,
+from jaxpage.runner.sampling_metadata import (SamplingMetadata, SamplingRow,
+                                              build_sampling_metadata, logprobs_bucket,
                                               make_logprobs)
 from jaxpage.sampling_params import SamplingParams
 
@@ -56,6 +57,27 @@ class PendingSample:
     states: list[CachedRequestState]
     samples: list[bool]
     drafts: list[list[int]]  # per request, the drafts its rows after the first verify
+
+
+@dataclass
+class SamplePlan:
+    """A step's sampling as the host prepared it (``StepSampler.plan``), to launch."""
+
+    md: SamplingMetadata
+    slots: np.ndarray  # per logits row, the input-batch slot its token is recorded at
+    states: list[CachedRequestState]
+    samples: list[bool]
+    drafts: list[list[int]]
+
+
+@dataclass
+class PromptLogprobsPlan:
+    """A step's prompt logprobs as the host prepared them: targets per logits row, the
+    (req_id, row, count, first, k) spans they cover, the top-k width."""
+
+    targets: np.ndarray
+    spans: list[tuple[str, int, int, bool, int]]
+    k: int
 
 
 @dataclass
@@ -121,6 +143,13 @@ class StepSampler:
 
         ``logits`` holds ``padded_rows`` rows: per request one, or 1 + its drafts (in batch
         order, as ``InputBatch.prepare`` laid them out)."""
+        return self.launch(logits, self.plan(states, samples, padded_rows, drafts))
+
+    def plan(self, states: list[CachedRequestState], samples: list[bool], padded_rows: int,
+             drafts: list[list[int]] | None = None) -> SamplePlan:
+        """The host half of ``dispatch``: the step's sampling metadata and recording slots;
+        every sampling request's token becomes pending. Reads ``last_sampled`` back only for a
+        request with penalties and a token in flight."""
         drafts = drafts or [[] for _ in states]
         last_host = None
         if any(do and s.num_pending and s.sampling_params.has_penalties
@@ -139,13 +168,18 @@ class StepSampler:
                     slots[row] = state.slot
                 state.num_pending += 1
             row += 1 + len(d)
-        out, self.last_sampled = self._sample(logits, md, self.last_sampled, slots)
-        return PendingSample(out, list(states), list(samples), drafts)
+        return SamplePlan(md, slots, list(states), list(samples), drafts)
+
+    def launch(self, logits: jax.Array, plan: SamplePlan) -> PendingSample:
+        """The device half of ``dispatch``: samples ``logits`` and records each row's token
+        (``last_sampled``). Safe on the runner's launch thread: it touches no host state."""
+        out, self.last_sampled = self._sample(logits, plan.md, self.last_sampled, plan.slots)
+        return PendingSample(out, plan.states, plan.samples, plan.drafts)
 
     def collect(self, pending: PendingSample) -> ModelRunnerOutput:
         """Reads a dispatched sampling back (waits for the device)."""
         out = jax.device_get(pending.out)
-        token_ids = out.sampled_token_ids
+        token_ids = out.sampled_token_ids.tolist()  # Python ints at once, not per element
         result = ModelRunnerOutput(sampled_token_ids={})
         row = 0
         for state, do, drafts in zip(pending.states, pending.samples, pending.drafts):
@@ -155,7 +189,7 @@ class StepSampler:
             kept = 0  # drafts the model agrees with, up to the first it does not
             while kept < len(drafts) and token_ids[first + kept] == drafts[kept]:
                 kept += 1
-            toks = [int(t) for t in token_ids[first:first + kept + 1]]
+            toks = token_ids[first:first + kept + 1]
             result.sampled_token_ids[state.req_id] = toks
             k = state.sampling_params.logprobs
             if k is not None and out.logprobs is not None:
@@ -165,14 +199,14 @@ class StepSampler:
                     lp.topk_logprobs[i], k, tok) for i, tok in enumerate(toks, first)]
         return result
 
-    def dispatch_prompt_logprobs(self, all_logits: jax.Array, states: list[CachedRequestState],
-                                 counts: list[int]) -> PendingPromptLogprobs | None:
-        """Launches the prompt logprobs of the positions computed this step.
+    def plan_prompt_logprobs(self, num_rows: int, states: list[CachedRequestState],
+                             counts: list[int]) -> PromptLogprobsPlan | None:
+        """The host half of the prompt logprobs of the positions computed this step (the step
+        has ``num_rows`` logits rows, one per token of its bucket); None if nobody wants any.
 
-        Row t of ``all_logits`` (the logits of the t-th scheduled token, at position p) scores
-        the prompt token at p + 1; position 0 has no logprob (None), as in vLLM.
+        Row t of the step's logits (the logits of the t-th scheduled token, at position p)
+        scores the prompt token at p + 1; position 0 has no logprob (None), as in vLLM.
         """
-        num_rows = all_logits.shape[0]
         targets = np.zeros(num_rows, np.int32)
         spans, row, k = [], 0, 0
         for state, count in zip(states, counts):
@@ -189,8 +223,15 @@ class StepSampler:
             row += count
         if not spans:
             return None
-        out = self._prompt_logprobs(all_logits, targets, logprobs_bucket(k))
-        return PendingPromptLogprobs(out, targets, spans)
+        return PromptLogprobsPlan(targets, spans, logprobs_bucket(k))
+
+    def launch_prompt_logprobs(self, all_logits: jax.Array,
+                               plan: PromptLogprobsPlan | None) -> PendingPromptLogprobs | None:
+        """The device half: the logprobs of ``plan``'s targets in ``all_logits``."""
+        if plan is None:
+            return None
+        out = self._prompt_logprobs(all_logits, plan.targets, plan.k)
+        return PendingPromptLogprobs(out, plan.targets, plan.spans)
 
     def collect_prompt_logprobs(self, pending: PendingPromptLogprobs | None,
                                 result: ModelRunnerOutput) -> None:

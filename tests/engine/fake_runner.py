@@ -104,10 +104,13 @@ class FakeRunner:
         self.batch_sizes: list[int] = []
         self.scheduled_log: list[dict[str, int]] = []
 
-    def dispatch(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def dispatch(self, so: SchedulerOutput, background: bool = False) -> ModelRunnerOutput:
         """Async scheduling's launch: this fake device finishes at once, but the engine reads
         the result back only after it has launched the next step."""
         return self.execute_model(so)
+
+    def shutdown(self) -> None:
+        pass
 
     def collect(self, handle: ModelRunnerOutput) -> ModelRunnerOutput:
         return handle

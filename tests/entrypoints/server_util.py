@@ -29,8 +29,11 @@ class SlowRunner:
             raise RuntimeError("simulated device failure")
         return self.runner.execute_model(so)
 
-    def dispatch(self, so):  # async scheduling: the fake device finishes at launch
+    def dispatch(self, so, background=False):  # async scheduling: finished at launch
         return self.execute_model(so)
+
+    def shutdown(self):
+        self.runner.shutdown()
 
     def collect(self, handle):
         return handle

@@ -120,3 +120,55 @@ def test_async_needs_a_runner_that_dispatches():
     with pytest.raises(ValueError, match="dispatch"):
         LLMEngine(runner, None, scheduler_config=sc, cache_config=CacheConfig(page_size=4),
                   num_pages=40, vocab_size=97, eos_token_ids=0, max_model_len=64)
+
+
+def _launch_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name.startswith("jaxpage-launch")]
+
+
+def test_async_launches_on_the_launch_thread_and_shuts_it_down(prompts):
+    import threading
+
+    llm = tiny_llm(async_scheduling=True, max_num_seqs=4)
+    runner = llm.engine.model_runner
+    where, launch = [], runner.sampler.launch
+
+    def recording(*args):
+        where.append(threading.current_thread().name)
+        return launch(*args)
+
+    runner.sampler.launch = recording
+    outs = llm.generate(prompts[:4], greedy(8), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    # every async step's device calls ran on the launch thread; the sync step the engine
+    # takes when it goes idle (the runner forgets its requests) launches nothing
+    assert where and all(name.startswith("jaxpage-launch") for name in where), set(where)
+    assert len(_launch_threads()) >= 1
+    runner.shutdown()
+    assert runner._launcher is None and runner._launch is None
+
+
+def test_a_failed_background_launch_fails_only_its_step(prompts):
+    llm = tiny_llm(async_scheduling=True, max_num_seqs=4)
+    engine, runner = llm.engine, llm.engine.model_runner
+    baseline = engine.num_free_pages
+    launch, calls = runner.sampler.launch, [0]
+
+    def failing_once(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("simulated launch failure")
+        return launch(*args)
+
+    runner.sampler.launch = failing_once
+    outs = llm.generate(prompts[:4], greedy(10), use_tqdm=False)
+    # the third step's requests (all four: one batch) end with an error, not a hang
+    assert all(o.outputs[0].finish_reason == "error" for o in outs), \
+        [o.outputs[0].finish_reason for o in outs]
+    assert engine.num_free_pages == baseline and not engine.has_unfinished_requests()
+    # the engine keeps serving, and gives the tokens of a fresh engine
+    again = llm.generate(prompts[:4], greedy(10), use_tqdm=False)
+    fresh = tiny_llm(async_scheduling=True, max_num_seqs=4).generate(prompts[:4], greedy(10),
+                                                                      use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in fresh]

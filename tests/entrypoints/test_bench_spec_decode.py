@@ -22,7 +22,8 @@ def test_bench_spec_decode_times_every_variant(tmp_path, capsys):
     assert bench_spec_decode.main([
         "--hf-config", str(tmp_path / "config.json"), "--workload", "random", "--input-len", "12",
         "--batch-sizes", "1,2", "--k", "2", "--max-tokens", "10", "--rounds", "1",
-        "--dtype", "float32", "--max-model-len", "64", "--out", str(out)]) == 0
+        "--dtype", "float32", "--max-model-len", "64", "--out", str(out),
+        "--profile", str(tmp_path / "prof")]) == 0
     run = json.loads(out.read_text())
     table = capsys.readouterr().out
     for name in ("plain (async)", "plain (sync)", "ngram k=2"):
@@ -31,6 +32,9 @@ def test_bench_spec_decode_times_every_variant(tmp_path, capsys):
     assert len(rows) == 6 and all(0 < r["output_tokens"] <= 10 * r["batch"] for r in rows)
     spec = [r for r in rows if r["variant"] == "ngram k=2"]
     assert all(r["kept"] <= r["drafted"] for r in spec)
+    # --profile: each (variant, batch)'s last round traced; no GPU plane here, so no kernels
+    assert all(r["profile"]["host_ms_per_step"] == r["ms_per_step"] for r in rows)
+    assert len(list((tmp_path / "prof").iterdir())) == 6
     # float32: the same greedy tokens whatever the variant
     for b in (1, 2):
         assert len({r["texts_hash"] for r in rows if r["batch"] == b}) == 1
