@@ -52,46 +52,78 @@ def _candidates(lp: Logprobs) -> dict[int, float]:
     return dict(zip(lp.token_ids, lp.logprobs))
 
 
+class BeamSearch:
+    """Beam search driven round by round by whoever runs the engine: ``round()`` gives the
+    token lists to extend by one token each (every live beam of every prompt), ``advance``
+    takes each one's candidates back, ``results()`` ranks. ``run_beam_search`` drives it
+    through ``LLM.generate``; the server through its async engine."""
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams,
+                 eos_token_ids: frozenset[int]):
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self._eos = frozenset() if params.ignore_eos else eos_token_ids
+        # each round: one token, the top 2 x beam_width raw logprobs as its candidates
+        self.step_params = SamplingParams(temperature=params.temperature, max_tokens=1,
+                                          ignore_eos=True, logprobs=2 * params.beam_width,
+                                          seed=0)
+        self.live = [[BeamSearchSequence(list(p))] for p in prompts]
+        self.done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self.rounds = 0
+        self._flat: list[tuple[int, BeamSearchSequence]] = []
+
+    def _key(self, beam: BeamSearchSequence) -> float:
+        return beam_score(beam, self.eos_token_ids, self.params.length_penalty)
+
+    def round(self) -> list[list[int]] | None:
+        """This round's sequences to extend, or None once the search is over."""
+        self._flat = [(i, beam) for i, beams in enumerate(self.live) for beam in beams]
+        if self.rounds >= self.params.max_tokens or not self._flat:
+            return None
+        return [beam.tokens for _, beam in self._flat]
+
+    def advance(self, steps: list[Logprobs]) -> None:
+        """The one-token step of each sequence ``round()`` gave, in its order."""
+        if len(steps) != len(self._flat):
+            raise ValueError(f"{len(steps)} steps for {len(self._flat)} beams.")
+        grown: list[list[BeamSearchSequence]] = [[] for _ in self.live]
+        for (i, beam), lp in zip(self._flat, steps):
+            cands = _candidates(lp)
+            for tok, logprob in cands.items():
+                child = BeamSearchSequence(beam.tokens + [tok], beam.logprobs + [cands],
+                                           beam.cum_logprob + logprob)
+                if tok in self._eos:
+                    child.finish_reason, child.stop_reason = "stop", tok
+                    self.done[i].append(child)
+                else:
+                    grown[i].append(child)
+        self.live = [sorted(g, key=self._key, reverse=True)[:self.params.beam_width]
+                     for g in grown]
+        self.rounds += 1
+
+    def results(self, tokenizer=None) -> list[BeamSearchOutput]:
+        """Each prompt's best ``beam_width`` sequences, completed and live, best first."""
+        out = []
+        for done, live in zip(self.done, self.live):
+            for beam in live:
+                beam.finish_reason = "length"
+            best = sorted(done + live, key=self._key, reverse=True)[:self.params.beam_width]
+            if tokenizer is not None:
+                for beam in best:
+                    beam.text = tokenizer.decode(beam.tokens)
+            out.append(BeamSearchOutput(best))
+        return out
+
+
 def run_beam_search(llm, prompts: list[list[int]], params: BeamSearchParams,
                     eos_token_ids: frozenset[int], use_tqdm: bool = False
                     ) -> list[BeamSearchOutput]:
     """Beam search for each prompt (token ids) through ``llm.generate``; see the module doc."""
     for p in prompts:  # the last round's beams hold prompt + max_tokens - 1 tokens, then one more
         llm.engine.validate_request(p, SamplingParams(max_tokens=params.max_tokens))
-    eos = frozenset() if params.ignore_eos else eos_token_ids
-    step = SamplingParams(temperature=params.temperature, max_tokens=1, ignore_eos=True,
-                          logprobs=2 * params.beam_width, seed=0)
-    live = [[BeamSearchSequence(list(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-
-    def key(beam):
-        return beam_score(beam, eos_token_ids, params.length_penalty)
-
-    for _ in range(params.max_tokens):
-        flat = [(i, beam) for i, beams in enumerate(live) for beam in beams]
-        if not flat:
-            break
-        outs = llm.generate([{"prompt_token_ids": b.tokens} for _, b in flat], step,
+    search = BeamSearch(prompts, params, eos_token_ids)
+    while (seqs := search.round()) is not None:
+        outs = llm.generate([{"prompt_token_ids": t} for t in seqs], search.step_params,
                             use_tqdm=use_tqdm)
-        grown: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(flat, outs):
-            cands = _candidates(out.outputs[0].logprobs[0])
-            for tok, lp in cands.items():
-                child = BeamSearchSequence(beam.tokens + [tok], beam.logprobs + [cands],
-                                           beam.cum_logprob + lp)
-                if tok in eos:
-                    child.finish_reason, child.stop_reason = "stop", tok
-                    done[i].append(child)
-                else:
-                    grown[i].append(child)
-        live = [sorted(g, key=key, reverse=True)[:params.beam_width] for g in grown]
-    results = []
-    for i in range(len(prompts)):
-        for beam in live[i]:
-            beam.finish_reason = "length"
-        best = sorted(done[i] + live[i], key=key, reverse=True)[:params.beam_width]
-        if llm.tokenizer is not None:
-            for beam in best:
-                beam.text = llm.tokenizer.decode(beam.tokens)
-        results.append(BeamSearchOutput(best))
-    return results
+        search.advance([o.outputs[0].logprobs[0] for o in outs])
+    return search.results(llm.tokenizer)

@@ -3,7 +3,8 @@
 
 Fields follow the OpenAI API; vLLM's extra sampling fields (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``skip_special_tokens``, ``include_stop_str_in_output``, ``cache_salt``) are accepted too.
+``skip_special_tokens``, ``include_stop_str_in_output``, ``cache_salt``, and beam search's
+``use_beam_search`` / ``length_penalty``) are accepted too.
 Structured outputs come as OpenAI's ``response_format`` (``json_object``, ``json_schema``), as
 vLLM's ``structured_outputs`` object, or as vLLM's older ``guided_json`` / ``guided_regex`` /
 ``guided_choice`` / ``guided_grammar`` fields; one of them per request.
@@ -16,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from jaxpage.sampling_params import (GENERATION_DEFAULT_FIELDS, MAX_LOGIT_BIAS, SamplingParams,
-                                     StructuredOutputsParams, param_error)
+from jaxpage.sampling_params import (GENERATION_DEFAULT_FIELDS, MAX_LOGIT_BIAS, BeamSearchParams,
+                                     SamplingParams, StructuredOutputsParams, param_error)
 
 # OpenAI's own cap on the completions route's ``logprobs``; chat's ``top_logprobs`` is 20.
 MAX_COMPLETION_LOGPROBS = 5
@@ -65,6 +66,8 @@ class _SamplingFields(_Body):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    use_beam_search: bool = False  # vLLM's: the n best beams of width n, not n samples
+    length_penalty: float = 1.0  # beam search's ranking: cum_logprob / len ** length_penalty
 
     def tool_constraint(self) -> tuple[str, dict] | None:
         """(field, StructuredOutputsParams fields) forced by a tool choice; chat overrides."""
@@ -112,6 +115,35 @@ class _SamplingFields(_Body):
             return StructuredOutputsParams(**fields)
         except ValueError as e:
             raise param_error(name, str(e).removeprefix("structured_outputs ")) from None
+
+    def beam_search_params(self, *, max_tokens: int | None, room: int,
+                           logprobs: Any) -> BeamSearchParams:
+        """The ``use_beam_search`` request's BeamSearchParams (beam width ``n``; up to ``room``
+        tokens, what the context leaves, when ``max_tokens`` is omitted). Refuses, naming the
+        field, what beam search would otherwise ignore: streaming, logprobs, output
+        constraints and tools, and any sampling field set off its neutral value."""
+        neutral = dict(top_p=None, top_k=None, min_p=None, presence_penalty=0.0,
+                       frequency_penalty=0.0, repetition_penalty=None, seed=None, stop=None,
+                       stop_token_ids=None, min_tokens=0, logit_bias=None, stream=False,
+                       response_format=None, structured_outputs=None, guided_json=None,
+                       guided_regex=None, guided_choice=None, guided_grammar=None)
+        for name, value in neutral.items():
+            if getattr(self, name) != value and not (
+                    name == "response_format" and (self.response_format or {}).get("type")
+                    in (None, "text")):
+                raise param_error(name, "is not supported with use_beam_search.")
+        if logprobs:
+            raise param_error("logprobs", "is not supported with use_beam_search.")
+        if self.tool_constraint() is not None:
+            raise param_error("tool_choice", "is not supported with use_beam_search.")
+        try:
+            return BeamSearchParams(
+                beam_width=self.n, max_tokens=room if max_tokens is None else max_tokens,
+                ignore_eos=self.ignore_eos, temperature=self.temperature or 0.0,
+                length_penalty=self.length_penalty)
+        except ValueError as e:
+            field = {"beam_width": "n"}.get(str(e).split(" ", 1)[0], str(e).split(" ", 1)[0])
+            raise param_error(field, str(e).split(" ", 1)[1]) from None
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
                         defaults: dict[str, Any]) -> SamplingParams:

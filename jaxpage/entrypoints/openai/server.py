@@ -37,7 +37,7 @@ from jaxpage.entrypoints.openai.protocol import (MAX_PROMPTS, ChatCompletionRequ
                                                  TokenizeRequest)
 from jaxpage.entrypoints.openai.serving import (MAX_BODY_BYTES, ServerConfig, Serving,
                                                 all_or_none)
-from jaxpage.sampling_params import param_error
+from jaxpage.sampling_params import BeamSearchParams, SamplingParams, param_error
 
 logger = logging.getLogger("jaxpage")
 
@@ -132,11 +132,18 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
         serving.admit(body.model)
         body.check_supported()
         prompts = _completion_prompts(body.prompt, serving)
+        base = f"cmpl-{uuid.uuid4().hex}"
+        if body.use_beam_search:
+            searches = [(text, ids, _beam_params(engine, body, ids, body.max_tokens,
+                                                 body.logprobs)) for text, ids in prompts]
+            results = await all_or_none([
+                serving.beam_search(request, f"{base}-{i}", ids, bsp, text, body.cache_salt)
+                for i, (text, ids, bsp) in enumerate(searches)])
+            return responses.completion_body(serving, body, base, prompts, results)
         params = body.sampling_params(max_tokens=body.max_tokens, logprobs=body.logprobs,
                                       defaults=config.default_sampling)
         for _, ids in prompts:  # every prompt checked before any is queued
             engine.engine.validate_request(ids, params, cache_salt=body.cache_salt)
-        base = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return responses.stream_response(
                 responses.completion_chunks(serving, body, base, prompts, params))
@@ -152,6 +159,11 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
         body.check_supported()
         text, ids = serving.chat_prompt(body.messages, body.add_generation_prompt,
                                         body.tools if body.tool_mode() else None)
+        if body.use_beam_search:
+            bsp = _beam_params(engine, body, ids, body.output_limit(), body.logprobs)
+            out = await serving.beam_search(request, f"chatcmpl-{uuid.uuid4().hex}", ids, bsp,
+                                            text, body.cache_salt)
+            return responses.chat_body(serving, body, out.request_id, out)
         params = body.sampling_params(max_tokens=body.output_limit(),
                                       logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                       defaults=config.default_sampling)
@@ -193,6 +205,17 @@ class _Wrapped:
 
     async def __call__(self, scope, receive, send):
         await self._asgi(scope, receive, send)
+
+
+def _beam_params(engine: AsyncLLMEngine, body, ids: list[int], max_tokens: int | None,
+                 logprobs) -> BeamSearchParams:
+    """A ``use_beam_search`` request's BeamSearchParams for prompt ``ids``, checked as a
+    plain request of as many tokens would be (context room, cache salt)."""
+    bsp = body.beam_search_params(max_tokens=max_tokens, logprobs=logprobs,
+                                  room=max(engine.engine.max_model_len - len(ids), 1))
+    engine.engine.validate_request(ids, SamplingParams(max_tokens=bsp.max_tokens),
+                                   cache_salt=body.cache_salt)
+    return bsp
 
 
 def _completion_prompts(prompt, serving: Serving) -> list[tuple[str | None, list[int]]]:

@@ -17,8 +17,9 @@ from jaxpage.entrypoints.openai.errors import APIError, from_value_error, unavai
 from jaxpage.entrypoints.openai.metrics import ServerMetrics
 from jaxpage.entrypoints.openai.protocol import MAX_MESSAGES, message_text
 from jaxpage.entrypoints.openai.tool_parsers import get_parser
-from jaxpage.outputs import RequestOutput
-from jaxpage.sampling_params import SamplingParams, param_error
+from jaxpage.entrypoints.beam_search import BeamSearch
+from jaxpage.outputs import CompletionOutput, RequestOutput
+from jaxpage.sampling_params import BeamSearchParams, SamplingParams, param_error
 
 MAX_BODY_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.1
@@ -135,6 +136,31 @@ class Serving:
                 with contextlib.suppress(BaseException):
                     await task
             await gen.aclose()
+
+    async def beam_search(self, request: Request, request_id: str, ids: list[int],
+                          params: BeamSearchParams, prompt: str | None,
+                          cache_salt: str | None) -> RequestOutput:
+        """``use_beam_search``: the prompt's ``beam_width`` best beams as the choices of one
+        output. Each round runs every live beam's one-token step as a request of its own
+        (together; prefix caching reuses the beams' pages), aborted with the rest if the
+        client goes away; a failed step fails the whole search (a 500)."""
+        search = BeamSearch([ids], params, self.engine.engine.eos_token_ids)
+        while (seqs := search.round()) is not None:
+            outs = await all_or_none([
+                self.run(request, f"{request_id}-r{search.rounds}-{j}", seq,
+                         search.step_params, None, cache_salt) for j, seq in enumerate(seqs)])
+            for out in outs:
+                if out.outputs[0].finish_reason == "error" or not out.outputs[0].logprobs:
+                    raise APIError(500, out.error or "internal error while generating",
+                                   type_="server_error", code="generation_failed")
+            search.advance([out.outputs[0].logprobs[0] for out in outs])
+        tok, n = self.tokenizer, len(ids)
+        choices = [CompletionOutput(
+            index=k, text=tok.decode(b.tokens[n:], skip_special_tokens=True) if tok else "",
+            token_ids=b.tokens[n:], cumulative_logprob=b.cum_logprob, logprobs=None,
+            finish_reason=b.finish_reason, stop_reason=b.stop_reason)
+            for k, b in enumerate(search.results()[0].sequences)]
+        return RequestOutput(request_id, prompt, ids, None, choices, finished=True)
 
     async def stream(self, request_id: str, ids: list[int], params: SamplingParams,
                      prompt: str | None, cache_salt: str | None) -> AsyncIterator[RequestOutput]:
