@@ -18,6 +18,7 @@ left out (the residual distribution).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -99,6 +100,9 @@ class StepSampler:
         self.sharding = sharding
         self._sample = jax.jit(_sample_and_record)
         self._prompt_logprobs = jax.jit(compute_logprobs_for_tokens, static_argnums=2)
+        # The last step's (row key, metadata), for ``_steady_metadata``; the key of this one.
+        self._steady: tuple[tuple, SamplingMetadata] | None = None
+        self._steady_key: tuple | None = None
         # (max_num_seqs,) the last token sampled in each input-batch slot, on the device.
         self.last_sampled = jnp.zeros((input_batch.max_num_reqs,), jnp.int32, device=sharding)
 
@@ -151,13 +155,16 @@ class StepSampler:
         every sampling request's token becomes pending. Reads ``last_sampled`` back only for a
         request with penalties and a token in flight."""
         drafts = drafts or [[] for _ in states]
-        last_host = None
-        if any(do and s.num_pending and s.sampling_params.has_penalties
-               for s, do in zip(states, samples)):
-            last_host = np.asarray(jax.device_get(self.last_sampled))
-        rows = [self._row(s, do, last_host, d[:j])
-                for s, do, d in zip(states, samples, drafts) for j in range(len(d) + 1)]
-        md = build_sampling_metadata(rows, padded_rows, self.vocab_size, fill_bitmasks)
+        md = self._steady_metadata(states, samples, drafts, padded_rows)
+        if md is None:
+            last_host = None
+            if any(do and s.num_pending and s.sampling_params.has_penalties
+                   for s, do in zip(states, samples)):
+                last_host = np.asarray(jax.device_get(self.last_sampled))
+            rows = [self._row(s, do, last_host, d[:j])
+                    for s, do, d in zip(states, samples, drafts) for j in range(len(d) + 1)]
+            md = build_sampling_metadata(rows, padded_rows, self.vocab_size, fill_bitmasks)
+            self._steady = (self._steady_key, md)
         slots = np.full(padded_rows, self.input_batch.max_num_reqs, np.int32)
         row = 0
         for state, do, d in zip(states, samples, drafts):
@@ -169,6 +176,36 @@ class StepSampler:
                 state.num_pending += 1
             row += 1 + len(d)
         return SamplePlan(md, slots, list(states), list(samples), drafts)
+
+    def _steady_metadata(self, states: list[CachedRequestState], samples: list[bool],
+                         drafts: list[list[int]], padded_rows: int) -> SamplingMetadata | None:
+        """The step before's metadata with this step's ``output_pos``, when the rows are the
+        same requests, in the same order, each one whose row is a function of its params and
+        seed alone (no penalties, logit bias, grammar or min_tokens, whose arrays follow the
+        outputs): the steady state of decoding, where building the metadata anew cost ~0.14 ms
+        a step at batch 32 (H200 host). None otherwise (and ``_steady_key`` set for the
+        metadata the caller builds)."""
+        key, pos = [padded_rows], []
+        for state, do, d in zip(states, samples, drafts):
+            sp = state.sampling_params
+            if not do:
+                key.append(None)
+                pos.extend([0] * (len(d) + 1))
+                continue
+            if (state.grammar is not None or sp.has_penalties or sp.logit_bias
+                    or (sp.min_tokens and sp.all_stop_token_ids)):
+                self._steady_key = None
+                return None
+            key.append((sp, state.seed, len(d)))  # sp itself: equal by identity or content
+            n = state.num_output_tokens + state.num_pending
+            pos.extend(range(n, n + len(d) + 1))
+        key = tuple(key)
+        self._steady_key = key
+        if self._steady is None or self._steady[0] != key:
+            return None
+        output_pos = np.zeros(padded_rows, np.int32)
+        output_pos[:len(pos)] = pos
+        return dataclasses.replace(self._steady[1], output_pos=output_pos)
 
     def launch(self, logits: jax.Array, plan: SamplePlan) -> PendingSample:
         """The device half of ``dispatch``: samples ``logits`` and records each row's token
