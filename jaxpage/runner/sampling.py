@@ -30,7 +30,7 @@ from jaxpage.engine.structured_output import fill_bitmasks
 from jaxpage.runner.input_batch import CachedRequestState, InputBatch
 from jaxpage.runner.sampler import (LogprobsTensors, SamplerOutput,
                                     compute_logprobs_for_tokens, sample)
-from jaxpage.runner.sampling_metadata import (SamplingMetadata, SamplingRow,
+from jaxpage.runner.sampling_metadata import (PAD_ID, SamplingMetadata, SamplingRow,
                                               build_sampling_metadata, logprobs_bucket,
                                               make_logprobs)
 from jaxpage.sampling_params import SamplingParams
@@ -43,9 +43,23 @@ _PRECOMPILE = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
                SamplingParams(temperature=1.0, top_p=0.9, top_k=50))
 
 
+def in_flight_marker(slot: int) -> int:
+    """The penalty-history entry standing for slot ``slot``'s token in flight (async
+    scheduling): the sampler reads it from ``last_sampled`` on the device, so the host need not
+    wait for it. Below PAD_ID, so it never collides with a token id or the pad."""
+    return PAD_ID - 1 - slot
+
+
 def _sample_and_record(logits, md, last_sampled, slots):
     """Samples, and records each row's token at its slot (rows that do not sample carry an
-    out-of-range slot and are dropped)."""
+    out-of-range slot and are dropped). Penalty histories' in-flight markers become the
+    tokens ``last_sampled`` holds for their slots."""
+    if md.has_penalties:
+        ids = md.penalty_token_ids
+        slot = PAD_ID - 1 - ids
+        ids = jnp.where(ids < PAD_ID, last_sampled[jnp.clip(slot, 0, last_sampled.shape[0] - 1)],
+                        ids)
+        md = dataclasses.replace(md, penalty_token_ids=ids)
     out = sample(logits, md)
     return out, last_sampled.at[slots].set(out.sampled_token_ids, mode="drop")
 
@@ -117,7 +131,7 @@ class StepSampler:
                 md = build_sampling_metadata([SamplingRow(sp, 0)] * r, r, self.vocab_size)
                 jax.block_until_ready(self._sample(logits, md, self.last_sampled, slots))
 
-    def _row(self, state: CachedRequestState, samples: bool, last_host: np.ndarray | None,
+    def _row(self, state: CachedRequestState, samples: bool,
              drafted: list[int] = ()) -> SamplingRow:
         """The row sampling ``state``'s next output position, or the one after ``drafted``
         (drafts taken as its outputs: speculative decoding)."""
@@ -131,8 +145,8 @@ class StepSampler:
         if sp.has_penalties:
             ids = self.input_batch.token_ids[state.slot]
             outputs = ids[state.num_prompt_tokens:state.num_tokens]
-            if state.num_pending:  # the token in flight counts too: read it back (a sync)
-                outputs = np.append(outputs, last_host[state.slot])
+            if state.num_pending:  # the token in flight counts too: the device fills it in
+                outputs = np.append(outputs, in_flight_marker(state.slot))
             if drafted:
                 outputs = np.append(outputs, drafted)
             return SamplingRow(sp, state.seed, ids[:state.num_prompt_tokens], outputs,
@@ -152,16 +166,12 @@ class StepSampler:
     def plan(self, states: list[CachedRequestState], samples: list[bool], padded_rows: int,
              drafts: list[list[int]] | None = None) -> SamplePlan:
         """The host half of ``dispatch``: the step's sampling metadata and recording slots;
-        every sampling request's token becomes pending. Reads ``last_sampled`` back only for a
-        request with penalties and a token in flight."""
+        every sampling request's token becomes pending. Nothing is read back from the device
+        (a penalty history's token in flight is a marker: ``in_flight_marker``)."""
         drafts = drafts or [[] for _ in states]
         md = self._steady_metadata(states, samples, drafts, padded_rows)
         if md is None:
-            last_host = None
-            if any(do and s.num_pending and s.sampling_params.has_penalties
-                   for s, do in zip(states, samples)):
-                last_host = np.asarray(jax.device_get(self.last_sampled))
-            rows = [self._row(s, do, last_host, d[:j])
+            rows = [self._row(s, do, d[:j])
                     for s, do, d in zip(states, samples, drafts) for j in range(len(d) + 1)]
             md = build_sampling_metadata(rows, padded_rows, self.vocab_size, fill_bitmasks)
             self._steady = (self._steady_key, md)

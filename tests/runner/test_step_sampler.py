@@ -22,7 +22,7 @@ def _states(params: list[SamplingParams]) -> list[CachedRequestState]:
 
 def _fresh(sampler, states, samples, rows):
     """What plan builds without the steady state: rows from ``_row``, built anew."""
-    rs = [sampler._row(s, do, None) for s, do in zip(states, samples)]
+    rs = [sampler._row(s, do) for s, do in zip(states, samples)]
     return build_sampling_metadata(rs, rows, V)
 
 
@@ -76,3 +76,33 @@ def test_steady_metadata_is_not_taken_where_rows_differ():
         sampler.plan(pen, [True], 4)
     # a different bucket: built anew
     assert sampler._steady_metadata(pen[:0], [], [], 8) is None
+
+
+def test_a_penalised_requests_token_in_flight_counts_without_a_read_back(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    batch = InputBatch(8, 64, 4, 16)
+    sampler = StepSampler(V, batch)
+    hot = 11  # the token in flight; the logits favour it by a margin a penalty undoes
+    sp = SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=0.5,
+                        repetition_penalty=1.5)
+    state = CachedRequestState("r", 3, 4, sp, 0, 6, 1, 6)
+    batch.token_ids[3, :6] = [1, 2, 3, 4, 5, 6]  # prompt 1..4, outputs 5, 6
+    sampler.last_sampled = jnp.zeros(8, jnp.int32).at[3].set(hot)
+    logits = np.zeros((2, V), np.float32)
+    logits[:, hot], logits[:, 40] = 1.0, 0.9
+    state.num_pending = 1  # async: the token of the step before is still on the device
+
+    def no_read_back(*a, **k):
+        raise AssertionError("plan read the device back")
+
+    monkeypatch.setattr(jax, "device_get", no_read_back)
+    plan = sampler.plan([state], [True], 2)
+    monkeypatch.undo()
+    got = sampler.launch(jnp.asarray(logits), plan).out.sampled_token_ids
+    # the same request with that token known on the host
+    known = CachedRequestState("r", 3, 4, sp, 0, 7, 1, 7)
+    batch.token_ids[3, 6] = hot
+    want = sampler.launch(jnp.asarray(logits), sampler.plan([known], [True], 2))
+    assert int(got[0]) == int(want.out.sampled_token_ids[0]) == 40  # the penalty counted it
