@@ -2,8 +2,9 @@
 
 import logging as _logging
 
-from jaxpage.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
-from jaxpage.outputs import CompletionOutput, RequestOutput
+from jaxpage.sampling_params import (BeamSearchParams, PoolingParams, SamplingParams,
+                                     StructuredOutputsParams)
+from jaxpage.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,4 @@ def __getattr__(name):  # LLM pulls in jax; import it lazily so `jaxpage.engine`
 
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "RequestOutput",
-           "CompletionOutput"]
+           "CompletionOutput", "PoolingParams", "EmbeddingOutput", "EmbeddingRequestOutput"]

@@ -119,6 +119,8 @@ class SamplingParams:
         logit_bias: token id -> bias added to its logit before sampling.
         structured_outputs: constrain the output to a JSON schema, regex, choice or grammar
             (``StructuredOutputsParams``).
+        return_hidden: also return the final-normed hidden state of the last prompt token
+            (``RequestOutput.hidden``; what ``LLM.embed`` pools). jaxpage's own field.
     """
 
     n: int = 1
@@ -142,6 +144,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    return_hidden: bool = False
     # Filled by the engine: the model's EOS ids, so the scheduler needs no tokenizer.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -308,3 +311,34 @@ class BeamSearchParams:
             raise ValueError(f"length_penalty must be finite, got {self.length_penalty!r}.")
         # temperature: SamplingParams' own check, on the step each round runs
         SamplingParams(temperature=self.temperature, max_tokens=1)
+
+
+@dataclass
+class PoolingParams:
+    """vLLM's pooling parameters for ``LLM.embed`` and ``/v1/embeddings``.
+
+    Args:
+        dimensions: keep the first this many dimensions (Matryoshka embeddings; None: all).
+        normalize: scale the embedding to unit L2 norm (after ``dimensions``).
+    """
+
+    dimensions: int | None = None
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dimensions is not None and (not _is_int(self.dimensions)
+                                            or self.dimensions < 1):
+            raise param_error("dimensions", f"must be an integer >= 1, got {self.dimensions!r}.")
+
+    def pool(self, hidden, hidden_size: int) -> list[float]:
+        """The embedding of a final hidden state (last-token pooling, as vLLM's default for
+        decoder models)."""
+        import numpy as np
+
+        if self.dimensions is not None and self.dimensions > hidden_size:
+            raise param_error("dimensions", f"must be at most the model's hidden size "
+                              f"{hidden_size}, got {self.dimensions}.")
+        v = np.asarray(hidden, np.float64)[:self.dimensions]
+        if self.normalize:
+            v = v / max(float(np.linalg.norm(v)), 1e-12)
+        return v.astype(np.float32).tolist()

@@ -147,7 +147,8 @@ def bench_backend(ns, backend: str, bw: float | None) -> list[dict]:
             floor = (weight_bytes + kv_read) / bw if bw else None
             rows.append(dict(backend=runner.backend, kind=kind, T=bucket[0], R=bucket[1],
                              reqs=num_reqs, ctx=ctx,
-                             compile_s=runner.compile_seconds[(*bucket, False, kind == "decode")],
+                             compile_s=runner.compile_seconds[(*bucket, False, kind == "decode",
+                                                               False)],
                              step_ms=sec * 1e3, floor_ms=floor * 1e3 if floor else None,
                              pct_of_floor=100 * floor / sec if floor else None))
             r = rows[-1]

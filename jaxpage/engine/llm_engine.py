@@ -391,7 +391,8 @@ class LLMEngine:
             prompt_logprobs=(list(state.prompt_logprobs) if state.prompt_logprobs is not None
                              else None),
             outputs=completions, finished=finished,
-            num_cached_tokens=max(request.num_cached_tokens, 0), metrics=metrics, error=state.error)
+            num_cached_tokens=max(request.num_cached_tokens, 0), metrics=metrics, error=state.error,
+            hidden=request.hidden)
 
     # -- introspection ------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:

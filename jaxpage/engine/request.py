@@ -84,6 +84,8 @@ class Request:
         # Tokens sampled by steps in flight whose ids the host does not know yet (async
         # scheduling: at most one; always 0 between steps when stepping synchronously).
         self.num_pending_tokens = 0
+        # (D,) final hidden state of the last prompt token, for ``return_hidden`` requests.
+        self.hidden = None
         # Speculative decoding: the context as a growing int32 array (``token_array``).
         self._token_buf: np.ndarray | None = None
         self._token_buf_len = 0  # how many of its leading entries are current

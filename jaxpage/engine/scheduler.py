@@ -323,6 +323,9 @@ class Scheduler:
                 if request.metrics.first_token_time is None:
                     request.metrics.first_token_time = time.time()
             self.kv_cache_manager.cache_blocks(request, end)
+            hidden = mro.hidden.get(req_id)
+            if hidden is not None:  # return_hidden: kept for the request's output
+                request.hidden = hidden
             logprobs = mro.logprobs.get(req_id)
             if logprobs is not None:
                 logprobs = logprobs[:len(new_token_ids)]

@@ -96,3 +96,6 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[Logprobs | None]] = field(default_factory=dict)
     # req_id -> error message for requests that failed inside the step (finish_reason "error").
     errors: dict[str, str] = field(default_factory=dict)
+    # req_id -> (D,) final hidden state of its last prompt token (``return_hidden`` requests
+    # at the step that sampled their first token).
+    hidden: dict[str, Any] = field(default_factory=dict)

@@ -91,6 +91,36 @@ class LLM:
             self.engine.abort_request(req_ids)
             raise
 
+    def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params=None,
+              use_tqdm: bool = False) -> list:
+        """Embeddings (vLLM's ``LLM.embed``): each prompt's final-normed hidden state at its
+        last token (last-token pooling, vLLM's default for decoder models), cut to
+        ``pooling_params.dimensions`` and L2-normalized unless ``normalize=False``. The prompts
+        run through the engine like any request (batched, chunked, prefix-cached) and stop at
+        their first token, which is dropped. Returns ``EmbeddingRequestOutput``s in prompt
+        order.
+
+        Raises:
+            ValueError: a bad prompt or ``dimensions`` (before any request is queued);
+            RuntimeError: a request failed inside the engine.
+        """
+        from jaxpage.outputs import EmbeddingOutput, EmbeddingRequestOutput
+        from jaxpage.sampling_params import PoolingParams
+
+        pp = PoolingParams() if pooling_params is None else pooling_params
+        if not isinstance(pp, PoolingParams):
+            raise ValueError(f"pooling_params must be a PoolingParams, got {type(pp).__name__}.")
+        size = self.loaded.config.hidden_size
+        pp.pool([0.0] * size, size)  # checks dimensions against the model before queueing
+        outs = self.generate(prompts, embedding_sampling_params(), use_tqdm=use_tqdm)
+        failed = [o for o in outs if o.hidden is None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(outs)} requests failed in the engine: "
+                               f"{failed[0].error}")
+        return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids,
+                                       EmbeddingOutput(pp.pool(o.hidden, size)))
+                for o in outs]
+
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params,
                     use_tqdm: bool = False) -> list:
         """Beam search (vLLM's ``LLM.beam_search``): ``params`` is a ``BeamSearchParams``;
@@ -158,6 +188,13 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[r] for r in req_ids]
+
+
+def embedding_sampling_params() -> SamplingParams:
+    """What an embedding request runs as: its prompt and one greedy token (dropped), with
+    the last prompt token's final hidden state returned."""
+    return SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, return_hidden=True,
+                          skip_special_tokens=True)
 
 
 def _normalize_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:

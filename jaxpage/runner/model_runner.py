@@ -15,6 +15,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpage import kernels_pallas, sharding
@@ -31,11 +32,14 @@ logger = logging.getLogger("jaxpage")
 
 def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
              layout: PackedLayout, backend: str, all_logits: bool, decode_only: bool,
-             mesh=None):
-    """One step. ``params`` are the flat leaves of the model's nnx.State: flattening a tuple
-    per call is cheap, flattening an nnx.State is not. ``last_sampled`` (max_num_seqs,) holds
-    each slot's last sampled token on the device: the input of a token still in flight.
-    ``mesh``: tensor parallelism's (the logits leave replicated, whole on every device)."""
+             hidden: bool = False, mesh=None):
+    """One step: (logits rows, the pool, extras). ``params`` are the flat leaves of the
+    model's nnx.State: flattening a tuple per call is cheap, flattening an nnx.State is not.
+    ``last_sampled`` (max_num_seqs,) holds each slot's last sampled token on the device: the
+    input of a token still in flight. ``mesh``: tensor parallelism's (the logits leave
+    replicated, whole on every device). ``extras``: with ``all_logits`` the logits of every
+    token, "all_logits" (T, V); with ``hidden`` the final hidden states of the logits rows,
+    "hidden" (rows, D) float32."""
     state = jax.tree.unflatten(state_treedef, params)
     a = layout.unpack(packed)
     ph = a["placeholder_slots"]  # (T,) slot + 1, or 0
@@ -45,14 +49,17 @@ def _forward(params, kv_pages, packed, last_sampled, *, graphdef, state_treedef,
                            num_seqs=a["num_seqs"], attention_backend=backend,
                            max_q_len=1 if decode_only else None, mesh=mesh)
     model = nnx.merge(graphdef, state)
-    hidden, kv_pages = model(input_ids, a["positions"], kv_pages, md)  # (T, D)
+    states, kv_pages = model(input_ids, a["positions"], kv_pages, md)  # (T, D)
     whole = (lambda x: x) if mesh is None else functools.partial(sharding.gather_logits,
                                                                  mesh=mesh)
+    extras = {}
+    if hidden:  # return_hidden (LLM.embed): the rows' final hidden states
+        extras["hidden"] = states[a["logits_indices"]].astype(jnp.float32)
     if all_logits:  # prompt_logprobs: logits of every token, (T, V)
-        logits_all = whole(model.compute_logits(hidden))
-        return logits_all[a["logits_indices"]], kv_pages, logits_all
-    logits = whole(model.compute_logits(hidden[a["logits_indices"]]))  # (R, V) float32
-    return logits, kv_pages, None
+        extras["all_logits"] = logits_all = whole(model.compute_logits(states))
+        return logits_all[a["logits_indices"]], kv_pages, extras
+    logits = whole(model.compute_logits(states[a["logits_indices"]]))  # (R, V) float32
+    return logits, kv_pages, extras
 
 
 class ModelRunner:
@@ -115,9 +122,9 @@ class ModelRunner:
         self.sampler = StepSampler(self.vocab_size, self.input_batch, self._inputs)
         self._launcher: ThreadPoolExecutor | None = None  # ``dispatch(background=True)``
         self._launch: Future | None = None  # the step on the launch thread, if any
-        # (T, R, all_logits, decode_only) -> executable
-        self._compiled: dict[tuple[int, int, bool, bool], jax.stages.Compiled] = {}
-        self.compile_seconds: dict[tuple[int, int, bool, bool], float] = {}
+        # (T, R, all_logits, decode_only, hidden) -> executable
+        self._compiled: dict[tuple[int, int, bool, bool, bool], jax.stages.Compiled] = {}
+        self.compile_seconds: dict[tuple[int, int, bool, bool, bool], float] = {}
         if compile_workers < 1:
             raise ValueError(f"compile_workers must be >= 1, got {compile_workers}.")
         self.compile_workers = compile_workers
@@ -141,20 +148,20 @@ class ModelRunner:
         rows = R if not k else max(R, min(T, 1 << (R * (1 + k) - 1).bit_length()))
         return PackedLayout(T, R, self.pages_per_req, rows)
 
-    def _lower(self, key: tuple[int, int, bool, bool]) -> jax.stages.Lowered:
-        T, R, all_logits, decode_only = key
+    def _lower(self, key: tuple[int, int, bool, bool, bool]) -> jax.stages.Lowered:
+        T, R, all_logits, decode_only, hidden = key
         layout = self._layout((T, R))
         fn = jax.jit(functools.partial(_forward, graphdef=self.graphdef, layout=layout,
                                        backend=self.backend, all_logits=all_logits,
-                                       decode_only=decode_only, mesh=self.mesh,
+                                       decode_only=decode_only, hidden=hidden, mesh=self.mesh,
                                        state_treedef=self.state_treedef),
                      donate_argnums=(1,))
         packed = jax.ShapeDtypeStruct((layout.total,), jnp.int32, sharding=self._inputs)
         return fn.lower(self.params, self.kv_pages, packed, self.sampler.last_sampled)
 
     def _executable(self, bucket: tuple[int, int], all_logits: bool = False,
-                    decode_only: bool = False):
-        key = (*bucket, all_logits, decode_only)
+                    decode_only: bool = False, hidden: bool = False):
+        key = (*bucket, all_logits, decode_only, hidden)
         exe = self._compiled.get(key)
         if exe is None:
             start = time.perf_counter()
@@ -170,8 +177,8 @@ class ModelRunner:
         GIL); ``compile_seconds`` then holds each compile's own span, not its share."""
         start = time.perf_counter()
         pairs = self.buckets.pairs()
-        keys = [(*b, False, False) for b in pairs]
-        keys += [(*self.buckets.pick(r, r), False, True)  # decode-only: R requests, one token
+        keys = [(*b, False, False, False) for b in pairs]
+        keys += [(*self.buckets.pick(r, r), False, True, False)  # decode-only: R requests
                  for r in self.buckets.req_buckets]
         keys = [k for k in dict.fromkeys(keys) if k not in self._compiled]
 
@@ -199,12 +206,19 @@ class ModelRunner:
     def collect(self, handle: "StepHandle") -> ModelRunnerOutput:
         """Waits for a dispatched step and reads its tokens (and logprobs) back."""
         if handle.launch is not None:  # launched on the launch thread: its errors raise here
-            handle.sample, handle.prompt_logprobs = handle.launch.result()
+            handle.sample, handle.prompt_logprobs, handle.hidden = handle.launch.result()
             handle.launch = None
         if handle.sample is None:
             return ModelRunnerOutput(sampled_token_ids={})
         result = self.sampler.collect(handle.sample)
         self.sampler.collect_prompt_logprobs(handle.prompt_logprobs, result)
+        if handle.hidden is not None:  # each return_hidden request's first row
+            rows, row = np.asarray(jax.device_get(handle.hidden)), 0
+            sample = handle.sample
+            for state, do, drafts in zip(sample.states, sample.samples, sample.drafts):
+                if do and state.sampling_params.return_hidden:
+                    result.hidden[state.req_id] = rows[row].copy()
+                row += 1 + len(drafts)
         return result
 
     def dispatch(self, so: SchedulerOutput, background: bool = False) -> "StepHandle":
@@ -231,29 +245,33 @@ class ModelRunner:
         want_prompt_lp = any(s.sampling_params.prompt_logprobs is not None
                              and s.num_computed_tokens < s.num_prompt_tokens for s in states)
         drafts = [so.scheduled_spec_decode_tokens.get(r, []) for r in req_ids]
-        exe = self._executable(bucket, want_prompt_lp,
-                               decode_only=so.total_num_scheduled_tokens == len(req_ids))
         # Only requests whose scheduled range reaches their last token (known or in flight)
         # sample.
         samples = [s.num_computed_tokens + c >= s.num_tokens + s.num_pending
                    for s, c in zip(states, counts)]
+        want_hidden = any(do and s.sampling_params.return_hidden
+                          for s, do in zip(states, samples))
+        exe = self._executable(bucket, want_prompt_lp,
+                               decode_only=so.total_num_scheduled_tokens == len(req_ids),
+                               hidden=want_hidden)
         prompt_plan = (self.sampler.plan_prompt_logprobs(layout.num_tokens, states, counts)
                        if want_prompt_lp else None)
         sample_plan = self.sampler.plan(states, samples, layout.logits_rows, drafts)
 
         def launch():
-            logits, self.kv_pages, all_logits = exe(self.params, self.kv_pages,
-                                                    jax.device_put(packed, self._inputs),
-                                                    self.sampler.last_sampled)
+            logits, self.kv_pages, extras = exe(self.params, self.kv_pages,
+                                                jax.device_put(packed, self._inputs),
+                                                self.sampler.last_sampled)
             return (self.sampler.launch(logits, sample_plan),
-                    self.sampler.launch_prompt_logprobs(all_logits, prompt_plan))
+                    self.sampler.launch_prompt_logprobs(extras.get("all_logits"), prompt_plan),
+                    extras.get("hidden"))
 
         if not background:
             return StepHandle(*launch())
         if self._launcher is None:
             self._launcher = ThreadPoolExecutor(1, thread_name_prefix="jaxpage-launch")
         self._launch = self._launcher.submit(launch)
-        return StepHandle(None, None, self._launch)
+        return StepHandle(None, None, launch=self._launch)
 
     def _wait_launch(self) -> None:
         """Waits for the step on the launch thread, if any: the next one reads the pool and
@@ -277,4 +295,5 @@ class StepHandle:
 
     sample: PendingSample | None
     prompt_logprobs: PendingPromptLogprobs | None
+    hidden: jax.Array | None = None  # (rows, D) final hidden states (``return_hidden``)
     launch: Future | None = None

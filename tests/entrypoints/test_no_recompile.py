@@ -19,8 +19,9 @@ def test_randomized_workload_triggers_no_compilation(workers):
                    max_model_len=128, compile_workers=workers)
     runner = llm.engine.model_runner
     b = runner.buckets
-    assert set(runner._compiled) == ({(*p, False, False) for p in b.pairs()}
-                                     | {(*b.pick(r, r), False, True) for r in b.req_buckets})
+    assert set(runner._compiled) == ({(*p, False, False, False) for p in b.pairs()}
+                                     | {(*b.pick(r, r), False, True, False)
+                                        for r in b.req_buckets})
     events = []
     monitoring.register_event_duration_secs_listener(
         lambda name, *a, **k: events.append(name) if name == LOWERING_EVENT else None)

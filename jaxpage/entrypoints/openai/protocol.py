@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from jaxpage.sampling_params import (GENERATION_DEFAULT_FIELDS, MAX_LOGIT_BIAS, BeamSearchParams,
-                                     SamplingParams, StructuredOutputsParams, param_error)
+                                     PoolingParams, SamplingParams, StructuredOutputsParams,
+                                     param_error)
 
 # OpenAI's own cap on the completions route's ``logprobs``; chat's ``top_logprobs`` is 20.
 MAX_COMPLETION_LOGPROBS = 5
@@ -293,6 +294,22 @@ class ChatCompletionRequest(_SamplingFields):
         """``max_completion_tokens`` (OpenAI's current name) over ``max_tokens``."""
         return (self.max_completion_tokens if self.max_completion_tokens is not None
                 else self.max_tokens)
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's ``/v1/embeddings`` body (``user`` accepted and unused)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def pooling_params(self, hidden_size: int | None) -> PoolingParams:
+        pp = PoolingParams(dimensions=self.dimensions)
+        if hidden_size is not None:
+            pp.pool([0.0] * hidden_size, hidden_size)  # dimensions past the model's: a 400
+        return pp
 
 
 class TokenizeRequest(_Body):

@@ -4,6 +4,7 @@ usage, OpenAI's two logprobs formats, and errors raised after the status line (s
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -12,13 +13,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from fastapi.responses import StreamingResponse
 
 from jaxpage.entrypoints.openai.errors import APIError
-from jaxpage.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from jaxpage.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
+                                                 EmbeddingRequest)
 from jaxpage.entrypoints.openai.serving import Serving
 from jaxpage.outputs import CompletionOutput, RequestOutput
-from jaxpage.sampling_params import SamplingParams
+from jaxpage.sampling_params import PoolingParams, SamplingParams
 
 logger = logging.getLogger("jaxpage")
 
@@ -118,6 +121,25 @@ def chat_body(serving: Serving, body: ChatCompletionRequest, base: str,
                         "finish_reason": finish, "stop_reason": c.stop_reason})
     return {"id": base, "object": "chat.completion", "created": int(time.time()),
             "model": serving.config.model_name, "choices": choices, "usage": usage([out])}
+
+
+def embedding_body(serving: Serving, body: EmbeddingRequest, pp: PoolingParams,
+                   results: list[RequestOutput]) -> dict:
+    """``/v1/embeddings``' list: one embedding per input, as floats or as base64 of their
+    little-endian float32 bytes (OpenAI's ``encoding_format``)."""
+    data = []
+    for i, out in enumerate(results):
+        check_finished(out)
+        if out.hidden is None:
+            raise APIError(500, out.error or "no hidden state came back for the input",
+                           type_="server_error", code="generation_failed")
+        emb = pp.pool(out.hidden, len(out.hidden))
+        if body.encoding_format == "base64":
+            emb = base64.b64encode(np.asarray(emb, "<f4").tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    prompt = sum(len(o.prompt_token_ids) for o in results)
+    return {"object": "list", "data": data, "model": serving.config.model_name,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
 
 
 def sse(obj: Any) -> str:

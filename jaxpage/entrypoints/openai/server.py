@@ -32,9 +32,10 @@ from jaxpage.entrypoints.openai.errors import APIError, from_value_error, http_e
 from jaxpage.entrypoints.openai.metrics import render_metrics
 from jaxpage.entrypoints.openai.middleware import (api_key_middleware, body_limit_middleware,
                                                    count_middleware)
+from jaxpage.entrypoints.llm import embedding_sampling_params
 from jaxpage.entrypoints.openai.protocol import (MAX_PROMPTS, ChatCompletionRequest,
                                                  CompletionRequest, DetokenizeRequest,
-                                                 TokenizeRequest)
+                                                 EmbeddingRequest, TokenizeRequest)
 from jaxpage.entrypoints.openai.serving import (MAX_BODY_BYTES, ServerConfig, Serving,
                                                 all_or_none)
 from jaxpage.sampling_params import BeamSearchParams, SamplingParams, param_error
@@ -175,6 +176,19 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
         out = await serving.run(request, base, ids, params, text, body.cache_salt)
         return responses.chat_body(serving, body, base, out)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        serving.admit(body.model)
+        prompts = _completion_prompts(body.input, serving, param="input")
+        pp = body.pooling_params(config.hidden_size)
+        params = embedding_sampling_params()
+        for _, ids in prompts:  # every input checked before any is queued
+            engine.engine.validate_request(ids, params)
+        base = f"embd-{uuid.uuid4().hex}"
+        results = await all_or_none([serving.run(request, f"{base}-{i}", ids, params, text, None)
+                                     for i, (text, ids) in enumerate(prompts)])
+        return responses.embedding_body(serving, body, pp, results)
+
     routes = {r.path for r in app.routes}
     asgi = body_limit_middleware(app, config.max_body_bytes)
     if config.api_key:
@@ -192,7 +206,7 @@ def app_for_llm(llm, *, model_name: str, api_key: str | None = None,
         model_name=model_name, max_model_len=llm.engine.max_model_len, tokenizer=llm.tokenizer,
         chat_template=llm.loaded.chat_template, default_sampling=llm.generation_defaults(),
         api_key=api_key, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s,
-        tool_call_parser=tool_call_parser)
+        tool_call_parser=tool_call_parser, hidden_size=llm.loaded.config.hidden_size)
     return build_app(AsyncLLMEngine(llm.engine), config)
 
 
@@ -218,7 +232,10 @@ def _beam_params(engine: AsyncLLMEngine, body, ids: list[int], max_tokens: int |
     return bsp
 
 
-def _completion_prompts(prompt, serving: Serving) -> list[tuple[str | None, list[int]]]:
+def _completion_prompts(prompt, serving: Serving,
+                        param: str = "prompt") -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) of each prompt of a completions ``prompt`` (or an embeddings
+    ``input``: ``param`` names the field in errors)."""
     if isinstance(prompt, str):
         items = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -226,15 +243,17 @@ def _completion_prompts(prompt, serving: Serving) -> list[tuple[str | None, list
     else:
         items = list(prompt)
     if not items:
-        raise param_error("prompt", "must not be empty.")
+        raise param_error(param, "must not be empty.")
     if len(items) > MAX_PROMPTS:
-        raise param_error("prompt", f"allows at most {MAX_PROMPTS} prompts per request.")
+        raise param_error(param, f"allows at most {MAX_PROMPTS} prompts per request.")
     out = []
     for p in items:
         if isinstance(p, str):
+            if not p:
+                raise param_error(param, "must not contain an empty string.")
             out.append((p, serving.encode(p)))
         else:
             if not p:
-                raise param_error("prompt", "must contain at least one token.")
+                raise param_error(param, "must contain at least one token.")
             out.append((None, list(p)))
     return out

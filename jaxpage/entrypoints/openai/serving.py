@@ -40,6 +40,8 @@ class ServerConfig:
         drain_timeout_s: at shutdown, how long requests in flight may take to finish.
         tool_call_parser: the model's tool-call format (``tool_parsers``; e.g. "hermes"), which
             makes ``tool_choice="auto"`` servable; None refuses "auto".
+        hidden_size: the model's hidden size (embeddings are at most that wide); None skips
+            the check of ``dimensions`` before the request runs.
     """
 
     model_name: str
@@ -51,6 +53,7 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     drain_timeout_s: float = 30.0
     tool_call_parser: str | None = None
+    hidden_size: int | None = None  # the model's, for /v1/embeddings' ``dimensions`` check
 
 
 class Serving:
