@@ -146,3 +146,41 @@ def test_serve_answers_and_drains_on_sigterm(default_gguf, tmp_path):
               max_num_batched_tokens=256)
     offline = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     assert offline[0].outputs[0].text == answer
+
+
+def test_echo_with_logprobs_scores_the_prompt():
+    """``echo`` + ``logprobs`` (lm-evaluation-harness' loglikelihood): the prompt's tokens come
+    back scored as the offline engine's prompt_logprobs score them, the first unscored; with
+    ``max_tokens=0`` the prompt alone."""
+    llm = tiny_llm()
+    prompt = random_prompts(1, 512, 12, 12, seed=6)[0]
+    want = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
+                                               logprobs=2, prompt_logprobs=2),
+                        use_tqdm=False)[0]
+    with TestClient(app_for_llm(llm, model_name="tiny")) as client:
+        r = client.post("/v1/completions", json=dict(prompt=prompt, max_tokens=3, echo=True,
+                                                     logprobs=2, temperature=0.0,
+                                                     ignore_eos=True))
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert _ids_of(lp) == prompt + want.outputs[0].token_ids
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for got, w in zip(lp["token_logprobs"][1:len(prompt)], want.prompt_logprobs[1:]):
+            assert got == pytest.approx(w.logprobs[0], abs=1e-4)
+        for got, w in zip(lp["token_logprobs"][len(prompt):], want.outputs[0].logprobs):
+            assert got == pytest.approx(w.logprobs[0], abs=1e-4)
+        assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+        # max_tokens=0: the prompt alone, scored; no completion tokens
+        r = client.post("/v1/completions", json=dict(prompt=prompt, max_tokens=0, echo=True,
+                                                     logprobs=1))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert _ids_of(body["choices"][0]["logprobs"]) == prompt
+        assert body["usage"]["completion_tokens"] == 0
+        assert body["choices"][0]["finish_reason"] == "length"
+        for bad, param in ((dict(max_tokens=0), "max_tokens"),
+                           (dict(max_tokens=0, echo=True, stream=True), "max_tokens"),
+                           (dict(echo=True, logprobs=1, stream=True), "echo")):
+            r = client.post("/v1/completions", json=dict(prompt=prompt, **bad))
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

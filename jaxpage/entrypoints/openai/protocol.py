@@ -190,8 +190,19 @@ class CompletionRequest(_SamplingFields):
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise param_error("logprobs", f"must be in [0, {MAX_COMPLETION_LOGPROBS}], got "
                               f"{self.logprobs}.")
-        if self.echo and self.logprobs is not None:
-            raise param_error("echo", "with logprobs is not supported.")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise param_error("echo", "with logprobs is not supported when streaming.")
+        if self.max_tokens == 0 and self.stream:
+            raise param_error("max_tokens", "0 (the echoed prompt alone) is not supported when "
+                              "streaming.")
+        if self.max_tokens == 0 and not self.echo:
+            raise param_error("max_tokens", "must be at least 1 (0 only with echo: the prompt "
+                              "alone, scored with logprobs).")
+
+    def prompt_only(self) -> bool:
+        """``echo`` with ``max_tokens=0``: the prompt alone (and its logprobs), as evaluation
+        harnesses ask for a text's likelihood. It runs as one token, then dropped."""
+        return self.echo and self.max_tokens == 0
 
 
 class ChatMessage(_Body):

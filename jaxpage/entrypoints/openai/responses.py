@@ -63,15 +63,55 @@ def completion_body(serving: Serving, body: CompletionRequest, base: str, prompt
                     results: list[RequestOutput]) -> dict:
     """The non-streamed ``text_completion``: choice ``i * n + k`` is prompt i's completion k."""
     choices = []
-    for i, (out, (text, _)) in enumerate(zip(results, prompts)):
+    if body.prompt_only():  # echo, max_tokens=0: the one token each ran is dropped
+        for out in results:
+            for c in out.outputs:
+                c.text, c.token_ids, c.finish_reason, c.stop_reason = "", [], "length", None
+                c.logprobs = [] if c.logprobs is not None else None
+    for i, (out, (text, ids)) in enumerate(zip(results, prompts)):
         check_finished(out)
-        prefix = (text or "") if body.echo else ""
+        prefix = echo_text(serving, text, ids) if body.echo else ""
+        prompt_lp = (prompt_logprobs(serving, ids, out.prompt_logprobs)
+                     if body.echo and body.logprobs is not None else None)
         for c in out.outputs:
+            # offsets run on from the prompt tokens' text, as the tokens list does
+            logprobs = completion_logprobs(serving, c, 0, prompt_lp["end"] if prompt_lp else 0)
+            if prompt_lp is not None:
+                logprobs = {k: prompt_lp[k] + logprobs[k] for k in logprobs}
             choices.append({"index": i * body.n + c.index, "text": prefix + c.text,
-                            "logprobs": completion_logprobs(serving, c, 0, 0),
+                            "logprobs": logprobs,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return {"id": base, "object": "text_completion", "created": int(time.time()),
             "model": serving.config.model_name, "choices": choices, "usage": usage(results)}
+
+
+def echo_text(serving: Serving, text: str | None, ids: list[int]) -> str:
+    """The echoed prompt: its text, or its token ids decoded (as vLLM echoes them)."""
+    if text is not None:
+        return text
+    return serving.tokenizer.decode(ids) if serving.tokenizer is not None else ""
+
+
+def prompt_logprobs(serving: Serving, ids: list[int], lps) -> dict:
+    """OpenAI's legacy logprobs of the echoed prompt: the first token unscored (None), as
+    OpenAI and vLLM answer ``echo`` with ``logprobs``; text offsets from 0 (``end``: where the
+    prompt tokens' text ends, for the completion's offsets)."""
+    tokens, token_logprobs, top, offsets, pos = [], [], [], [], 0
+    for j, tok in enumerate(ids):
+        text = serving.token_text(tok)
+        lp = lps[j] if lps is not None and j < len(lps) else None
+        tokens.append(text)
+        offsets.append(pos)
+        pos += len(text)
+        if lp is None:
+            token_logprobs.append(None)
+            top.append(None)
+            continue
+        token_logprobs.append(_logprob(lp.logprobs[0]))
+        top.append({serving.token_text(t): _logprob(v)
+                    for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+            "text_offset": offsets, "end": pos}
 
 
 def tool_calls(body: ChatCompletionRequest,

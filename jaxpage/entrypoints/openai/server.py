@@ -141,8 +141,10 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
                 serving.beam_search(request, f"{base}-{i}", ids, bsp, text, body.cache_salt)
                 for i, (text, ids, bsp) in enumerate(searches)])
             return responses.completion_body(serving, body, base, prompts, results)
-        params = body.sampling_params(max_tokens=body.max_tokens, logprobs=body.logprobs,
-                                      defaults=config.default_sampling)
+        params = body.sampling_params(max_tokens=1 if body.prompt_only() else body.max_tokens,
+                                      logprobs=body.logprobs, defaults=config.default_sampling)
+        if body.echo and body.logprobs is not None:  # echoed prompt tokens come scored too
+            params.prompt_logprobs = body.logprobs
         for _, ids in prompts:  # every prompt checked before any is queued
             engine.engine.validate_request(ids, params, cache_salt=body.cache_salt)
         if body.stream:
