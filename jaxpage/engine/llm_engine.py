@@ -151,11 +151,15 @@ class LLMEngine:
 
     def add_request(self, req_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, *, prompt: str | None = None,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+                    arrival_time: float | None = None, cache_salt: str | None = None,
+                    final_only: bool = False) -> None:
         """Validates (before allocating anything) and queues a request.
 
         ``n > 1`` fans out into children that share the prompt's pages; their outputs come back
-        together under ``req_id``. Raises ``ValueError`` for a bad request.
+        together under ``req_id``. ``final_only`` (vLLM's ``RequestOutputKind.FINAL_ONLY``, what
+        ``LLM.generate`` reads): ``step`` returns the request's output once, when it finishes,
+        instead of a copy of everything so far at every step. Raises ``ValueError`` for a bad
+        request.
         """
         ids, grammar = self._validate(prompt_token_ids, sampling_params, req_id=req_id,
                                       cache_salt=cache_salt)
@@ -179,6 +183,7 @@ class LLMEngine:
                 grammar=None if grammar is None else grammar.copy() if index else grammar)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params)
             states.append(RequestState(request, prompt, detok, parent, index))
+            states[-1].final_only = final_only
             requests.append(request)
         self.scheduler.add_request(requests[0])  # the last check that can fail
         self._states.update(zip(child_ids, states))
@@ -365,6 +370,8 @@ class LLMEngine:
         outputs, parents = [], {}
         for state in states:
             request = state.request
+            if state.final_only and not request.is_finished:
+                continue  # nothing to report until it ends
             completion = state.completion()
             if request.is_finished and self._states.pop(request.req_id, None) is not None:
                 self._num_structured -= request.grammar is not None
@@ -377,6 +384,8 @@ class LLMEngine:
         for parent in parents.values():
             if parent.finished:
                 self._parents.pop(parent.req_id, None)
+            elif parent.head_state.final_only:
+                continue
             completions = [parent.outputs[i] for i in sorted(parent.outputs)]
             outputs.append(self._request_output(parent.head_state, parent.req_id, completions,
                                                 parent.finished, parent.metrics))

@@ -84,6 +84,7 @@ class RequestState:
             [] if sp.prompt_logprobs is not None else None)
         self.num_preemptions_seen = 0
         self.error: str | None = None
+        self.final_only = False  # the engine reports it once, finished (``add_request``)
 
     def add_logprobs(self, update: RequestUpdate) -> None:
         if self.logprobs is not None and update.new_logprobs:

@@ -84,7 +84,7 @@ class LLM:
         try:
             for text, ids, sp in requests:
                 req_id = str(next(self._counter))
-                self.engine.add_request(req_id, ids, sp, prompt=text)
+                self.engine.add_request(req_id, ids, sp, prompt=text, final_only=True)
                 req_ids.append(req_id)
             return self._run(req_ids, use_tqdm)
         except BaseException:

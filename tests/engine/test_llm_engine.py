@@ -375,3 +375,29 @@ def test_stop_strings_and_text_through_the_engine():
         assert len(final.token_ids) < len(full.token_ids)
         assert all(final.text.startswith(t) for t in streamed)  # never retracted
     assert engine.num_free_pages == 199
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_final_only_requests_report_once_when_finished(async_scheduling):
+    """``add_request(final_only=True)`` (what ``LLM.generate`` uses): no per-step copies of a
+    request's output, one output when it ends, the same as the last cumulative one; ``n > 1``
+    reports its children together, once."""
+    def run(final_only):
+        engine, _ = make_engine(async_scheduling=async_scheduling)
+        engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=9, ignore_eos=True,
+                                                         temperature=0.0), final_only=final_only)
+        engine.add_request("b", [8, 9], SamplingParams(max_tokens=5, ignore_eos=True, n=3,
+                                                      temperature=0.7, seed=3),
+                           final_only=final_only)
+        seen = []
+        while engine.has_unfinished_requests():
+            seen += engine.step()
+        return seen
+
+    cumulative, final = run(False), run(True)
+    assert len(cumulative) > len(final) == 2
+    assert all(o.finished for o in final)
+    last = {o.request_id: o for o in cumulative}
+    for o in final:
+        assert [(c.index, c.token_ids, c.text, c.finish_reason) for c in o.outputs] == \
+            [(c.index, c.token_ids, c.text, c.finish_reason) for c in last[o.request_id].outputs]
