@@ -221,3 +221,23 @@ def test_structured_outputs_with_forced_drafts_on_gpu(tmp_path):
           f"{stats['spec_decode_num_accepted_tokens']}/{stats['spec_decode_num_draft_tokens']} "
           "drafts kept")
     assert same >= len(spec) - 2 and stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_embeddings_on_gpu():
+    """``LLM.embed`` through the Pallas kernels (the step's hidden-state variant) against the
+    reference backend, h128 bf16 (CPU twin: tests/entrypoints/test_embeddings.py, against HF)."""
+    import numpy as np
+
+    cfg = dict(H128, max_position_embeddings=1024)
+    prompts = random_prompts(12, cfg["vocab_size"], 1, 300, seed=4, shared_prefix=40)
+    embs = {}
+    for backend in ("reference", "pallas"):
+        llm = LLM(model=None, load_format="dummy", hf_config=cfg, dtype="bfloat16", seed=0,
+                  attention_backend=backend, max_num_seqs=8, max_num_batched_tokens=256,
+                  compile_all_buckets=False)
+        embs[backend] = np.array([o.outputs.embedding for o in llm.embed(
+            [{"prompt_token_ids": p} for p in prompts])])
+        del llm
+    cos = np.sum(embs["reference"] * embs["pallas"], axis=1)  # unit vectors
+    print(f"GPU embeddings: pallas vs reference cosine min {cos.min():.5f}")
+    assert cos.min() > 0.995
