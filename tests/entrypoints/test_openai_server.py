@@ -480,3 +480,11 @@ def test_many_concurrent_requests_lose_and_leak_nothing(tok, async_scheduling):
             tokens = resp.json()["choices"][0]["logprobs"]["tokens"]
         assert tokens == want
     assert engine.engine.num_free_pages == baseline and engine.num_in_flight == 0
+
+
+def test_version_route(served):
+    import jaxpage
+
+    client, _ = served
+    r = client.get("/version")
+    assert r.status_code == 200 and r.json() == {"version": jaxpage.__version__}

@@ -96,6 +96,11 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
         serving.admit(None)  # 503 while draining or down
         return PlainTextResponse("ok")
 
+    @app.get("/version")
+    async def version():
+        from jaxpage import __version__
+        return {"version": __version__}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
