@@ -488,3 +488,25 @@ def test_version_route(served):
     client, _ = served
     r = client.get("/version")
     assert r.status_code == 200 and r.json() == {"version": jaxpage.__version__}
+
+
+def test_return_tokens_as_token_ids(served, tok):
+    """vLLM's ``return_tokens_as_token_ids``: logprobs name tokens "token_id:N", the same
+    tokens the text form names, on both routes, streamed or not."""
+    client, _ = served
+    body = dict(prompt="Hello world", max_tokens=6, ignore_eos=True, temperature=0.0,
+                logprobs=2)
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    ids = client.post("/v1/completions", json=dict(body, return_tokens_as_token_ids=True)
+                      ).json()["choices"][0]["logprobs"]
+    assert all(t.startswith("token_id:") for t in ids["tokens"])
+    assert [tok.decode([int(t.split(":")[1])]) for t in ids["tokens"]] == text["tokens"]
+    assert all(k.startswith("token_id:") for top in ids["top_logprobs"] for k in top)
+    events = sse_events(client.post("/v1/completions", json=dict(
+        body, return_tokens_as_token_ids=True, stream=True)).text)
+    streamed = [t for e in events for t in (e["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert streamed == ids["tokens"]
+    chat = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=4, ignore_eos=True,
+                temperature=0.0, logprobs=True, top_logprobs=1, return_tokens_as_token_ids=True)
+    content = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]
+    assert all(e["token"].startswith("token_id:") for e in content["content"])

@@ -67,6 +67,7 @@ class _SamplingFields(_Body):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs tokens as "token_id:N"
     use_beam_search: bool = False  # vLLM's: the n best beams of width n, not n samples
     length_penalty: float = 1.0  # beam search's ranking: cum_logprob / len ** length_penalty
 

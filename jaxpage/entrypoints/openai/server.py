@@ -145,7 +145,8 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
             results = await all_or_none([
                 serving.beam_search(request, f"{base}-{i}", ids, bsp, text, body.cache_salt)
                 for i, (text, ids, bsp) in enumerate(searches)])
-            return responses.completion_body(serving, body, base, prompts, results)
+            return responses.completion_body(serving.for_body(body), body, base, prompts,
+                                             results)
         params = body.sampling_params(max_tokens=1 if body.prompt_only() else body.max_tokens,
                                       logprobs=body.logprobs, defaults=config.default_sampling)
         if body.echo and body.logprobs is not None:  # echoed prompt tokens come scored too
@@ -154,11 +155,11 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
             engine.engine.validate_request(ids, params, cache_salt=body.cache_salt)
         if body.stream:
             return responses.stream_response(
-                responses.completion_chunks(serving, body, base, prompts, params))
+                responses.completion_chunks(serving.for_body(body), body, base, prompts, params))
         results = await all_or_none([
             serving.run(request, f"{base}-{i}", ids, params, text, body.cache_salt)
             for i, (text, ids) in enumerate(prompts)])
-        return responses.completion_body(serving, body, base, prompts, results)
+        return responses.completion_body(serving.for_body(body), body, base, prompts, results)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -171,7 +172,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
             bsp = _beam_params(engine, body, ids, body.output_limit(), body.logprobs)
             out = await serving.beam_search(request, f"chatcmpl-{uuid.uuid4().hex}", ids, bsp,
                                             text, body.cache_salt)
-            return responses.chat_body(serving, body, out.request_id, out)
+            return responses.chat_body(serving.for_body(body), body, out.request_id, out)
         params = body.sampling_params(max_tokens=body.output_limit(),
                                       logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                       defaults=config.default_sampling)
@@ -179,9 +180,9 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
         if body.stream:
             engine.engine.validate_request(ids, params, cache_salt=body.cache_salt)
             return responses.stream_response(
-                responses.chat_chunks(serving, body, base, text, ids, params))
+                responses.chat_chunks(serving.for_body(body), body, base, text, ids, params))
         out = await serving.run(request, base, ids, params, text, body.cache_salt)
-        return responses.chat_body(serving, body, base, out)
+        return responses.chat_body(serving.for_body(body), body, base, out)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):

@@ -105,6 +105,11 @@ class Serving:
             raise param_error("messages", f"the chat template refused them: {e}") from None
         return text, list(tok(text, add_special_tokens=False)["input_ids"])
 
+    def for_body(self, body) -> "Serving":
+        """The view a response is rendered with: vLLM's ``return_tokens_as_token_ids`` shows
+        every logprobs token as "token_id:N", for clients that need ids whatever the text."""
+        return _TokenIds(self) if getattr(body, "return_tokens_as_token_ids", False) else self
+
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
@@ -179,6 +184,20 @@ class Serving:
             raise APIError(500, str(e), type_="server_error", code="engine_dead") from None
         except ValueError as e:
             raise from_value_error(e) from None
+
+
+class _TokenIds:
+    """A Serving whose ``token_text`` is the token's id ("token_id:N")."""
+
+    def __init__(self, serving: Serving):
+        self._serving = serving
+
+    def __getattr__(self, name):
+        return getattr(self._serving, name)
+
+    @staticmethod
+    def token_text(token_id: int) -> str:
+        return f"token_id:{token_id}"
 
 
 def _template_message(m) -> dict:
