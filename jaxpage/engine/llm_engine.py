@@ -225,10 +225,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns outputs of requests that progressed or finished.
 
-        While a structured-output request is unfinished the step is synchronous even under
-        ``async_scheduling``: its grammar's mask for the next token needs the last one read.
-        So is every step with speculative decoding: drafts follow the last token."""
-        if self.async_scheduling and not self._num_structured and not self.speculative:
+        With speculative decoding every step is synchronous: drafts follow the last token.
+        Structured outputs keep async scheduling: a step's model runs before the step before
+        is read back, and only its sampler waits for the grammars' masks."""
+        if self.async_scheduling and not self.speculative:
             return self._step_async()
         outputs = self._process_updates(self._update_in_flight())  # leaving async: drain
         scheduler_output = self.scheduler.schedule()
@@ -243,12 +243,23 @@ class LLMEngine:
         return outputs
 
     def _step_async(self) -> list[RequestOutput]:
-        """Dispatches step N + 1, then collects and processes step N (still in flight)."""
+        """Dispatches step N + 1, then collects and processes step N (still in flight).
+
+        With grammars live, step N + 1's sampler is launched only after step N's tokens have
+        gone through the grammars (its model step is launched first, so the device runs it
+        while the host reads step N back and computes the masks)."""
         so = self.scheduler.schedule()
         dispatched = None
+        deferred = bool(self._num_structured)
         if not so.is_empty or so.finished_req_ids:
-            dispatched = (so, self._dispatch(so, background=True))
+            dispatched = (so, self._dispatch(so, background=True, defer_sampling=deferred))
         outputs = self._process_updates(self._update_in_flight())
+        if dispatched is not None and getattr(dispatched[1], "deferred", None) is not None:
+            try:
+                self.model_runner.launch_sampling(dispatched[1])
+            except Exception as e:  # noqa: BLE001 - its requests fail at collect
+                logger.exception("model runner failed to launch a step's sampler")
+                dispatched = (so, e)
         self._in_flight = dispatched
         if not self.scheduler.has_unfinished_requests():  # going idle
             self._update_in_flight()  # tokens of requests that ended meanwhile: dropped
@@ -264,8 +275,12 @@ class LLMEngine:
         self._in_flight = None
         return self.scheduler.update_from_output(so, self._collect(so, handle))
 
-    def _dispatch(self, so: SchedulerOutput, background: bool = False) -> Any:
+    def _dispatch(self, so: SchedulerOutput, background: bool = False,
+                  defer_sampling: bool = False) -> Any:
         try:
+            if defer_sampling:
+                return self.model_runner.dispatch(so, background=background,
+                                                  defer_sampling=True)
             return self.model_runner.dispatch(so, background=background)
         except Exception as e:  # noqa: BLE001 - failed at launch: its requests fail at collect
             logger.exception("model runner failed to launch a step")

@@ -12,9 +12,10 @@ the sampler sets every other logit to -inf before anything else (vLLM's order, s
 logprobs describe the constrained distribution). A request stops (finish reason "stop") when
 its grammar can take no further token.
 
-A mask needs every earlier token consumed, so while a structured request is live the engine
-steps without async scheduling (``LLMEngine.step``): the host reads step N back before it
-dispatches step N + 1.
+A mask needs every earlier token consumed. Under async scheduling (``LLMEngine._step_async``)
+step N + 1's model is launched before step N is read back, as for any request, but its sampler
+only after the host has fed step N's tokens to the grammars and computed the masks
+(``ModelRunner.dispatch(defer_sampling=True)`` / ``launch_sampling``).
 """
 
 from __future__ import annotations

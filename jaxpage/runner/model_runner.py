@@ -221,7 +221,8 @@ class ModelRunner:
                 row += 1 + len(drafts)
         return result
 
-    def dispatch(self, so: SchedulerOutput, background: bool = False) -> "StepHandle":
+    def dispatch(self, so: SchedulerOutput, background: bool = False,
+                 defer_sampling: bool = False) -> "StepHandle":
         """Launches one step on the device without waiting for it (async scheduling calls
         this for step N + 1 before it collects step N).
 
@@ -231,7 +232,11 @@ class ModelRunner:
         launching ~200 kernels; docs/benchmarks/NOTES.md, "Host time per step"), C++ work that
         releases the GIL, so the engine's Python for the step before (collect, stop checks,
         outputs) and the next schedule run meanwhile. Everything on the host (batch state,
-        packed inputs, sampling metadata, pending counts) is still done here, in order."""
+        packed inputs, sampling metadata, pending counts) is still done here, in order.
+
+        With ``defer_sampling`` (async scheduling with grammars) only the model step launches
+        now; ``launch_sampling`` plans and launches the sampler later, once the engine has fed
+        the step before's tokens to the grammars, whose masks this step's sampling needs."""
         self._wait_launch()
         self.input_batch.update(so)
         if so.total_num_scheduled_tokens == 0:
@@ -256,22 +261,51 @@ class ModelRunner:
                                hidden=want_hidden)
         prompt_plan = (self.sampler.plan_prompt_logprobs(layout.num_tokens, states, counts)
                        if want_prompt_lp else None)
-        sample_plan = self.sampler.plan(states, samples, layout.logits_rows, drafts)
 
-        def launch():
+        def forward():
             logits, self.kv_pages, extras = exe(self.params, self.kv_pages,
                                                 jax.device_put(packed, self._inputs),
                                                 self.sampler.last_sampled)
-            return (self.sampler.launch(logits, sample_plan),
+            return (logits,
                     self.sampler.launch_prompt_logprobs(extras.get("all_logits"), prompt_plan),
                     extras.get("hidden"))
 
+        if defer_sampling:
+            deferred = (states, samples, layout.logits_rows, drafts)
+            return StepHandle(None, None, launch=self._submit(forward), deferred=deferred)
+        sample_plan = self.sampler.plan(states, samples, layout.logits_rows, drafts)
+
+        def launch():
+            logits, prompt, hidden = forward()
+            return self.sampler.launch(logits, sample_plan), prompt, hidden
+
         if not background:
             return StepHandle(*launch())
+        return StepHandle(None, None, launch=self._submit(launch))
+
+    def launch_sampling(self, handle: "StepHandle") -> None:
+        """The sampler of a step dispatched with ``defer_sampling``, planned now (the grammars
+        have taken the tokens in flight) and launched on the launch thread after its model
+        step. A request whose grammar is done (or broken) by now does not sample: the engine
+        has finished it, and drops whatever this step computed for it."""
+        states, samples, rows, drafts = handle.deferred
+        samples = [do and (s.grammar is None or not (s.grammar.terminated or s.grammar.error))
+                   for s, do in zip(states, samples)]
+        plan = self.sampler.plan(states, samples, rows, drafts, grammars_current=True)
+        forward, handle.deferred = handle.launch, None
+
+        def launch():
+            logits, prompt, hidden = forward.result()  # done: the thread runs them in order
+            return self.sampler.launch(logits, plan), prompt, hidden
+
+        handle.launch = self._submit(launch)
+
+    def _submit(self, fn) -> Future:
+        """Runs ``fn`` on the launch thread, after what it runs already."""
         if self._launcher is None:
             self._launcher = ThreadPoolExecutor(1, thread_name_prefix="jaxpage-launch")
-        self._launch = self._launcher.submit(launch)
-        return StepHandle(None, None, launch=self._launch)
+        self._launch = self._launcher.submit(fn)
+        return self._launch
 
     def _wait_launch(self) -> None:
         """Waits for the step on the launch thread, if any: the next one reads the pool and
@@ -297,3 +331,5 @@ class StepHandle:
     prompt_logprobs: PendingPromptLogprobs | None
     hidden: jax.Array | None = None  # (rows, D) final hidden states (``return_hidden``)
     launch: Future | None = None
+    # ``defer_sampling``: (states, samples, logits rows, drafts) until ``launch_sampling``
+    deferred: tuple | None = None

@@ -132,14 +132,14 @@ class StepSampler:
                 jax.block_until_ready(self._sample(logits, md, self.last_sampled, slots))
 
     def _row(self, state: CachedRequestState, samples: bool,
-             drafted: list[int] = ()) -> SamplingRow:
+             drafted: list[int] = (), grammars_current: bool = False) -> SamplingRow:
         """The row sampling ``state``'s next output position, or the one after ``drafted``
-        (drafts taken as its outputs: speculative decoding)."""
+        (drafts taken as its outputs: speculative decoding). ``grammars_current``: the
+        grammars have taken the token in flight (sampling planned after it was read back)."""
         if not samples:
             return SamplingRow(_IDLE, 0)
         sp = state.sampling_params
-        if state.grammar is not None and state.num_pending:
-            # the engine steps synchronously while grammars are live
+        if state.grammar is not None and state.num_pending and not grammars_current:
             raise RuntimeError(f"request {state.req_id!r} has a grammar and a token in "
                                "flight: its mask would miss that token.")
         if sp.has_penalties:
@@ -164,14 +164,16 @@ class StepSampler:
         return self.launch(logits, self.plan(states, samples, padded_rows, drafts))
 
     def plan(self, states: list[CachedRequestState], samples: list[bool], padded_rows: int,
-             drafts: list[list[int]] | None = None) -> SamplePlan:
+             drafts: list[list[int]] | None = None,
+             grammars_current: bool = False) -> SamplePlan:
         """The host half of ``dispatch``: the step's sampling metadata and recording slots;
         every sampling request's token becomes pending. Nothing is read back from the device
-        (a penalty history's token in flight is a marker: ``in_flight_marker``)."""
+        (a penalty history's token in flight is a marker: ``in_flight_marker``). With
+        ``grammars_current`` the grammars have taken the tokens in flight (``_row``)."""
         drafts = drafts or [[] for _ in states]
         md = self._steady_metadata(states, samples, drafts, padded_rows)
         if md is None:
-            rows = [self._row(s, do, d[:j])
+            rows = [self._row(s, do, d[:j], grammars_current)
                     for s, do, d in zip(states, samples, drafts) for j in range(len(d) + 1)]
             md = build_sampling_metadata(rows, padded_rows, self.vocab_size, fill_bitmasks)
             self._steady = (self._steady_key, md)

@@ -104,7 +104,8 @@ class FakeRunner:
         self.batch_sizes: list[int] = []
         self.scheduled_log: list[dict[str, int]] = []
 
-    def dispatch(self, so: SchedulerOutput, background: bool = False) -> ModelRunnerOutput:
+    def dispatch(self, so: SchedulerOutput, background: bool = False,
+                 defer_sampling: bool = False) -> ModelRunnerOutput:
         """Async scheduling's launch: this fake device finishes at once, but the engine reads
         the result back only after it has launched the next step."""
         return self.execute_model(so)

@@ -29,7 +29,7 @@ class SlowRunner:
             raise RuntimeError("simulated device failure")
         return self.runner.execute_model(so)
 
-    def dispatch(self, so, background=False):  # async scheduling: finished at launch
+    def dispatch(self, so, background=False, defer_sampling=False):  # finished at launch
         return self.execute_model(so)
 
     def shutdown(self):

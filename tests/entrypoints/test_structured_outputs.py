@@ -132,14 +132,23 @@ def test_greedy_tokens_are_the_best_the_grammar_allows(llm, alone):
 
 def test_batched_preempted_and_async_runs_equal_each_alone(smol, alone):
     """All constraints in one batch beside unconstrained requests, under a tight pool
-    (preemption) and with async scheduling on (the engine steps synchronously while a grammar
-    is live, then goes back): every structured output is its request's output alone, and the
-    unconstrained ones are what they are without structured neighbours."""
+    (preemption) and with async scheduling on (each step's sampler then waits for the
+    grammars to take the step before's tokens, its model step does not): every structured
+    output is its request's output alone, and the unconstrained ones are what they are
+    without structured neighbours."""
     reqs, ref = alone
     plain = [(p, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
              for p, _, _ in reqs[:6]]
     for kwargs in (dict(async_scheduling=False), dict(async_scheduling=True, num_pages=34)):
         llm = LLM(max_num_seqs=16, max_num_batched_tokens=128, **smol, **kwargs)
+        runner, deferred = llm.engine.model_runner, [0]
+        launch_sampling = runner.launch_sampling
+
+        def counting(handle):
+            deferred[0] += 1
+            return launch_sampling(handle)
+
+        runner.launch_sampling = counting
         want_plain = llm.generate([p for p, _ in plain], plain[0][1], use_tqdm=False)
         free = llm.engine.num_free_pages
         prompts = [p for p, _, _ in reqs] + [p for p, _ in plain]
@@ -149,6 +158,8 @@ def test_batched_preempted_and_async_runs_equal_each_alone(smol, alone):
         if "num_pages" in kwargs:
             assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.num_free_pages == free and llm.engine._num_structured == 0
+        # async: the structured steps took the deferred sampler (never without grammars)
+        assert (deferred[0] > 0) == kwargs["async_scheduling"], deferred
         if kwargs["async_scheduling"]:  # async again once no grammar is live
             llm.generate(prompts[:2], plain[0][1], use_tqdm=False)
             assert llm.engine._in_flight is None and llm.engine.async_scheduling
