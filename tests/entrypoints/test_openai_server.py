@@ -510,3 +510,23 @@ def test_return_tokens_as_token_ids(served, tok):
                 temperature=0.0, logprobs=True, top_logprobs=1, return_tokens_as_token_ids=True)
     content = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]
     assert all(e["token"].startswith("token_id:") for e in content["content"])
+
+
+def test_continue_final_message(served, tok):
+    """vLLM's ``continue_final_message``: the prompt ends inside the assistant's last message
+    (no generation prompt after it), and the reply continues it."""
+    client, _ = served
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello wor"}]
+    body = dict(messages=msgs, continue_final_message=True, max_tokens=3, ignore_eos=True,
+                temperature=0.0)
+    resp = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    want = tok(TEMPLATE_CONTINUED, add_special_tokens=False)["input_ids"]
+    assert resp.json()["usage"]["prompt_tokens"] == len(want)
+    assert_error(client.post("/v1/chat/completions", json=dict(
+        body, add_generation_prompt=True)), 400, "continue_final_message")
+    assert_error(client.post("/v1/chat/completions", json=dict(
+        body, messages=msgs[:1])), 400, "continue_final_message")
+
+
+TEMPLATE_CONTINUED = "<|sep|>user: hi\n<|sep|>assistant: Hello wor"

@@ -221,6 +221,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the reply continues the last message
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool = True
@@ -301,6 +302,13 @@ class ChatCompletionRequest(_SamplingFields):
         self.tool_mode()
         if self.top_logprobs is not None and not self.logprobs:
             raise param_error("top_logprobs", "needs logprobs: true.")
+        if self.continue_final_message:
+            if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise param_error("continue_final_message", "and add_generation_prompt cannot "
+                                  "both be true.")
+            if self.messages[-1].role != "assistant":
+                raise param_error("continue_final_message", "needs the last message to be the "
+                                  "assistant's (the text the reply continues).")
 
     def output_limit(self) -> int | None:
         """``max_completion_tokens`` (OpenAI's current name) over ``max_tokens``."""

@@ -167,7 +167,8 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
         body._tool_parser = serving.tool_parser
         body.check_supported()
         text, ids = serving.chat_prompt(body.messages, body.add_generation_prompt,
-                                        body.tools if body.tool_mode() else None)
+                                        body.tools if body.tool_mode() else None,
+                                        body.continue_final_message)
         if body.use_beam_search:
             bsp = _beam_params(engine, body, ids, body.output_limit(), body.logprobs)
             out = await serving.beam_search(request, f"chatcmpl-{uuid.uuid4().hex}", ids, bsp,

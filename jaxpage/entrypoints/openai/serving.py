@@ -90,7 +90,8 @@ class Serving:
         return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def chat_prompt(self, messages, add_generation_prompt: bool,
-                    tools: list[dict] | None = None) -> tuple[str, list[int]]:
+                    tools: list[dict] | None = None,
+                    continue_final_message: bool = False) -> tuple[str, list[int]]:
         """The chat template over the messages (and the tools, for templates that show them)."""
         if len(messages) > MAX_MESSAGES:
             raise param_error("messages", f"allows at most {MAX_MESSAGES} messages.")
@@ -98,9 +99,12 @@ class Serving:
         conv = [_template_message(m) for m in messages]
         try:
             text = tok.apply_chat_template(conv, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt,
+                                           add_generation_prompt=(add_generation_prompt
+                                                                  and not continue_final_message),
                                            chat_template=self.config.chat_template,
-                                           **({"tools": tools} if tools else {}))
+                                           **({"tools": tools} if tools else {}),
+                                           **({"continue_final_message": True}
+                                              if continue_final_message else {}))
         except Exception as e:  # a template's own raise_exception(), e.g. roles out of order
             raise param_error("messages", f"the chat template refused them: {e}") from None
         return text, list(tok(text, add_special_tokens=False)["input_ids"])
