@@ -102,8 +102,11 @@ class AsyncLLMEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        sampling_params: SamplingParams, *, prompt: str | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queues a request and yields its cumulative outputs until the last one (``finished``).
+                       cache_salt: str | None = None,
+                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
+        """Queues a request and yields its cumulative outputs until the last one (``finished``);
+        with ``final_only`` only that last one (non-streamed responses: the engine then builds
+        no copy of the output at every step).
 
         Raises ``ValueError`` (with ``param`` / ``code``) for a bad request and
         :class:`EngineUnavailable` when the engine takes no new work, both before anything is
@@ -123,7 +126,8 @@ class AsyncLLMEngine:
             ids = self.engine.validate_request(prompt_token_ids, sampling_params,
                                                req_id=request_id, cache_salt=cache_salt)
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
-            self._commands.append(("add", (request_id, ids, sampling_params, prompt, cache_salt)))
+            self._commands.append(("add", (request_id, ids, sampling_params, prompt, cache_salt,
+                                           final_only)))
         self._wake.set()
         finished = False
         try:
@@ -167,13 +171,14 @@ class AsyncLLMEngine:
                     return
                 kind, payload = self._commands.popleft()
             if kind == "add":
-                req_id, ids, params, prompt, salt = payload
+                req_id, ids, params, prompt, salt, final_only = payload
                 with self._lock:
                     wanted = req_id in self._queues
                 if not wanted:  # its consumer left before the request was queued
                     continue
                 try:
-                    self.engine.add_request(req_id, ids, params, prompt=prompt, cache_salt=salt)
+                    self.engine.add_request(req_id, ids, params, prompt=prompt, cache_salt=salt,
+                                            final_only=final_only)
                 except ValueError as e:  # a race the caller's validation could not see
                     self._deliver(req_id, e)
             elif kind == "abort":

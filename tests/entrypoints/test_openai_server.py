@@ -530,3 +530,25 @@ def test_continue_final_message(served, tok):
 
 
 TEMPLATE_CONTINUED = "<|sep|>user: hi\n<|sep|>assistant: Hello wor"
+
+
+def test_async_engine_final_only_yields_the_last_output_once(tok):
+    """Non-streamed requests ask the engine for the final output alone (no per-step copies);
+    a streamed one gets every step's."""
+    import asyncio
+
+    from jaxpage import SamplingParams
+
+    app, engine = make_server(tok)
+    ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0)
+
+    async def collect(final_only):
+        return [o async for o in engine.generate(f"r{final_only}", ids, params,
+                                                 final_only=final_only)]
+
+    with TestClient(app):  # runs the engine's loop
+        every = asyncio.run(collect(False))
+        final = asyncio.run(collect(True))
+    assert len(every) > 1 and len(final) == 1 and final[0].finished
+    assert final[0].outputs[0].token_ids == every[-1].outputs[0].token_ids

@@ -126,7 +126,7 @@ class Serving:
                   params: SamplingParams, prompt: str | None,
                   cache_salt: str | None) -> RequestOutput:
         """The request's final output; aborts it if the client disconnects first."""
-        gen = self.stream(request_id, ids, params, prompt, cache_salt)
+        gen = self.stream(request_id, ids, params, prompt, cache_salt, final_only=True)
 
         async def last():
             out = None
@@ -175,10 +175,11 @@ class Serving:
         return RequestOutput(request_id, prompt, ids, None, choices, finished=True)
 
     async def stream(self, request_id: str, ids: list[int], params: SamplingParams,
-                     prompt: str | None, cache_salt: str | None) -> AsyncIterator[RequestOutput]:
+                     prompt: str | None, cache_salt: str | None,
+                     final_only: bool = False) -> AsyncIterator[RequestOutput]:
         try:
             async for out in self.engine.generate(request_id, ids, params, prompt=prompt,
-                                                  cache_salt=cache_salt):
+                                                  cache_salt=cache_salt, final_only=final_only):
                 if out.finished:
                     self.metrics.observe_finished(out)
                 yield out
