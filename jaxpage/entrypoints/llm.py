@@ -141,20 +141,29 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation (or a list) and generates.
         ``tools`` (OpenAI's format) and ``chat_template_kwargs`` go to the template, as in
-        vLLM; reading tool calls back out of the text is the caller's (or the server's)."""
+        vLLM; reading tool calls back out of the text is the caller's (or the server's).
+        ``continue_final_message`` (vLLM's): the prompt ends inside the last message, an
+        assistant's, which the output continues (no generation prompt after it)."""
         if not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts.")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
             _validate_messages(conv)
+            if continue_final_message and conv[-1]["role"] != "assistant":
+                raise ValueError("continue_final_message needs the last message to be the "
+                                 "assistant's (the text the output continues).")
             text = self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                conv, tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
                 chat_template=chat_template or self.loaded.chat_template,
-                **({"tools": tools} if tools else {}), **(chat_template_kwargs or {}))
+                **({"tools": tools} if tools else {}),
+                **({"continue_final_message": True} if continue_final_message else {}),
+                **(chat_template_kwargs or {}))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)

@@ -183,3 +183,29 @@ def test_bad_engine_args_fail_before_the_weights_load(tmp_path):
         LLM(model=str(tmp_path), calculate_kv_scales=True)
     with pytest.raises(ValueError, match="checkpoint tensor"):  # good arguments: the weights fail
         LLM(model=str(tmp_path))
+
+
+def test_chat_continue_final_message(llm):
+    """vLLM's ``continue_final_message``: the prompt is the template cut inside the
+    assistant's last message (no generation prompt), so the output continues that text."""
+    from tests.engine.test_detokenizer import build_tokenizer
+    from tests.entrypoints.server_util import TEMPLATE
+
+    tok = build_tokenizer()  # 320 tokens: inside the tiny model's 512
+    saved, llm.tokenizer = llm.tokenizer, tok
+    try:
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello wor"}]
+        sp = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        out = llm.chat(msgs, sp, use_tqdm=False, chat_template=TEMPLATE,
+                       continue_final_message=True)[0]
+        assert out.prompt == "<|sep|>user: hi\n<|sep|>assistant: Hello wor"
+        ids = tok(out.prompt, add_special_tokens=False)["input_ids"]
+        assert out.prompt_token_ids == ids
+        want = llm.generate([ids], sp, use_tqdm=False)[0].outputs[0].token_ids
+        assert out.outputs[0].token_ids == want
+        with pytest.raises(ValueError, match="continue_final_message"):
+            llm.chat(msgs[:1], sp, use_tqdm=False, chat_template=TEMPLATE,
+                     continue_final_message=True)
+    finally:
+        llm.tokenizer = saved
