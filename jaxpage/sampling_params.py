@@ -121,6 +121,8 @@ class SamplingParams:
             (``StructuredOutputsParams``).
         return_hidden: also return the final-normed hidden state of the last prompt token
             (``RequestOutput.hidden``; what ``LLM.embed`` pools). jaxpage's own field.
+        truncate_prompt_tokens: keep only the prompt's last this many tokens (vLLM's left
+            truncation; None keeps all).
     """
 
     n: int = 1
@@ -145,6 +147,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     return_hidden: bool = False
+    truncate_prompt_tokens: int | None = None
     # Filled by the engine: the model's EOS ids, so the scheduler needs no tokenizer.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -190,6 +193,10 @@ class SamplingParams:
             raise bad("seed", f"must be an integer, got {self.seed!r}.")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens!r}.")
+        if self.truncate_prompt_tokens is not None and (
+                not _is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < 1):
+            raise bad("truncate_prompt_tokens",
+                      f"must be an integer >= 1, got {self.truncate_prompt_tokens!r}.")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", f"must be >= 0, got {self.min_tokens!r}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

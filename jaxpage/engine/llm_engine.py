@@ -131,6 +131,8 @@ class LLMEngine:
         if bad.size:
             raise _error("prompt", f"prompt contains token id {int(bad[0])}, outside the "
                          f"vocabulary [0, {self.vocab_size}).")
+        if sampling_params.truncate_prompt_tokens is not None:  # left truncation
+            ids = ids[-sampling_params.truncate_prompt_tokens:]
         sampling_params.verify(vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                num_prompt_tokens=int(ids.size))
         if sampling_params.stop and self.tokenizer is None:

@@ -92,13 +92,13 @@ class LLM:
             raise
 
     def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params=None,
-              use_tqdm: bool = False) -> list:
+              use_tqdm: bool = False, truncate_prompt_tokens: int | None = None) -> list:
         """Embeddings (vLLM's ``LLM.embed``): each prompt's final-normed hidden state at its
         last token (last-token pooling, vLLM's default for decoder models), cut to
         ``pooling_params.dimensions`` and L2-normalized unless ``normalize=False``. The prompts
         run through the engine like any request (batched, chunked, prefix-cached) and stop at
-        their first token, which is dropped. Returns ``EmbeddingRequestOutput``s in prompt
-        order.
+        their first token, which is dropped; ``truncate_prompt_tokens`` keeps each prompt's
+        last that many tokens. Returns ``EmbeddingRequestOutput``s in prompt order.
 
         Raises:
             ValueError: a bad prompt or ``dimensions`` (before any request is queued);
@@ -112,7 +112,8 @@ class LLM:
             raise ValueError(f"pooling_params must be a PoolingParams, got {type(pp).__name__}.")
         size = self.loaded.config.hidden_size
         pp.pool([0.0] * size, size)  # checks dimensions against the model before queueing
-        outs = self.generate(prompts, embedding_sampling_params(), use_tqdm=use_tqdm)
+        outs = self.generate(prompts, embedding_sampling_params(truncate_prompt_tokens),
+                             use_tqdm=use_tqdm)
         failed = [o for o in outs if o.hidden is None]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(outs)} requests failed in the engine: "
@@ -199,11 +200,13 @@ class LLM:
         return [done[r] for r in req_ids]
 
 
-def embedding_sampling_params() -> SamplingParams:
-    """What an embedding request runs as: its prompt and one greedy token (dropped), with
-    the last prompt token's final hidden state returned."""
+def embedding_sampling_params(truncate_prompt_tokens: int | None = None) -> SamplingParams:
+    """What an embedding request runs as: its prompt (its last ``truncate_prompt_tokens``)
+    and one greedy token (dropped), with the last prompt token's final hidden state
+    returned."""
     return SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, return_hidden=True,
-                          skip_special_tokens=True)
+                          skip_special_tokens=True,
+                          truncate_prompt_tokens=truncate_prompt_tokens)
 
 
 def _normalize_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:

@@ -52,6 +52,12 @@ def test_embed_is_hf_last_hidden_state_pooled(checkpoint):
         np.testing.assert_allclose(got.outputs.embedding, _unit(w), rtol=1e-4, atol=1e-5)
     for got, w in zip(llm.embed(reqs, PoolingParams(dimensions=8)), want):  # Matryoshka cut
         np.testing.assert_allclose(got.outputs.embedding, _unit(w[:8]), rtol=1e-4, atol=1e-5)
+    # truncate_prompt_tokens: the embedding of the prompt's last 5 tokens
+    cut = llm.embed(reqs, truncate_prompt_tokens=5)
+    last5 = llm.embed([{"prompt_token_ids": p[-5:]} for p in PROMPTS])
+    for a, b, p in zip(cut, last5, PROMPTS):
+        assert a.prompt_token_ids == p[-5:]
+        np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, atol=1e-6)
     with pytest.raises(ValueError, match="dimensions"):
         llm.embed(reqs, PoolingParams(dimensions=65))  # the model's hidden size is 64
     with pytest.raises(ValueError, match="dimensions"):

@@ -120,6 +120,8 @@ def test_bad_prompts_raise_before_anything_is_queued(llm, bad, match):
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(n=0), "n"), (dict(n=100_000), "n"),
     (dict(max_tokens=0), "max_tokens"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(logprobs=21), "logprobs"), (dict(stop=["x"] * 100), "stop"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(truncate_prompt_tokens=2.5), "truncate_prompt_tokens"),
 ])
 def test_bad_sampling_params(kwargs, param):
     with pytest.raises(ValueError) as e:
@@ -209,3 +211,22 @@ def test_chat_continue_final_message(llm):
                      continue_final_message=True)
     finally:
         llm.tokenizer = saved
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(llm):
+    """vLLM's ``truncate_prompt_tokens``: the request runs on the prompt's last k tokens (its
+    output and ``prompt_token_ids`` are those of that shorter prompt), and a prompt past the
+    context limit that fits once cut is accepted."""
+    prompt = random_prompts(1, 512, 40, 40, seed=9)[0]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    cut = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                         truncate_prompt_tokens=12)
+    got = llm.generate([prompt], cut, use_tqdm=False)[0]
+    want = llm.generate([prompt[-12:]], sp, use_tqdm=False)[0]
+    assert got.prompt_token_ids == prompt[-12:]
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    too_long = random_prompts(1, 512, 300, 300, seed=10)[0]  # max_model_len is 256
+    with pytest.raises(ValueError):
+        llm.generate([too_long], sp, use_tqdm=False)
+    out = llm.generate([too_long], cut, use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) == 12 and len(out.outputs[0].token_ids) == 6

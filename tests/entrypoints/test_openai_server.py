@@ -552,3 +552,15 @@ def test_async_engine_final_only_yields_the_last_output_once(tok):
         final = asyncio.run(collect(True))
     assert len(every) > 1 and len(final) == 1 and final[0].finished
     assert final[0].outputs[0].token_ids == every[-1].outputs[0].token_ids
+
+
+def test_truncate_prompt_tokens_on_the_server(served):
+    client, _ = served
+    body = dict(prompt=list(range(5, 125)), max_tokens=4, ignore_eos=True)  # 120 > MAX_LEN 96
+    assert_error(client.post("/v1/completions", json=body), 400, "prompt",
+                 "context_length_exceeded")
+    r = client.post("/v1/completions", json=dict(body, truncate_prompt_tokens=20))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 20
+    assert_error(client.post("/v1/completions", json=dict(body, truncate_prompt_tokens=0)),
+                 400, "truncate_prompt_tokens")

@@ -68,6 +68,7 @@ class _SamplingFields(_Body):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs tokens as "token_id:N"
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
     use_beam_search: bool = False  # vLLM's: the n best beams of width n, not n samples
     length_penalty: float = 1.0  # beam search's ranking: cum_logprob / len ** length_penalty
 
@@ -169,6 +170,7 @@ class _SamplingFields(_Body):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
             structured_outputs=self.structured(),
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             **{k: v for k, v in picked.items() if v is not None})
 
 
@@ -324,6 +326,7 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last k tokens
 
     def pooling_params(self, hidden_size: int | None) -> PoolingParams:
         pp = PoolingParams(dimensions=self.dimensions)

@@ -190,7 +190,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> "_Wrapped":
         serving.admit(body.model)
         prompts = _completion_prompts(body.input, serving, param="input")
         pp = body.pooling_params(config.hidden_size)
-        params = embedding_sampling_params()
+        params = embedding_sampling_params(body.truncate_prompt_tokens)
         for _, ids in prompts:  # every input checked before any is queued
             engine.engine.validate_request(ids, params)
         base = f"embd-{uuid.uuid4().hex}"
