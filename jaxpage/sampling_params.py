@@ -337,14 +337,18 @@ class PoolingParams:
                                             or self.dimensions < 1):
             raise param_error("dimensions", f"must be an integer >= 1, got {self.dimensions!r}.")
 
-    def pool(self, hidden, hidden_size: int) -> list[float]:
-        """The embedding of a final hidden state (last-token pooling, as vLLM's default for
-        decoder models)."""
-        import numpy as np
-
+    def check(self, hidden_size: int) -> None:
+        """Refuses ``dimensions`` past the model's hidden size."""
         if self.dimensions is not None and self.dimensions > hidden_size:
             raise param_error("dimensions", f"must be at most the model's hidden size "
                               f"{hidden_size}, got {self.dimensions}.")
+
+    def pool(self, hidden) -> list[float]:
+        """The embedding of a (D,) final hidden state (last-token pooling, as vLLM's default
+        for decoder models)."""
+        import numpy as np
+
+        self.check(len(hidden))
         v = np.asarray(hidden, np.float64)[:self.dimensions]
         if self.normalize:
             v = v / max(float(np.linalg.norm(v)), 1e-12)

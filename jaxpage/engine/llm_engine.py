@@ -280,10 +280,8 @@ class LLMEngine:
     def _dispatch(self, so: SchedulerOutput, background: bool = False,
                   defer_sampling: bool = False) -> Any:
         try:
-            if defer_sampling:
-                return self.model_runner.dispatch(so, background=background,
-                                                  defer_sampling=True)
-            return self.model_runner.dispatch(so, background=background)
+            return self.model_runner.dispatch(so, background=background,
+                                              defer_sampling=defer_sampling)
         except Exception as e:  # noqa: BLE001 - failed at launch: its requests fail at collect
             logger.exception("model runner failed to launch a step")
             return e

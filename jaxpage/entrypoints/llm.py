@@ -110,8 +110,7 @@ class LLM:
         pp = PoolingParams() if pooling_params is None else pooling_params
         if not isinstance(pp, PoolingParams):
             raise ValueError(f"pooling_params must be a PoolingParams, got {type(pp).__name__}.")
-        size = self.loaded.config.hidden_size
-        pp.pool([0.0] * size, size)  # checks dimensions against the model before queueing
+        pp.check(self.loaded.config.hidden_size)  # before anything is queued
         outs = self.generate(prompts, embedding_sampling_params(truncate_prompt_tokens),
                              use_tqdm=use_tqdm)
         failed = [o for o in outs if o.hidden is None]
@@ -119,7 +118,7 @@ class LLM:
             raise RuntimeError(f"{len(failed)} of {len(outs)} requests failed in the engine: "
                                f"{failed[0].error}")
         return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids,
-                                       EmbeddingOutput(pp.pool(o.hidden, size)))
+                                       EmbeddingOutput(pp.pool(o.hidden)))
                 for o in outs]
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params,

@@ -15,7 +15,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxpage import kernels_pallas, sharding
@@ -210,15 +209,8 @@ class ModelRunner:
             handle.launch = None
         if handle.sample is None:
             return ModelRunnerOutput(sampled_token_ids={})
-        result = self.sampler.collect(handle.sample)
+        result = self.sampler.collect(handle.sample, handle.hidden)
         self.sampler.collect_prompt_logprobs(handle.prompt_logprobs, result)
-        if handle.hidden is not None:  # each return_hidden request's first row
-            rows, row = np.asarray(jax.device_get(handle.hidden)), 0
-            sample = handle.sample
-            for state, do, drafts in zip(sample.states, sample.samples, sample.drafts):
-                if do and state.sampling_params.return_hidden:
-                    result.hidden[state.req_id] = rows[row].copy()
-                row += 1 + len(drafts)
         return result
 
     def dispatch(self, so: SchedulerOutput, background: bool = False,

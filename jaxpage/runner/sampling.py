@@ -155,19 +155,12 @@ class StepSampler:
             state.num_output_tokens + state.num_pending + len(drafted)), grammar=state.grammar,
             drafted=list(drafted))
 
-    def dispatch(self, logits: jax.Array, states: list[CachedRequestState], samples: list[bool],
-                 padded_rows: int, drafts: list[list[int]] | None = None) -> PendingSample:
-        """Launches this step's sampling; every sampling request's token becomes pending.
-
-        ``logits`` holds ``padded_rows`` rows: per request one, or 1 + its drafts (in batch
-        order, as ``InputBatch.prepare`` laid them out)."""
-        return self.launch(logits, self.plan(states, samples, padded_rows, drafts))
-
     def plan(self, states: list[CachedRequestState], samples: list[bool], padded_rows: int,
              drafts: list[list[int]] | None = None,
              grammars_current: bool = False) -> SamplePlan:
-        """The host half of ``dispatch``: the step's sampling metadata and recording slots;
-        every sampling request's token becomes pending. Nothing is read back from the device
+        """The host half of a step's sampling: its metadata and recording slots (``logits``
+        rows: per request one, or 1 + its drafts, in batch order as ``InputBatch.prepare``
+        laid them out); every sampling request's token becomes pending. Nothing is read back from the device
         (a penalty history's token in flight is a marker: ``in_flight_marker``). With
         ``grammars_current`` the grammars have taken the tokens in flight (``_row``)."""
         drafts = drafts or [[] for _ in states]
@@ -220,14 +213,17 @@ class StepSampler:
         return dataclasses.replace(self._steady[1], output_pos=output_pos)
 
     def launch(self, logits: jax.Array, plan: SamplePlan) -> PendingSample:
-        """The device half of ``dispatch``: samples ``logits`` and records each row's token
+        """The device half: samples ``logits`` by ``plan`` and records each row's token
         (``last_sampled``). Safe on the runner's launch thread: it touches no host state."""
         out, self.last_sampled = self._sample(logits, plan.md, self.last_sampled, plan.slots)
         return PendingSample(out, plan.states, plan.samples, plan.drafts)
 
-    def collect(self, pending: PendingSample) -> ModelRunnerOutput:
-        """Reads a dispatched sampling back (waits for the device)."""
+    def collect(self, pending: PendingSample, hidden: jax.Array | None = None
+                ) -> ModelRunnerOutput:
+        """Reads a dispatched sampling back (waits for the device); with ``hidden`` (the
+        step's (rows, D) final hidden states) each ``return_hidden`` request's first row."""
         out = jax.device_get(pending.out)
+        hidden = None if hidden is None else np.asarray(jax.device_get(hidden))
         token_ids = out.sampled_token_ids.tolist()  # Python ints at once, not per element
         result = ModelRunnerOutput(sampled_token_ids={})
         row = 0
@@ -240,6 +236,8 @@ class StepSampler:
                 kept += 1
             toks = token_ids[first:first + kept + 1]
             result.sampled_token_ids[state.req_id] = toks
+            if hidden is not None and state.sampling_params.return_hidden:
+                result.hidden[state.req_id] = hidden[first].copy()
             k = state.sampling_params.logprobs
             if k is not None and out.logprobs is not None:
                 lp = out.logprobs

@@ -1,4 +1,5 @@
-"""Fixtures of the server tests: the trained test tokenizer and a live uvicorn server."""
+"""Fixtures of the server tests: the trained test tokenizer, the fake runner's server in a test
+client (one per module) and a live uvicorn server."""
 
 import threading
 import time
@@ -12,6 +13,15 @@ from tests.entrypoints.server_util import free_port, make_server
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def served(tok):
+    from fastapi.testclient import TestClient
+
+    app, engine = make_server(tok)
+    with TestClient(app) as client:
+        yield client, engine
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from jaxpage import BeamSearchParams
 from jaxpage.entrypoints.openai.server import app_for_llm
 from tests.entrypoints.engine_util import TINY_LLAMA, random_prompts, tiny_llm
-from tests.entrypoints.server_util import make_server
 from tests.entrypoints.test_openai_server import assert_error
 
 
@@ -42,13 +41,6 @@ def test_server_beam_search_equals_the_offline_one(tok, ignore_eos, length_penal
             assert got["finish_reason"] == beam.finish_reason
             assert got["logprobs"] is None
     assert body["usage"]["completion_tokens"] == completion_tokens
-
-
-@pytest.fixture(scope="module")
-def served(tok):
-    app, engine = make_server(tok)
-    with TestClient(app) as client:
-        yield client, engine
 
 
 def test_chat_beam_search_answers_n_choices(served):

@@ -5,18 +5,10 @@ requests."""
 
 from __future__ import annotations
 
-import pytest
 from fastapi.testclient import TestClient
 
 from tests.entrypoints.server_util import make_server
 from tests.entrypoints.test_openai_server import assert_error, sse_events
-
-
-@pytest.fixture(scope="module")
-def served(tok):
-    app, engine = make_server(tok)
-    with TestClient(app) as client:
-        yield client, engine
 
 
 def test_version_route(served):

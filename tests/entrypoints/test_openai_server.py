@@ -17,13 +17,6 @@ from fastapi.testclient import TestClient
 from tests.engine.fake_runner import reference_generate
 from tests.entrypoints.server_util import MAX_LEN, POISON, TEMPLATE, make_server
 
-@pytest.fixture(scope="module")
-def served(tok):
-    app, engine = make_server(tok)
-    with TestClient(app) as client:
-        yield client, engine
-
-
 def wait_idle(engine, baseline_pages: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -331,7 +331,7 @@ class EmbeddingRequest(_Body):
     def pooling_params(self, hidden_size: int | None) -> PoolingParams:
         pp = PoolingParams(dimensions=self.dimensions)
         if hidden_size is not None:
-            pp.pool([0.0] * hidden_size, hidden_size)  # dimensions past the model's: a 400
+            pp.check(hidden_size)  # dimensions past the model's: a 400
         return pp
 
 

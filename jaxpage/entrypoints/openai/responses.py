@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from fastapi.responses import StreamingResponse
 
+from jaxpage.engine.scheduler_output import Logprobs
 from jaxpage.entrypoints.openai.errors import APIError
 from jaxpage.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
                                                  EmbeddingRequest)
@@ -71,15 +72,14 @@ def completion_body(serving: Serving, body: CompletionRequest, base: str, prompt
     for i, (out, (text, ids)) in enumerate(zip(results, prompts)):
         check_finished(out)
         prefix = echo_text(serving, text, ids) if body.echo else ""
-        prompt_lp = (prompt_logprobs(serving, ids, out.prompt_logprobs)
-                     if body.echo and body.logprobs is not None else None)
+        # echo + logprobs: the prompt's tokens come first, scored (the first one not), as
+        # OpenAI and vLLM answer
+        lps = out.prompt_logprobs or []
+        prompt = ([(t, lps[j] if j < len(lps) else None) for j, t in enumerate(ids)]
+                  if body.echo and body.logprobs is not None else None)
         for c in out.outputs:
-            # offsets run on from the prompt tokens' text, as the tokens list does
-            logprobs = completion_logprobs(serving, c, 0, prompt_lp["end"] if prompt_lp else 0)
-            if prompt_lp is not None:
-                logprobs = {k: prompt_lp[k] + logprobs[k] for k in logprobs}
             choices.append({"index": i * body.n + c.index, "text": prefix + c.text,
-                            "logprobs": logprobs,
+                            "logprobs": completion_logprobs(serving, c, 0, 0, prompt),
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return {"id": base, "object": "text_completion", "created": int(time.time()),
             "model": serving.config.model_name, "choices": choices, "usage": usage(results)}
@@ -90,28 +90,6 @@ def echo_text(serving: Serving, text: str | None, ids: list[int]) -> str:
     if text is not None:
         return text
     return serving.tokenizer.decode(ids) if serving.tokenizer is not None else ""
-
-
-def prompt_logprobs(serving: Serving, ids: list[int], lps) -> dict:
-    """OpenAI's legacy logprobs of the echoed prompt: the first token unscored (None), as
-    OpenAI and vLLM answer ``echo`` with ``logprobs``; text offsets from 0 (``end``: where the
-    prompt tokens' text ends, for the completion's offsets)."""
-    tokens, token_logprobs, top, offsets, pos = [], [], [], [], 0
-    for j, tok in enumerate(ids):
-        text = serving.token_text(tok)
-        lp = lps[j] if lps is not None and j < len(lps) else None
-        tokens.append(text)
-        offsets.append(pos)
-        pos += len(text)
-        if lp is None:
-            token_logprobs.append(None)
-            top.append(None)
-            continue
-        token_logprobs.append(_logprob(lp.logprobs[0]))
-        top.append({serving.token_text(t): _logprob(v)
-                    for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])})
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-            "text_offset": offsets, "end": pos}
 
 
 def tool_calls(body: ChatCompletionRequest,
@@ -173,7 +151,7 @@ def embedding_body(serving: Serving, body: EmbeddingRequest, pp: PoolingParams,
         if out.hidden is None:
             raise APIError(500, out.error or "no hidden state came back for the input",
                            type_="server_error", code="generation_failed")
-        emb = pp.pool(out.hidden, len(out.hidden))
+        emb = pp.pool(out.hidden)
         if body.encoding_format == "base64":
             emb = base64.b64encode(np.asarray(emb, "<f4").tobytes()).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": emb})
@@ -191,20 +169,21 @@ def _logprob(value: float) -> float:
     return max(value, -9999.0)
 
 
-def completion_logprobs(serving: Serving, c: CompletionOutput, start: int,
-                         offset: int) -> dict | None:
+def completion_logprobs(serving: Serving, c: CompletionOutput, start: int, offset: int,
+                        prompt: list[tuple[int, Logprobs | None]] | None = None) -> dict | None:
     """OpenAI's legacy logprobs of tokens ``start:`` of a completion (text offsets from
-    ``offset``)."""
+    ``offset``), after ``prompt``'s (token id, its Logprobs or None: unscored) if given."""
     if c.logprobs is None:
         return None
     tokens, token_logprobs, top, offsets = [], [], [], []
     pos = offset
-    for lp in c.logprobs[start:]:
-        text = serving.token_text(lp.token_ids[0])
+    entries = (prompt or []) + [(lp.token_ids[0], lp) for lp in c.logprobs[start:]]
+    for token_id, lp in entries:
+        text = serving.token_text(token_id)
         tokens.append(text)
-        token_logprobs.append(_logprob(lp.logprobs[0]))
-        top.append({serving.token_text(t): _logprob(v)
-                    for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])})
+        token_logprobs.append(None if lp is None else _logprob(lp.logprobs[0]))
+        top.append(None if lp is None else {serving.token_text(t): _logprob(v)
+                                            for t, v in zip(lp.token_ids[1:], lp.logprobs[1:])})
         offsets.append(pos)
         pos += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
